@@ -1,0 +1,123 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from cifar_dist.config import (Config, TrainConfig, UserError, build_parser, make_config, parse_config, plan_batches,
+                               save_config)
+
+
+def test_defaults_are_the_seed_recipe():
+    cfg = parse_config([])
+    assert cfg.data.data_source == "uoft-cs/cifar100"
+    assert cfg.data.image_size == 224
+    assert cfg.model.weights == "IMAGENET1K_V1" and cfg.model.freeze_until == "layer4"
+    assert (cfg.model.head_hidden_dim, cfg.model.num_classes) == (1024, 100)
+    assert cfg.optim.lr == 1e-3 and cfg.optim.adam_eps == 1e-7  # Keras Adam defaults
+    assert (cfg.train.global_batch_size, cfg.train.num_epochs) == (32, 10)
+
+
+def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("num_epochs: 3\ntrain: {seed: 7}\nlr: 0.01\nimage_size: 64\n")
+    cfg = parse_config(["--config", str(path), "--num-epochs", "5", "--lr", "2e-4"])
+    assert cfg.train.num_epochs == 5  # flag beats file
+    assert cfg.optim.lr == 2e-4
+    assert cfg.train.seed == 7  # file beats default (section form)
+    assert cfg.data.image_size == 64  # file beats default (flat form)
+    assert cfg.train.global_batch_size == 32  # untouched default
+
+
+def test_written_config_reloads_to_the_same_config(tmp_path):
+    cfg = parse_config(["--num-epochs", "2", "--max-steps", "7", "--weights", "none"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert parse_config(["--config", str(tmp_path / "config.yaml")]) == cfg
+    assert set(yaml.safe_load((tmp_path / "config.yaml").read_text())) == {"data", "model", "optim", "train",
+                                                                           "tracking"}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("num_epoch: 3\n", "unknown key 'num_epoch'"),
+    ("train: {lr: 0.1}\n", "unknown key train.lr"),
+    ("num_epochs: three\n", "num_epochs must be int, got 'three'"),
+    ("lr: [1]\n", "lr must be float"),
+    ("overwrite: 1\n", "overwrite must be bool"),
+    ("freeze_until: layer9\n", "--freeze-until 'layer9': expected one of"),
+    ("- 1\n- 2\n", "expected a mapping"),
+    ("num_epochs: [\n", "not valid YAML"),
+])
+def test_bad_yaml_is_one_clear_error(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=None) as info:
+        parse_config(["--config", str(path)])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        parse_config(["--config", str(tmp_path / "nope.yaml")])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-epochs", "0"], "--num-epochs must be positive, got 0"),
+    (["--lr", "-1"], "--lr must be positive, got -1.0"),
+    (["--global-batch-size", "0"], "--global-batch-size must be positive"),
+    (["--per-device-batch-size", "-4"], "--per-device-batch-size must be positive"),
+    (["--image-size", "0"], "--image-size must be positive"),
+    (["--adam-beta1", "1.0"], "--adam-beta1 must be in [0, 1)"),
+    (["--weights", "IMAGENET1K_V3"], "--weights 'IMAGENET1K_V3' is not one of"),
+])
+def test_bad_values_are_user_errors(argv, message):
+    with pytest.raises(UserError) as info:
+        parse_config(argv)
+    assert message in str(info.value)
+
+
+def test_unknown_flag_and_wrong_type_exit_with_one_line(test_env):
+    for argv, message in ((["--num-epoch", "3"], "unrecognized arguments: --num-epoch 3"),  # no abbreviations
+                          (["--num-epochs", "x"], "argument --num-epochs: invalid int value: 'x'"),
+                          (["--tracker", "mlflow"], "argument --tracker: invalid choice: 'mlflow'")):
+        proc = subprocess.run([sys.executable, "-m", "cifar_dist.train", *argv], capture_output=True, text=True,
+                              env=test_env)
+        assert proc.returncode == 2
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_help_documents_every_setting():
+    text = build_parser().format_help()
+    for flag in ("--data-source", "--image-size", "--num-epochs", "--global-batch-size", "--per-device-batch-size",
+                 "--lr", "--weights", "--freeze-until", "--seed", "--output-dir", "--max-train-samples",
+                 "--max-eval-samples", "--max-steps", "--tracker", "--config", "--mixed-precision"):
+        assert flag in text
+
+
+def test_make_config_rejects_unknown_names():
+    with pytest.raises(UserError, match="unknown setting 'epochs'"):
+        make_config(epochs=3)
+    assert isinstance(make_config(), Config)
+
+
+@pytest.mark.parametrize("processes, per_device, expected", [
+    (1, None, (32, 1)), (2, None, (16, 1)), (4, None, (8, 1)), (32, None, (1, 1)),
+    (1, 16, (16, 2)), (2, 8, (8, 2)), (2, 4, (4, 4)), (8, 1, (1, 4)),
+])
+def test_batch_plan_keeps_the_global_batch(processes, per_device, expected):
+    plan = plan_batches(TrainConfig(per_device_batch_size=per_device), processes)
+    assert (plan.per_device_batch_size, plan.grad_accum_steps) == expected
+    assert plan.per_device_batch_size * plan.num_processes * plan.grad_accum_steps == 32
+
+
+@pytest.mark.parametrize("processes, per_device, message", [
+    (3, None, "global batch 32 cannot be split over 3 processes"),
+    (64, None, "global batch 32 cannot be split over 64 processes"),
+    (2, 32, "--per-device-batch-size 32 is larger than global batch 32 / 2 processes = 16"),
+    (1, 12, "global batch 32 is not divisible by 1 processes x per-device batch 12"),
+])
+def test_impossible_batch_plans_are_refused(processes, per_device, message):
+    with pytest.raises(UserError) as info:
+        plan_batches(TrainConfig(per_device_batch_size=per_device), processes)
+    assert message in str(info.value)
