@@ -1,0 +1,101 @@
+"""Shared fixtures. Nothing here touches the network: the hub is forced offline, and the ImageNet weights file
+is a stand-in written where torchvision's loader looks for its download (see ``imagenet_standin``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CPU_2PROC = REPO / "accelerate_configs" / "cpu_2proc.yaml"
+V1_FILE = "resnet50-0676ba61.pth"  # basename of torchvision's ResNet50_Weights.IMAGENET1K_V1 url
+
+
+@pytest.fixture(scope="session")
+def test_env(tmp_path_factory) -> dict[str, str]:
+    """Environment for every run: private caches, offline hub, a planted IMAGENET1K_V1 file in TORCH_HOME."""
+    root = tmp_path_factory.mktemp("env")
+    torch_home = root / "torch"
+    checkpoints = torch_home / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save(imagenet_standin(), checkpoints / V1_FILE)
+    env = dict(os.environ)
+    env.update({
+        "TORCH_HOME": str(torch_home),
+        "HF_HOME": str(root / "hf"),
+        "HF_DATASETS_CACHE": str(root / "hf" / "datasets"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "TQDM_DISABLE": "1",
+    })
+    return env
+
+
+def imagenet_standin() -> dict[str, torch.Tensor]:
+    """A ResNet50 state dict shaped like the ImageNet file: seeded random convolutions, with BatchNorm running
+    statistics measured on synthetic CIFAR images (at the sizes the tests use) as a trained network's would be.
+    Left at their init values (mean 0, var 1) the frozen trunk's activations grow block after block, and
+    training on top of it becomes so ill-conditioned that float rounding decides the result."""
+    from torchvision.models import resnet50
+
+    from cifar_dist.config import DataConfig
+    from cifar_dist.data import build_splits
+    from cifar_dist.model import Preprocess
+
+    torch.manual_seed(1234)
+    model = resnet50().train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # cumulative average over the calibration batches
+    images = build_splits(DataConfig(data_source="synthetic", synthetic_train_samples=128,
+                                     synthetic_eval_samples=1), seed=99).train.images
+    with torch.no_grad():
+        for size in (32, 64):
+            model(Preprocess(size)(images))
+    return model.state_dict()
+
+
+@pytest.fixture()
+def torch_home(test_env, monkeypatch) -> Path:
+    """TORCH_HOME with the planted ImageNet weights, for in-process tests."""
+    monkeypatch.setenv("TORCH_HOME", test_env["TORCH_HOME"])
+    return Path(test_env["TORCH_HOME"])
+
+
+# Small, fast settings shared by the training tests: 32px images (no resize work), synthetic data, fp32.
+TINY = ["--data-source", "synthetic", "--image-size", "32", "--synthetic-train-samples", "256",
+        "--synthetic-eval-samples", "100", "--mixed-precision", "no", "--log-every-steps", "2"]
+
+
+def run_train(env: dict, args: list[str], num_processes: int = 1, check: bool = True, timeout: int = 600,
+              script: str | None = None):
+    """Run the real trainer in fresh processes: one plain process, or ``accelerate launch`` (gloo) for several.
+
+    ``script`` runs a file (e.g. tests/run_float64.py) instead of ``-m cifar_dist.train``.
+    """
+    target = [script] if script else ["-m", "cifar_dist.train"]
+    if num_processes == 1:
+        cmd = [sys.executable, *target, *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC),
+               "--num_processes", str(num_processes), "--main_process_port", str(_free_port()), *target, *args]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,102 @@
+"""The real trainer, one process, through its command line."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from cifar_dist.config import TrackingConfig, UserError, parse_config
+from cifar_dist.tracking import tracker_backend
+from conftest import TINY, V1_FILE, run_train
+
+
+@pytest.fixture(scope="module")
+def one_process_run(test_env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    proc = run_train(test_env, [*TINY, "--num-epochs", "2", "--max-steps", "10", "--output-dir", str(out)])
+    return out, proc
+
+
+def test_run_writes_every_output(one_process_run):
+    out, proc = one_process_run
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.jsonl", "model.safetensors",
+                                                     "results.md"]
+    cfg = parse_config(["--config", str(out / "config.yaml")])
+    assert cfg.train.max_steps == 10 and cfg.data.data_source == "synthetic"
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # 256 images / 32 = 8 steps per epoch; --max-steps 10 ends in epoch 2.
+    assert [(r["epoch"], r["step"]) for r in records] == [(1, 8), (2, 10)]
+    for r in records:
+        assert {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "epoch_time_s",
+                "train_images_per_s"} <= set(r)
+        assert r["val_num_samples"] == 100
+        assert 0 <= r["val_acc"] <= r["val_top5"] <= 1
+
+    results = (out / "results.md").read_text()
+    assert "| Epoch | Training Accuracy | Validation Accuracy | Training Loss | Validation Loss |" in results
+    assert f"| 2 | {100 * records[1]['train_acc']:.1f}% | {100 * records[1]['val_acc']:.1f}% |" in results
+
+    # Parameter counts are announced at start (the seed's Keras count differs by its conv biases).
+    assert "25,708,708 total, 17,165,412 trainable, 8,543,296 frozen" in proc.stdout
+
+
+def test_only_layer4_and_head_changed(one_process_run, test_env):
+    out, _ = one_process_run
+    final = load_file(str(out / "model.safetensors"))
+    start = torch.load(Path(test_env["TORCH_HOME"]) / "hub" / "checkpoints" / V1_FILE, weights_only=True)
+    for key, value in start.items():
+        if key.startswith("fc.") or key.endswith("num_batches_tracked"):
+            continue
+        assert torch.equal(final[key], value) != key.startswith("layer4."), key
+    assert {k for k in final if k.startswith("fc.")} == {"fc.0.weight", "fc.0.bias", "fc.2.weight", "fc.2.bias"}
+
+
+def assert_refused(proc, message: str):
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_existing_run_is_not_overwritten(one_process_run, test_env):
+    out, _ = one_process_run
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    proc = run_train(test_env, [*TINY, "--max-steps", "1", "--output-dir", str(out)], check=False)
+    assert_refused(proc, f"--output-dir {out} already holds a run (config.yaml, metrics.jsonl, results.md, "
+                         "model.safetensors); choose another --output-dir or pass --overwrite")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--per-device-batch-size", "12"], "global batch 32 is not divisible by 1 processes x per-device batch 12"),
+    (["--per-device-batch-size", "64"], "--per-device-batch-size 64 is larger than global batch 32"),
+    (["--weights", "missing.pth"], "--weights missing.pth: no such file"),
+    (["--data-source", "/nonexistent/cifar"], "/nonexistent/cifar"),
+])
+def test_bad_input_stops_before_work(test_env, tmp_path, args, message):
+    out = tmp_path / "out"
+    proc = run_train(test_env, [*TINY, "--output-dir", str(out), *args], check=False)
+    assert_refused(proc, message)
+    assert not (out / "model.safetensors").exists() and not (out / "metrics.jsonl").exists()
+
+
+def test_unwritable_output_dir(test_env, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    proc = run_train(test_env, [*TINY, "--output-dir", str(blocker / "out")], check=False)
+    assert_refused(proc, f"--output-dir {blocker / 'out'} is not writable")
+    assert blocker.read_text() == "keep me"
+
+
+def test_missing_tracker_package_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(UserError, match="--tracker wandb needs the 'wandb' package: pip install wandb"):
+        tracker_backend(TrackingConfig(tracker="wandb"))
+    assert tracker_backend(TrackingConfig(tracker="none")) is None
