@@ -106,12 +106,21 @@ class TrainConfig:
         choices=MIXED_PRECISION,
     )
     output_dir: str = _field("outputs/cifar100-resnet50", "where config.yaml, metrics and the model are written")
-    overwrite: bool = _field(False, "start even if --output-dir already holds a run's files, replacing them")
+    resume: str = _field(
+        "auto", "auto: continue from the newest complete checkpoint in --output-dir if there is one; never: start "
+        "fresh; or the path of a checkpoint folder to continue from",
+    )
+    overwrite: bool = _field(False, "start fresh even if --output-dir already holds a run, deleting its files")
+    checkpoint_every_steps: int = _field(500, "also checkpoint every N optimizer steps (0: only at epoch ends)")
+    keep_checkpoints: int = _field(2, "how many of the newest checkpoints to keep")
     log_every_steps: int = _field(50, "update the progress bar and trackers every N optimizer steps")
 
     def __post_init__(self):
         _positive(self, "num_epochs", "global_batch_size", "eval_batch_size", "log_every_steps")
         _positive_or_none(self, "per_device_batch_size", "max_steps")
+        _positive(self, "keep_checkpoints")
+        if self.checkpoint_every_steps < 0:
+            raise UserError(f"--checkpoint-every-steps must be >= 0, got {self.checkpoint_every_steps}")
 
 
 @dataclass(kw_only=True)

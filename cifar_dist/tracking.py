@@ -28,27 +28,32 @@ def tracker_backend(cfg: TrackingConfig) -> str | None:
 class RunLog:
     """Per-epoch records to disk and trackers; every method is a no-op off the main process."""
 
-    def __init__(self, accelerator, output_dir: Path, header: str):
+    def __init__(self, accelerator, output_dir: Path, header: str, records: list[dict]):
+        """``records``: the epochs already logged before a resume, kept so the files never list one twice."""
         self.accelerator = accelerator
         self.enabled = accelerator.is_main_process
         self.metrics_path = output_dir / "metrics.jsonl"
         self.results_path = output_dir / "results.md"
         self.header = header
-        self.records: list[dict] = []
+        self.records: list[dict] = list(records)
+        if self.enabled and self.records:
+            self._write()
 
     def log_step(self, metrics: dict, step: int) -> None:
         if self.enabled:
             self.accelerator.log(metrics, step=step)
 
     def log_epoch(self, record: dict, step: int) -> None:
-        """Append one epoch's record to metrics.jsonl, rewrite results.md, and send it to the trackers."""
-        self.records.append(record)
+        """Add one epoch's record (replacing an earlier one of the same epoch), rewrite the files, log it."""
+        self.records = [r for r in self.records if r["epoch"] != record["epoch"]] + [record]
         if not self.enabled:
             return
-        lines = "".join(json.dumps(r) + "\n" for r in self.records)
-        atomic_write_text(self.metrics_path, lines)
-        atomic_write_text(self.results_path, render_results(self.header, self.records))
+        self._write()
         self.accelerator.log({k.replace("_", "/", 1): v for k, v in record.items()}, step=step)
+
+    def _write(self) -> None:
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.records))
+        atomic_write_text(self.results_path, render_results(self.header, self.records))
 
 
 def render_results(header: str, records: list[dict]) -> str:

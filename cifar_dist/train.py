@@ -11,15 +11,18 @@ GPU) reports 74.9% validation accuracy after 10 epochs.
     python -m cifar_dist.train --data-source synthetic --image-size 64 --num-epochs 2   # no network needed
 
 The global batch stays 32 on any number of processes: per-device batch x processes x accumulation steps = 32.
+Runs checkpoint to <output-dir>/checkpoints/ and resume by default: kill one at any moment and run the same
+command again. SIGTERM/SIGUSR1 make every process stop at a step boundary, save and exit with code 75.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import platform
+import signal
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +30,19 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from cifar_dist.checkpoint import prepare_output_dir, save_model
+from cifar_dist.checkpoint import (CHECKPOINTS, clear_previous_run, find_latest, read_state, resolve_start,
+                                   save_checkpoint, save_model)
 from cifar_dist.config import BatchPlan, Config, UserError, parse_config, plan_batches, save_config
 from cifar_dist.data import build_dataloaders, build_splits
 from cifar_dist.model import build_model, convert_sync_batchnorm, count_parameters
 from cifar_dist.tracking import RunLog, tracker_backend
+
+
+# How often (optimizer steps) the processes agree on whether to stop. Each check is one tiny all-reduce and
+# one wait for the device, so not every step; a signal is acted on within this many steps.
+CHECK_EVERY_STEPS = 10
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal with a checkpoint saved; run the same command to resume
+EXIT_DIVERGED = 3
 
 
 def resolve_mixed_precision(choice: str) -> str:
@@ -44,34 +55,21 @@ def resolve_mixed_precision(choice: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def train_one_epoch(model, loader, optimizer, accelerator, run_log, progress, step: int, max_steps: int | None,
-                    log_every_steps: int):
-    """One pass over this process's shard; returns (optimizer steps so far, global [loss sum, correct, count])."""
-    model.train()
-    sums = torch.zeros(3, device=accelerator.device, dtype=torch.float64)
-    window_start, window_images = time.perf_counter(), 0
-    for images, labels in loader:
-        with accelerator.accumulate(model):
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels)  # autocast computes it in fp32 under bf16
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        sums += torch.stack([loss.detach().double() * labels.numel(), (logits.argmax(1) == labels).sum().double(),
-                             labels.new_tensor(labels.numel()).double()])
-        window_images += labels.numel() * accelerator.num_processes
-        if not accelerator.sync_gradients:
-            continue
-        step += 1
-        progress.update(1)
-        if step % log_every_steps == 0:  # .item() syncs the device, so only every N steps
-            images_per_s = window_images / (time.perf_counter() - window_start)
-            progress.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{images_per_s:.0f}")
-            run_log.log_step({"train/loss": loss.item(), "train/images_per_s": images_per_s}, step=step)
-            window_start, window_images = time.perf_counter(), 0
-        if max_steps is not None and step >= max_steps:
-            break
-    return step, accelerator.reduce(sums, reduction="sum")
+def train_step(model, images, labels, optimizer, accelerator) -> torch.Tensor:
+    """Forward, backward and (on the last micro-batch of an accumulation) the optimizer step.
+
+    Returns this micro-batch's [loss sum, correct, count, non-finite loss] for the epoch's running totals,
+    left on the device so the step never waits for it.
+    """
+    with accelerator.accumulate(model):
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels)  # autocast computes it in fp32 under bf16
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    loss = loss.detach().double()
+    return torch.stack([loss * labels.numel(), (logits.argmax(1) == labels).sum().double(),
+                        loss.new_tensor(labels.numel()), (~torch.isfinite(loss)).double()])
 
 
 @torch.no_grad()
@@ -91,10 +89,39 @@ def evaluate(model, loader, accelerator) -> dict:
             "val_num_samples": int(count)}
 
 
+class TrainingStopped(Exception):
+    """Raised on every process when the run stops early; ``exit_code`` is what the CLI exits with."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopSignals:
+    """Turns SIGTERM / SIGUSR1 (what SLURM sends before a time limit or preemption) into a flag.
+
+    The handler only sets the flag: saving from inside a signal handler can interleave with a half-done step.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def run(cfg: Config, dtype: torch.dtype = torch.float32) -> list[dict]:
     """Train and evaluate as ``cfg`` says; returns the per-epoch records written to metrics.jsonl.
 
     ``dtype`` is the parameters' dtype; tests use float64 to compare runs far below float32 rounding.
+    Raises TrainingStopped when a signal or a non-finite loss ends the run early.
     """
     # Cheap checks first: nothing is loaded or built until the batch plan and output dir are known to be good.
     # With no accelerator, several launched processes run on the CPU over gloo (accelerate would otherwise
@@ -103,8 +130,8 @@ def run(cfg: Config, dtype: torch.dtype = torch.float32) -> list[dict]:
     state = PartialState(cpu=cpu)
     plan = plan_batches(cfg.train, state.num_processes)
     log_with = tracker_backend(cfg.tracking)
-    output_dir = prepare_output_dir(cfg.train.output_dir, cfg.train.overwrite)
-    state.wait_for_everyone()  # every process has checked the output dir before the main one writes into it
+    output_dir, resume_from = resolve_start(cfg)
+    state.wait_for_everyone()  # every process has looked at the output dir before the main one changes it
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
@@ -113,6 +140,8 @@ def run(cfg: Config, dtype: torch.dtype = torch.float32) -> list[dict]:
         project_dir=str(output_dir),
     )
     if accelerator.is_main_process:
+        if cfg.train.overwrite:
+            clear_previous_run(output_dir)
         save_config(cfg, output_dir / "config.yaml")
     set_seed(cfg.train.seed)
 
@@ -130,44 +159,117 @@ def run(cfg: Config, dtype: torch.dtype = torch.float32) -> list[dict]:
     )
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
 
+    # Where to start: a checkpoint's position (the data order depends only on seed and epoch, so a position
+    # in optimizer steps means the same images whatever the number of processes), or the beginning.
+    position = {"epoch": 1, "steps_in_epoch": 0, "step": 0, "train_sums": [0.0, 0.0, 0.0], "records": []}
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        position.update({k: v for k, v in read_state(resume_from).items() if k in position})
     header = describe_run(cfg, plan, accelerator, counts, len(splits.train), len(splits.test))
     accelerator.print(header)
+    if resume_from is not None:
+        accelerator.print(f"resuming from {resume_from} (epoch {position['epoch']}, step {position['step']})")
     accelerator.init_trackers(cfg.tracking.project, config=cfg.to_dict())
-    run_log = RunLog(accelerator, output_dir, header)
+    run_log = RunLog(accelerator, output_dir, header, position["records"])
 
     steps_per_epoch = len(train_loader) // plan.grad_accum_steps
-    max_steps = cfg.train.max_steps
-    total_steps = steps_per_epoch * cfg.train.num_epochs if max_steps is None else min(
-        max_steps, steps_per_epoch * cfg.train.num_epochs)
-    step = 0
-    for epoch in range(1, cfg.train.num_epochs + 1):
-        train_loader.set_epoch(epoch)
-        epoch_start = time.perf_counter()
-        with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{cfg.train.num_epochs}", unit="step",
-                  disable=not accelerator.is_main_process, file=sys.stdout) as progress:
-            step, (loss_sum, correct, count) = train_one_epoch(
-                model, train_loader, optimizer, accelerator, run_log, progress, step, max_steps,
-                cfg.train.log_every_steps)
-        train_time = time.perf_counter() - epoch_start
-        record = {"epoch": epoch, "step": step, "train_loss": (loss_sum / count).item(),
-                  "train_acc": (correct / count).item(), **evaluate(model, eval_loader, accelerator)}
-        record["epoch_time_s"] = round(time.perf_counter() - epoch_start, 3)
-        record["train_images_per_s"] = round(count.item() / train_time, 1)
-        if not math.isfinite(record["train_loss"]):
-            raise RuntimeError(f"training loss became {record['train_loss']} in epoch {epoch} (step {step})")
-        run_log.log_epoch(record, step=step)
-        accelerator.print(
-            f"epoch {epoch}: train loss {record['train_loss']:.4f} acc {100 * record['train_acc']:.2f}% | "
-            f"val loss {record['val_loss']:.4f} acc {100 * record['val_acc']:.2f}% top5 "
-            f"{100 * record['val_top5']:.2f}% | {record['train_images_per_s']:.0f} img/s")
-        if step >= total_steps:
-            break
+    total_steps = steps_per_epoch * cfg.train.num_epochs
+    if cfg.train.max_steps is not None:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    every = cfg.train.checkpoint_every_steps
+    step = position["step"]
+    stop = StopSignals()
+    try:
+        for epoch in range(position["epoch"], cfg.train.num_epochs + 1):
+            if step >= total_steps:
+                break
+            done = position["steps_in_epoch"] if epoch == position["epoch"] else 0
+            train_loader.set_epoch(epoch)  # before skip_first_batches, whose wrapper cannot pass it on
+            loader = train_loader
+            if done:  # resuming mid-epoch: skip exactly the micro-batches this process already trained on
+                loader = accelerator.skip_first_batches(train_loader, done * plan.grad_accum_steps)
+            sums = torch.zeros(4, device=accelerator.device, dtype=torch.float64)
+            if done and accelerator.is_main_process:  # the global totals of the steps before the checkpoint
+                sums[:3] = torch.tensor(position["train_sums"], dtype=torch.float64)
+            epoch_start, first_done = time.perf_counter(), done
+            window_start, window_steps = epoch_start, 0
+            model.train()
+            with tqdm(total=steps_per_epoch, initial=done, desc=f"epoch {epoch}/{cfg.train.num_epochs}",
+                      unit="step", disable=not accelerator.is_main_process, file=sys.stdout) as progress:
+                for images, labels in loader:
+                    sums += train_step(model, images, labels, optimizer, accelerator)
+                    if not accelerator.sync_gradients:
+                        continue
+                    step, done, window_steps = step + 1, done + 1, window_steps + 1
+                    progress.update(1)
+                    if step % cfg.train.log_every_steps == 0:  # .tolist() waits for the device: every N steps only
+                        images_per_s = window_steps * plan.global_batch_size / (time.perf_counter() - window_start)
+                        loss_sum, correct, count, _ = sums.tolist()  # this process's shard of the epoch so far
+                        progress.set_postfix(loss=f"{loss_sum / count:.3f}", img_s=f"{images_per_s:.0f}")
+                        run_log.log_step({"train/loss": loss_sum / count, "train/acc": correct / count,
+                                          "train/images_per_s": images_per_s}, step=step)
+                        window_start, window_steps = time.perf_counter(), 0
+                    checkpoint_due = every > 0 and step % every == 0 and done < steps_per_epoch
+                    stopping = (checkpoint_due or step % CHECK_EVERY_STEPS == 0) and check_health(
+                        accelerator, sums, stop, step, output_dir)
+                    if checkpoint_due or stopping:
+                        path = save_checkpoint(accelerator, output_dir, _position(
+                            epoch, done, step, accelerator, sums, run_log, cfg), cfg.train.keep_checkpoints)
+                    if stopping:
+                        raise TrainingStopped(f"stopped by {stop.received or 'a signal to another process'} at "
+                                              f"step {step}; saved {path}; run the same command to resume",
+                                              EXIT_STOPPED)
+                    if step >= total_steps:
+                        break
+            stopping = check_health(accelerator, sums, stop, step, output_dir)
+            train_time = time.perf_counter() - epoch_start
+            loss_sum, correct, count, _ = accelerator.reduce(sums.clone(), reduction="sum").tolist()
+            record = {"epoch": epoch, "step": step, "train_loss": loss_sum / count, "train_acc": correct / count,
+                      **evaluate(model, eval_loader, accelerator)}
+            record["epoch_time_s"] = round(time.perf_counter() - epoch_start, 3)
+            record["train_images_per_s"] = round((done - first_done) * plan.global_batch_size / train_time, 1)
+            run_log.log_epoch(record, step=step)
+            accelerator.print(
+                f"epoch {epoch}: train loss {record['train_loss']:.4f} acc {100 * record['train_acc']:.2f}% | "
+                f"val loss {record['val_loss']:.4f} acc {100 * record['val_acc']:.2f}% top5 "
+                f"{100 * record['val_top5']:.2f}% | {record['train_images_per_s']:.0f} img/s")
+            finished_epoch = done == steps_per_epoch
+            next_position = (epoch + 1, 0) if finished_epoch else (epoch, done)
+            path = save_checkpoint(accelerator, output_dir, _position(
+                *next_position, step, accelerator, None if finished_epoch else sums, run_log, cfg),
+                cfg.train.keep_checkpoints)
+            if stopping:
+                raise TrainingStopped(f"stopped by {stop.received or 'a signal to another process'} at the end of "
+                                      f"epoch {epoch}; saved {path}; run the same command to resume", EXIT_STOPPED)
+    finally:
+        stop.restore()
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_model(accelerator.unwrap_model(model), output_dir / "model.safetensors")
     accelerator.end_training()
     return run_log.records
+
+
+def check_health(accelerator, sums, stop: StopSignals, step: int, output_dir: Path) -> bool:
+    """All processes agree whether the loss went non-finite (raises) or a stop signal arrived (True)."""
+    flags = accelerator.reduce(torch.stack([sums[3].clamp(max=1), sums.new_tensor(stop.received is not None)]),
+                               reduction="sum").tolist()
+    if flags[0]:
+        latest = find_latest(output_dir / CHECKPOINTS)
+        raise TrainingStopped(f"training loss became NaN or inf by step {step}; nothing was saved after it "
+                              f"(last good checkpoint: {latest or 'none'}); lower --lr or check the data",
+                              EXIT_DIVERGED)
+    return bool(flags[1])
+
+
+def _position(epoch: int, steps_in_epoch: int, step: int, accelerator, sums, run_log, cfg: Config) -> dict:
+    """What trainer_state.json records: where to continue, the epoch's running totals, metrics, config."""
+    train_sums = [0.0, 0.0, 0.0]
+    if sums is not None:
+        train_sums = accelerator.reduce(sums[:3].clone(), reduction="sum").tolist()
+    return {"epoch": epoch, "steps_in_epoch": steps_in_epoch, "step": step, "train_sums": train_sums,
+            "records": run_log.records, "config": cfg.to_dict(), "num_processes": accelerator.num_processes}
 
 
 def describe_run(cfg: Config, plan: BatchPlan, accelerator, counts: dict, num_train: int, num_test: int) -> str:
@@ -195,6 +297,9 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as exc:
         print(f"cifar_dist.train: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except TrainingStopped as exc:
+        print(f"cifar_dist.train: {exc}", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from None
 
 
 if __name__ == "__main__":

@@ -117,8 +117,8 @@ def two_process_run(test_env, tmp_path_factory):
 
 def test_two_processes_train_end_to_end(two_process_run):
     out, proc = two_process_run
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.jsonl", "model.safetensors",
-                                                     "results.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl",
+                                                     "model.safetensors", "results.md"]
     recs = records(out)
     assert [r["epoch"] for r in recs] == [1, 2] and recs[-1]["step"] == 40
     assert all(r["val_num_samples"] == 100 for r in recs)

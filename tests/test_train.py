@@ -23,8 +23,8 @@ def one_process_run(test_env, tmp_path_factory):
 
 def test_run_writes_every_output(one_process_run):
     out, proc = one_process_run
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.jsonl", "model.safetensors",
-                                                     "results.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.yaml", "metrics.jsonl",
+                                                     "model.safetensors", "results.md"]
     cfg = parse_config(["--config", str(out / "config.yaml")])
     assert cfg.train.max_steps == 10 and cfg.data.data_source == "synthetic"
 
@@ -60,15 +60,6 @@ def assert_refused(proc, message: str):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
-
-
-def test_existing_run_is_not_overwritten(one_process_run, test_env):
-    out, _ = one_process_run
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-    proc = run_train(test_env, [*TINY, "--max-steps", "1", "--output-dir", str(out)], check=False)
-    assert_refused(proc, f"--output-dir {out} already holds a run (config.yaml, metrics.jsonl, results.md, "
-                         "model.safetensors); choose another --output-dir or pass --overwrite")
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 @pytest.mark.parametrize("args, message", [
