@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from cifar_dist.config import Config, UserError
 
 # Files a run leaves in its output dir; their presence means a fresh start there would clobber a run.
-RUN_FILES = ("config.yaml", "metrics.jsonl", "results.md", "model.safetensors")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "results.md", "model.safetensors", "curves.png", "wandb_run_id")
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 COMPLETE = "COMPLETE"

@@ -22,7 +22,7 @@ HUB_DATASET = "uoft-cs/cifar100"
 WEIGHTS_CHOICES = ("IMAGENET1K_V1", "IMAGENET1K_V2", "none")
 STAGES = ("conv1", "layer1", "layer2", "layer3", "layer4", "fc")
 FREEZE_CHOICES = ("none",) + STAGES[1:]
-TRACKERS = ("none", "wandb", "tensorboard")
+TRACKERS = ("auto", "none", "wandb", "tensorboard")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 
 
@@ -113,6 +113,10 @@ class TrainConfig:
     overwrite: bool = _field(False, "start fresh even if --output-dir already holds a run, deleting its files")
     checkpoint_every_steps: int = _field(500, "also checkpoint every N optimizer steps (0: only at epoch ends)")
     keep_checkpoints: int = _field(2, "how many of the newest checkpoints to keep")
+    stop_marker: str | None = _field(
+        None, "after a graceful stop (SIGTERM/SIGUSR1) has saved its checkpoint, create this file; job scripts "
+        "requeue on it (a launcher's own exit code cannot tell a stop from a crash)",
+    )
     log_every_steps: int = _field(50, "update the progress bar and trackers every N optimizer steps")
 
     def __post_init__(self):
@@ -125,8 +129,13 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class TrackingConfig:
-    tracker: str = _field("none", "experiment tracker the metrics also go to: none, wandb, tensorboard", choices=TRACKERS)
-    project: str = _field("cifar_dist", "tracker project name")
+    tracker: str = _field("auto", "where metrics also go: auto (wandb if installed), wandb, tensorboard, none",
+                          choices=TRACKERS)
+    wandb_project: str | None = _field(None, "W&B project (default: $WANDB_PROJECT, else cifar_dist)")
+    wandb_entity: str | None = _field(None, "W&B entity (default: $WANDB_ENTITY, else your default entity)")
+    wandb_tags: str | None = _field(None, "comma-separated W&B tags")
+    run_name: str | None = _field(None, "display name of the tracker run")
+    log_model: bool = _field(False, "upload the final model.safetensors to W&B as an artifact")
 
 
 @dataclass(kw_only=True)

@@ -1,43 +1,145 @@
-"""The one place metrics leave the run: metrics.jsonl, results.md and accelerate's trackers, main process only."""
+"""The one place metrics leave the run: metrics.jsonl, results.md, curves.png, and the experiment tracker.
+
+Only the main process writes or talks to a tracker; every method of RunLog is a no-op elsewhere, so exactly
+one W&B run exists per job whatever the number of processes or nodes.
+"""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
+import netrc
+import os
+import subprocess
+import uuid
 from pathlib import Path
+from urllib.parse import urlparse
 
-from cifar_dist.checkpoint import atomic_write_text
+from cifar_dist.checkpoint import atomic_write_bytes, atomic_write_text
 from cifar_dist.config import TrackingConfig, UserError
 
 # The seed notebook's reported table (Keras, one GPU): epoch -> (train acc, val acc, train loss, val loss).
 SEED_RESULTS = {1: (0.498, 0.691, 1.92, 1.02), 5: (0.942, 0.728, 0.17, 1.40), 10: (0.980, 0.749, 0.06, 1.52)}
-_TRACKER_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}
+RUN_ID_FILE = "wandb_run_id"
+_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}
 
 
 def tracker_backend(cfg: TrackingConfig) -> str | None:
-    """The ``log_with`` value for the Accelerator, checking the tracker's package is importable."""
-    if cfg.tracker == "none":
+    """The ``log_with`` value for the Accelerator ('auto': wandb when it imports), checking the package imports."""
+    tracker = cfg.tracker
+    if tracker == "auto":
+        tracker = "wandb" if _importable("wandb") else "none"
+    if tracker == "none":
         return None
-    package = _TRACKER_PACKAGES[cfg.tracker]
-    if importlib.util.find_spec(package) is None:
-        raise UserError(f"--tracker {cfg.tracker} needs the '{package}' package: pip install {package}, "
-                        "or pass --tracker none")
-    return cfg.tracker
+    if not _importable(_PACKAGES[tracker]):
+        raise UserError(f"--tracker {tracker} needs the '{_PACKAGES[tracker]}' package, which does not import "
+                        f"here: pip install {_PACKAGES[tracker]}, or pass --tracker none")
+    return tracker
+
+
+def _importable(package: str) -> bool:
+    try:
+        importlib.import_module(package)
+    except ImportError:
+        return False
+    return True
+
+
+def wandb_logged_in(env=os.environ) -> bool:
+    """An API key in the environment or a netrc entry for the W&B host: what `wandb login` leaves behind."""
+    if env.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(env.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(env.get("NETRC")).authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_init_kwargs(cfg: TrackingConfig, output_dir: Path, run_id: str, env=os.environ) -> tuple[dict, str]:
+    """(keyword arguments for wandb.init, the one line that announces the mode) for this run.
+
+    The mode is W&B's own WANDB_MODE when set; otherwise online when logged in, else offline, which is said
+    at start with the command to upload the run later. The run id is fixed per output dir, so a resumed or
+    requeued job logs into the same run.
+    """
+    wandb_dir = Path(env.get("WANDB_DIR") or output_dir)
+    mode = env.get("WANDB_MODE") or ("online" if wandb_logged_in(env) else "offline")
+    kwargs = {"id": run_id, "resume": "allow", "dir": str(wandb_dir), "mode": mode}
+    for key, value in (("entity", cfg.wandb_entity), ("name", cfg.run_name)):
+        if value:
+            kwargs[key] = value
+    if cfg.wandb_tags:
+        kwargs["tags"] = [t.strip() for t in cfg.wandb_tags.split(",") if t.strip()]
+    if env.get("WANDB_RUN_GROUP"):
+        kwargs["group"] = env["WANDB_RUN_GROUP"]
+    if mode == "offline":
+        note = (f"W&B: offline (not logged in, or WANDB_MODE=offline); run {run_id} is kept in {wandb_dir}/wandb; "
+                f"upload it later with: wandb sync {wandb_dir}/wandb")
+    elif mode == "disabled":
+        note = "W&B: disabled by WANDB_MODE=disabled"
+    else:
+        note = f"W&B: online, run {run_id}"
+    return kwargs, note
+
+
+def wandb_project(cfg: TrackingConfig, env=os.environ) -> str:
+    return cfg.wandb_project or env.get("WANDB_PROJECT") or "cifar_dist"
+
+
+def run_id_for(output_dir: Path) -> str:
+    """The run id stored in the output dir, or a new one (SLURM's job id in it when there is one)."""
+    path = output_dir / RUN_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"{'slurm' + job + '-' if job else ''}{uuid.uuid4().hex[:8]}"
+
+
+def git_commit() -> str | None:
+    """The source tree's commit, if the package runs from a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
 
 
 class RunLog:
-    """Per-epoch records to disk and trackers; every method is a no-op off the main process."""
+    """Per-step and per-epoch metrics to disk and trackers, and the end-of-run report."""
 
     def __init__(self, accelerator, output_dir: Path, header: str, records: list[dict]):
         """``records``: the epochs already logged before a resume, kept so the files never list one twice."""
         self.accelerator = accelerator
         self.enabled = accelerator.is_main_process
-        self.metrics_path = output_dir / "metrics.jsonl"
-        self.results_path = output_dir / "results.md"
+        self.output_dir = output_dir
         self.header = header
         self.records: list[dict] = list(records)
+        self.run_url: str | None = None
+        self.summary: dict | None = None
         if self.enabled and self.records:
             self._write()
+
+    def start(self, cfg: TrackingConfig, run_config: dict) -> None:
+        """Start the trackers (main process inside accelerate) and announce where the run goes."""
+        if not self.accelerator.log_with:
+            return
+        init_kwargs = {}
+        if "wandb" in [str(t) for t in self.accelerator.log_with]:
+            run_id = run_id_for(self.output_dir)
+            if self.enabled:
+                atomic_write_text(self.output_dir / RUN_ID_FILE, run_id + "\n")
+            kwargs, note = wandb_init_kwargs(cfg, self.output_dir, run_id)
+            init_kwargs["wandb"] = kwargs
+            self.accelerator.print(note)
+        self.accelerator.init_trackers(wandb_project(cfg), config=run_config, init_kwargs=init_kwargs)
+        if self.enabled and "wandb" in init_kwargs:
+            run = self.accelerator.get_tracker("wandb", unwrap=True)
+            run.define_metric("epoch")
+            for prefix in ("val/*", "epoch/*"):
+                run.define_metric(prefix, step_metric="epoch")
+            self.run_url = getattr(run, "url", None)
 
     def log_step(self, metrics: dict, step: int) -> None:
         if self.enabled:
@@ -49,15 +151,38 @@ class RunLog:
         if not self.enabled:
             return
         self._write()
-        self.accelerator.log({k.replace("_", "/", 1): v for k, v in record.items()}, step=step)
+        names = {"train_loss": "epoch/train_loss", "train_acc": "epoch/train_acc", "epoch_time_s": "epoch/time_s",
+                 "train_images_per_s": "epoch/train_images_per_s"}
+        self.accelerator.log({names.get(k, k.replace("_", "/", 1)): v for k, v in record.items()}, step=step)
+
+    def finish(self, summary: dict, per_class: list[tuple[str, float]], samples: list[tuple], model_path: Path | None):
+        """End-of-run report: summary, per-class accuracy and sample predictions to the tracker; files rewritten."""
+        if not self.enabled:
+            return
+        self.summary = summary
+        self._write()
+        if self.accelerator.log_with and "wandb" in [str(t) for t in self.accelerator.log_with]:
+            import wandb
+
+            run = self.accelerator.get_tracker("wandb", unwrap=True)
+            run.summary.update(summary)
+            run.log({"val/per_class_acc": wandb.Table(columns=["class", "accuracy"], data=per_class),
+                     "val/samples": wandb.Table(columns=["image", "predicted", "true"],
+                                                data=[[wandb.Image(img), p, t] for img, p, t in samples])})
+            if model_path is not None:
+                artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata=summary)
+                artifact.add_file(str(model_path))
+                run.log_artifact(artifact)
 
     def _write(self) -> None:
-        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.records))
-        atomic_write_text(self.results_path, render_results(self.header, self.records))
+        atomic_write_text(self.output_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
+        atomic_write_text(self.output_dir / "results.md",
+                          render_results(self.header, self.records, self.summary, self.run_url))
+        atomic_write_bytes(self.output_dir / "curves.png", plot_curves(self.records))
 
 
-def render_results(header: str, records: list[dict]) -> str:
-    """results.md: the seed's table for this run, with the seed's own figures alongside."""
+def render_results(header: str, records: list[dict], summary: dict | None = None, run_url: str | None = None) -> str:
+    """results.md: the seed's table for this run, with the seed's own figures alongside, and the summary."""
     rows = ["| Epoch | Training Accuracy | Validation Accuracy | Training Loss | Validation Loss | Seed val acc |",
             "|-------|-------------------|---------------------|---------------|-----------------|--------------|"]
     for r in records:
@@ -65,6 +190,41 @@ def render_results(header: str, records: list[dict]) -> str:
         rows.append(f"| {r['epoch']} | {100 * r['train_acc']:.1f}% | {100 * r['val_acc']:.1f}% | "
                     f"{r['train_loss']:.2f} | {r['val_loss']:.2f} | {f'{100 * seed[1]:.1f}%' if seed else ''} |")
     last = records[-1]
-    summary = (f"Final validation accuracy {100 * last['val_acc']:.2f}% (top-5 {100 * last['val_top5']:.2f}%) "
-               f"on {last['val_num_samples']} test images after {last['step']} optimizer steps.")
-    return f"{header}\n\n" + "\n".join(rows) + f"\n\n{summary}\n"
+    text = (f"{header}\n\n" + "\n".join(rows) + "\n\n"
+            f"Final validation accuracy {100 * last['val_acc']:.2f}% (top-5 {100 * last['val_top5']:.2f}%) "
+            f"on {last['val_num_samples']} test images after {last['step']} optimizer steps.\n")
+    if summary:
+        text += (f"Best validation accuracy {100 * summary['best_val_acc']:.2f}% (epoch {summary['best_epoch']}); "
+                 f"total time {summary['total_time_s']:.0f} s.\n")
+    if run_url:
+        text += f"\nW&B run: {run_url}\n"
+    return text + "\n![curves](curves.png)\n"
+
+
+def plot_curves(records: list[dict]) -> bytes:
+    """curves.png: loss and accuracy per epoch, train vs val, with the seed's reported validation accuracy."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    epochs = [r["epoch"] for r in records]
+    fig = Figure(figsize=(10, 4), dpi=100)
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    loss_ax.plot(epochs, [r["train_loss"] for r in records], "o-", label="train")
+    loss_ax.plot(epochs, [r["val_loss"] for r in records], "o-", label="val")
+    acc_ax.plot(epochs, [100 * r["train_acc"] for r in records], "o-", label="train")
+    acc_ax.plot(epochs, [100 * r["val_acc"] for r in records], "o-", label="val")
+    seed_epochs = sorted(SEED_RESULTS)
+    acc_ax.plot(seed_epochs, [100 * SEED_RESULTS[e][1] for e in seed_epochs], "k--", label="seed val (Keras)")
+    loss_ax.plot(seed_epochs, [SEED_RESULTS[e][3] for e in seed_epochs], "k--", label="seed val (Keras)")
+    for ax, title in ((loss_ax, "loss"), (acc_ax, "accuracy (%)")):
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    return buffer.getvalue()

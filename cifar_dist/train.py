@@ -7,12 +7,13 @@ GPU) reports 74.9% validation accuracy after 10 epochs.
     python -m cifar_dist.train                                   # one process (GPU if present, else CPU)
     accelerate launch -m cifar_dist.train                        # your default accelerate config
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m cifar_dist.train
-    sbatch slurm/train.sh                                        # SLURM, several nodes
+    sbatch slurm/train.sh                                        # SLURM, several nodes, requeued on preemption
     python -m cifar_dist.train --data-source synthetic --image-size 64 --num-epochs 2   # no network needed
 
 The global batch stays 32 on any number of processes: per-device batch x processes x accumulation steps = 32.
 Runs checkpoint to <output-dir>/checkpoints/ and resume by default: kill one at any moment and run the same
 command again. SIGTERM/SIGUSR1 make every process stop at a step boundary, save and exit with code 75.
+Metrics go to metrics.jsonl, results.md, curves.png and W&B (online when logged in, else offline).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from cifar_dist.checkpoint import (CHECKPOINTS, clear_previous_run, find_latest,
 from cifar_dist.config import BatchPlan, Config, UserError, parse_config, plan_batches, save_config
 from cifar_dist.data import build_dataloaders, build_splits
 from cifar_dist.model import build_model, convert_sync_batchnorm, count_parameters
-from cifar_dist.tracking import RunLog, tracker_backend
+from cifar_dist.preflight import preflight
+from cifar_dist.tracking import RunLog, git_commit, tracker_backend
 
 
 # How often (optimizer steps) the processes agree on whether to stop. Each check is one tiny all-reduce and
@@ -73,20 +75,28 @@ def train_step(model, images, labels, optimizer, accelerator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator) -> dict:
-    """Loss, top-1 and top-5 over the whole test split; gather_for_metrics drops the padding of uneven shards."""
+def evaluate(model, loader, accelerator, class_names: list[str]) -> tuple[dict, list[tuple[str, float]]]:
+    """Loss, top-1, top-5 and per-class accuracy over the whole test split.
+
+    gather_for_metrics drops the samples repeated to pad uneven shards, so every test image counts once.
+    """
     model.eval()
+    num_classes = len(class_names)
     sums = torch.zeros(4, device=accelerator.device, dtype=torch.float64)
+    class_hits = torch.zeros(2, num_classes, device=accelerator.device, dtype=torch.float64)
     for images, labels in loader:
         logits = model(images)
         losses = F.cross_entropy(logits, labels, reduction="none")
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        losses, top1, top5 = accelerator.gather_for_metrics(
-            (losses, top5[:, 0] == labels, (top5 == labels[:, None]).any(1)))
+        losses, top1, top5, labels = accelerator.gather_for_metrics(
+            (losses, top5[:, 0] == labels, (top5 == labels[:, None]).any(1), labels))
         sums += torch.stack([losses.sum(), top1.sum(), top5.sum(), labels.new_tensor(losses.numel())]).double()
+        class_hits[0] += torch.bincount(labels, weights=top1.double(), minlength=num_classes)
+        class_hits[1] += torch.bincount(labels, minlength=num_classes)
     loss_sum, top1, top5, count = sums.tolist()
-    return {"val_loss": loss_sum / count, "val_acc": top1 / count, "val_top5": top5 / count,
-            "val_num_samples": int(count)}
+    per_class = [(name, hits / max(total, 1)) for name, hits, total in zip(class_names, *class_hits.tolist())]
+    return ({"val_loss": loss_sum / count, "val_acc": top1 / count, "val_top5": top5 / count,
+             "val_num_samples": int(count)}, per_class)
 
 
 class TrainingStopped(Exception):
@@ -129,6 +139,7 @@ def run(cfg: Config, dtype: torch.dtype = torch.float32) -> list[dict]:
     cpu = not torch.accelerator.is_available()
     state = PartialState(cpu=cpu)
     plan = plan_batches(cfg.train, state.num_processes)
+    state.print(preflight(state.num_processes, int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))))
     log_with = tracker_backend(cfg.tracking)
     output_dir, resume_from = resolve_start(cfg)
     state.wait_for_everyone()  # every process has looked at the output dir before the main one changes it
@@ -169,8 +180,8 @@ def run(cfg: Config, dtype: torch.dtype = torch.float32) -> list[dict]:
     accelerator.print(header)
     if resume_from is not None:
         accelerator.print(f"resuming from {resume_from} (epoch {position['epoch']}, step {position['step']})")
-    accelerator.init_trackers(cfg.tracking.project, config=cfg.to_dict())
     run_log = RunLog(accelerator, output_dir, header, position["records"])
+    run_log.start(cfg.tracking, {**cfg.to_dict(), "run": run_facts(plan, accelerator, counts)})
 
     steps_per_epoch = len(train_loader) // plan.grad_accum_steps
     total_steps = steps_per_epoch * cfg.train.num_epochs
@@ -178,6 +189,8 @@ def run(cfg: Config, dtype: torch.dtype = torch.float32) -> list[dict]:
         total_steps = min(total_steps, cfg.train.max_steps)
     every = cfg.train.checkpoint_every_steps
     step = position["step"]
+    run_start = time.perf_counter()
+    per_class_acc: list[tuple[str, float]] = []
     stop = StopSignals()
     try:
         for epoch in range(position["epoch"], cfg.train.num_epochs + 1):
@@ -192,23 +205,29 @@ def run(cfg: Config, dtype: torch.dtype = torch.float32) -> list[dict]:
             if done and accelerator.is_main_process:  # the global totals of the steps before the checkpoint
                 sums[:3] = torch.tensor(position["train_sums"], dtype=torch.float64)
             epoch_start, first_done = time.perf_counter(), done
-            window_start, window_steps = epoch_start, 0
+            window_start, window_steps, data_wait = epoch_start, 0, 0.0
+            batch_requested = time.perf_counter()
             model.train()
             with tqdm(total=steps_per_epoch, initial=done, desc=f"epoch {epoch}/{cfg.train.num_epochs}",
                       unit="step", disable=not accelerator.is_main_process, file=sys.stdout) as progress:
                 for images, labels in loader:
+                    data_wait += time.perf_counter() - batch_requested
                     sums += train_step(model, images, labels, optimizer, accelerator)
+                    batch_requested = time.perf_counter()
                     if not accelerator.sync_gradients:
                         continue
                     step, done, window_steps = step + 1, done + 1, window_steps + 1
                     progress.update(1)
                     if step % cfg.train.log_every_steps == 0:  # .tolist() waits for the device: every N steps only
-                        images_per_s = window_steps * plan.global_batch_size / (time.perf_counter() - window_start)
+                        elapsed = time.perf_counter() - window_start
+                        images_per_s = window_steps * plan.global_batch_size / elapsed
                         loss_sum, correct, count, _ = sums.tolist()  # this process's shard of the epoch so far
                         progress.set_postfix(loss=f"{loss_sum / count:.3f}", img_s=f"{images_per_s:.0f}")
                         run_log.log_step({"train/loss": loss_sum / count, "train/acc": correct / count,
-                                          "train/images_per_s": images_per_s}, step=step)
-                        window_start, window_steps = time.perf_counter(), 0
+                                          "train/images_per_s": images_per_s, "train/data_wait_frac":
+                                          data_wait / elapsed, "lr": optimizer.param_groups[0]["lr"],
+                                          "epoch": epoch - 1 + done / steps_per_epoch}, step=step)
+                        window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
                     checkpoint_due = every > 0 and step % every == 0 and done < steps_per_epoch
                     stopping = (checkpoint_due or step % CHECK_EVERY_STEPS == 0) and check_health(
                         accelerator, sums, stop, step, output_dir)
@@ -216,16 +235,15 @@ def run(cfg: Config, dtype: torch.dtype = torch.float32) -> list[dict]:
                         path = save_checkpoint(accelerator, output_dir, _position(
                             epoch, done, step, accelerator, sums, run_log, cfg), cfg.train.keep_checkpoints)
                     if stopping:
-                        raise TrainingStopped(f"stopped by {stop.received or 'a signal to another process'} at "
-                                              f"step {step}; saved {path}; run the same command to resume",
-                                              EXIT_STOPPED)
+                        raise stopped(accelerator, cfg, stop, f"at step {step}", path)
                     if step >= total_steps:
                         break
             stopping = check_health(accelerator, sums, stop, step, output_dir)
             train_time = time.perf_counter() - epoch_start
             loss_sum, correct, count, _ = accelerator.reduce(sums.clone(), reduction="sum").tolist()
+            metrics, per_class_acc = evaluate(model, eval_loader, accelerator, splits.class_names)
             record = {"epoch": epoch, "step": step, "train_loss": loss_sum / count, "train_acc": correct / count,
-                      **evaluate(model, eval_loader, accelerator)}
+                      **metrics}
             record["epoch_time_s"] = round(time.perf_counter() - epoch_start, 3)
             record["train_images_per_s"] = round((done - first_done) * plan.global_batch_size / train_time, 1)
             run_log.log_epoch(record, step=step)
@@ -239,16 +257,55 @@ def run(cfg: Config, dtype: torch.dtype = torch.float32) -> list[dict]:
                 *next_position, step, accelerator, None if finished_epoch else sums, run_log, cfg),
                 cfg.train.keep_checkpoints)
             if stopping:
-                raise TrainingStopped(f"stopped by {stop.received or 'a signal to another process'} at the end of "
-                                      f"epoch {epoch}; saved {path}; run the same command to resume", EXIT_STOPPED)
+                raise stopped(accelerator, cfg, stop, f"at the end of epoch {epoch}", path)
     finally:
         stop.restore()
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_model(accelerator.unwrap_model(model), output_dir / "model.safetensors")
+        records = run_log.records
+        best = max(records, key=lambda r: r["val_acc"])
+        summary = {"final_val_acc": records[-1]["val_acc"], "final_val_top5": records[-1]["val_top5"],
+                   "best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "steps": step,
+                   "total_time_s": round(time.perf_counter() - run_start, 1)}
+        if resume_from is None or step > position["step"]:  # a finished run resumed has nothing new to report
+            run_log.finish(summary, per_class_acc, sample_predictions(model, splits, accelerator),
+                           output_dir / "model.safetensors" if cfg.tracking.log_model else None)
     accelerator.end_training()
     return run_log.records
+
+
+def sample_predictions(model, splits, accelerator, num_images: int = 16) -> list[tuple]:
+    """(image, predicted class, true class) for the first test images, for a look at what the model does."""
+    images, labels = splits.test.images[:num_images], splits.test.labels[:num_images]
+    model = accelerator.unwrap_model(model).eval()
+    with torch.no_grad(), accelerator.autocast():
+        predicted = model(images.to(accelerator.device)).argmax(1).tolist()
+    names = splits.class_names
+    return [(img.numpy(), names[p], names[t]) for img, p, t in zip(images, predicted, labels.tolist())]
+
+
+def run_facts(plan: BatchPlan, accelerator, counts: dict) -> dict:
+    """What the tracker's config records beside the settings: topology, precision, hardware, provenance."""
+    return {"num_processes": plan.num_processes, "per_device_batch_size": plan.per_device_batch_size,
+            "grad_accum_steps": plan.grad_accum_steps, "mixed_precision": accelerator.mixed_precision,
+            "device": _device_name(accelerator), "torch": torch.__version__, "git_commit": git_commit(),
+            **{f"params_{k}": v for k, v in counts.items()}}
+
+
+def _device_name(accelerator) -> str:
+    if accelerator.device.type == "cuda":
+        return torch.cuda.get_device_name()
+    return platform.processor() or accelerator.device.type
+
+
+def stopped(accelerator, cfg: Config, stop: StopSignals, where: str, checkpoint: Path) -> TrainingStopped:
+    """The exception that ends a run stopped by a signal, once its checkpoint is complete; marks the stop."""
+    if cfg.train.stop_marker and accelerator.is_main_process:
+        Path(cfg.train.stop_marker).write_text(f"{checkpoint}\n")
+    return TrainingStopped(f"stopped by {stop.received or 'a signal to another process'} {where}; saved "
+                           f"{checkpoint}; run the same command to resume", EXIT_STOPPED)
 
 
 def check_health(accelerator, sums, stop: StopSignals, step: int, output_dir: Path) -> bool:
@@ -273,7 +330,7 @@ def _position(epoch: int, steps_in_epoch: int, step: int, accelerator, sums, run
 
 
 def describe_run(cfg: Config, plan: BatchPlan, accelerator, counts: dict, num_train: int, num_test: int) -> str:
-    device = torch.cuda.get_device_name() if accelerator.device.type == "cuda" else platform.processor() or "cpu"
+    device = _device_name(accelerator)
     return "\n".join([
         "# cifar_dist run",
         "",

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from slurm_cluster import slurm_cluster  # noqa: F401 (a session fixture: a real two-node SLURM cluster)
+
 REPO = Path(__file__).resolve().parents[1]
 CPU_2PROC = REPO / "accelerate_configs" / "cpu_2proc.yaml"
 V1_FILE = "resnet50-0676ba61.pth"  # basename of torchvision's ResNet50_Weights.IMAGENET1K_V1 url

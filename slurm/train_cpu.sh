@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# cifar_dist on CPU nodes, one process per node over gloo: a smoke test of a cluster's SLURM set-up.
+#   sbatch slurm/train_cpu.sh --data-source synthetic --weights none --image-size 32 --num-epochs 1
+#SBATCH --job-name=cifar_dist_cpu
+#SBATCH --time=00:30:00
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --output=%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@60
+export GPUS_PER_NODE=1 MIXED_PRECISION=no    # "GPUS" = processes per node; no GPU is needed
+exec bash "${CIFAR_DIST_DIR:-$SLURM_SUBMIT_DIR}/slurm/job.sh" "$@"

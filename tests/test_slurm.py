@@ -1,0 +1,97 @@
+"""The real slurm/train_cpu.sh submitted with sbatch to a real two-node SLURM cluster on this machine.
+
+Each node runs one gloo training process; the job script is the one users submit (slurm/job.sh behind it).
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, TINY, run_train
+from wandb_log import run_id
+
+pytestmark = pytest.mark.slurm
+
+SCRIPT = REPO / "slurm" / "train_cpu.sh"
+
+
+@pytest.fixture()
+def job_env(test_env, slurm_cluster):
+    # sbatch passes the submitting environment on: the venv's accelerate, the test caches, offline W&B.
+    path = f"{Path(sys.executable).parent}:{test_env['PATH']}"
+    return {**test_env, **slurm_cluster.env, "PATH": path, "CIFAR_DIST_DIR": str(REPO), "WANDB_MODE": "offline",
+            "WANDB_SILENT": "true"}
+
+
+def submit(cluster, env, tmp_path: Path, args: list[str]) -> tuple[int, Path]:
+    log = tmp_path / "job.out"
+    job = cluster.sbatch(SCRIPT, *args, cwd=tmp_path, extra_env=env, sbatch_opts=[f"--output={log}"])
+    return job, log
+
+
+def wait_until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} did not appear within {timeout} s"
+        time.sleep(0.2)
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_node_job_trains_to_completion(slurm_cluster, job_env, tmp_path):
+    out = tmp_path / "out"
+    job, log = submit(slurm_cluster, job_env, tmp_path, [*TINY, "--num-epochs", "1", "--output-dir", str(out)])
+    state = slurm_cluster.wait_for_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300)
+    text = log.read_text()
+    assert state["JobState"] == "COMPLETED", text[-3000:]
+    assert "2 node(s)" in text and "x 1 process(es) = 2" in text
+    assert "preflight: n1 sees" in text and "preflight: n2 sees" in text
+    assert "preflight: 2 processes on 2 node(s) (n1: 1, n2: 1)" in text
+    assert "global 32 = 16 per device x 2 processes x 1 accumulation steps" in text
+    assert [r["step"] for r in records(out)] == [8]
+    assert (out / "model.safetensors").exists()
+
+
+def test_preempted_job_requeues_resumes_and_ends_like_an_uninterrupted_one(slurm_cluster, job_env, test_env,
+                                                                          tmp_path):
+    args = [*TINY, "--num-epochs", "2", "--checkpoint-every-steps", "0", "--tracker", "wandb"]
+    out = tmp_path / "out"
+    job, log = submit(slurm_cluster, job_env, tmp_path, [*args, "--output-dir", str(out)])
+    first_checkpoint = out / "checkpoints" / "step-00000008"
+    wait_until(first_checkpoint.exists, timeout=300, what=str(first_checkpoint))
+    slurm_cluster.signal_batch(job, "USR1")  # what --signal=B:USR1@N does before the time limit
+    state = slurm_cluster.wait_for_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=400)
+    text = log.read_text()
+    assert state["JobState"] == "COMPLETED", text[-3000:]
+    assert state["Restarts"] == "1"
+    assert "got SIGUSR1, asking training to checkpoint and stop" in text
+    assert "stopped by SIGUSR1 at step 10" in text
+    assert "requeueing (restart 1 of at most 3)" in text
+    assert f"cifar_dist job {job} (restart 1)" in text
+    assert f"resuming from {out / 'checkpoints' / 'step-00000010'}" in text
+    # One W&B run: both segments of the job log under the same id.
+    segments = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(segments) == 2 and run_id(segments[0]) == run_id(segments[1])
+    # The same final weights as the same two-process run never interrupted.
+    reference = tmp_path / "reference"
+    run_train({**test_env, "WANDB_MODE": "offline"}, [*args, "--output-dir", str(reference)], num_processes=2)
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(reference / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["val_acc"] for r in records(out)] == [r["val_acc"] for r in records(reference)]
+
+
+def test_failed_job_is_not_requeued(slurm_cluster, job_env, tmp_path):
+    job, log = submit(slurm_cluster, job_env, tmp_path, [*TINY, "--num-epochs", "0",
+                                                         "--output-dir", str(tmp_path / "out")])
+    state = slurm_cluster.wait_for_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300)
+    text = log.read_text()
+    assert state["JobState"] == "FAILED" and state["Restarts"] == "0", text[-3000:]
+    assert "cifar_dist.train: error: --num-epochs must be positive, got 0" in text
+    assert "training failed with exit code" in text and "(not requeued)" in text

@@ -1,0 +1,159 @@
+"""W&B: real offline runs made by real training runs, read back from disk; the mode and identity rules;
+curves.png; the sync helper."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cifar_dist.config import TrackingConfig
+from cifar_dist.sync import find_offline_runs
+from cifar_dist.tracking import plot_curves, run_id_for, wandb_init_kwargs
+from conftest import REPO, TINY, run_train
+from wandb_log import config, history, run_id
+
+SECRET = "planted0secret0key0that0must0never0be0written0anywhere"
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def offline_runs(out: Path) -> list[Path]:
+    return sorted((out / "wandb").glob("offline-run-*"))
+
+
+def run_log(run_dir: Path) -> Path:
+    return next(run_dir.glob("run-*.wandb"))
+
+
+@pytest.fixture(scope="module")
+def wandb_env(test_env):
+    return {**test_env, "WANDB_MODE": "offline", "WANDB_API_KEY": SECRET, "WANDB_SILENT": "true"}
+
+
+@pytest.fixture(scope="module")
+def two_process_wandb_run(wandb_env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("wandb") / "out"
+    proc = run_train(wandb_env, [*TINY, "--num-epochs", "2", "--tracker", "wandb", "--wandb-tags", "ci,cpu",
+                                 "--output-dir", str(out)], num_processes=2)
+    return out, proc
+
+
+def test_one_offline_run_holds_the_epoch_metrics_and_config(two_process_wandb_run):
+    out, proc = two_process_wandb_run
+    runs = offline_runs(out)
+    assert len(runs) == 1  # one run per job, not one per process
+    rows = history(run_log(runs[0]))
+    logged = [(row["epoch"], row["val/acc"], row["val/top5"]) for row in rows if "val/acc" in row]
+    assert logged == [(r["epoch"], r["val_acc"], r["val_top5"]) for r in records(out)]
+    steps = [row["train/loss"] for row in rows if "train/loss" in row]
+    assert len(steps) == 16 // 2  # --log-every-steps 2 over 16 steps
+    cfg = config(run_log(runs[0]))
+    assert cfg["train"]["global_batch_size"] == 32 and cfg["data"]["data_source"] == "synthetic"
+    assert cfg["run"]["num_processes"] == 2 and cfg["run"]["per_device_batch_size"] == 16
+    assert cfg["run"]["params_trainable"] == 17_165_412
+    assert run_id(run_log(runs[0])) == (out / "wandb_run_id").read_text().strip()
+    assert "W&B: offline" in proc.stdout and f"wandb sync {out}/wandb" in proc.stdout
+
+
+def test_summary_tables_and_report(two_process_wandb_run):
+    out, _ = two_process_wandb_run
+    rows = history(run_log(offline_runs(out)[0]))
+    tables = {k for row in rows for k in row if k.endswith("/_type") and row[k] == "table-file"}
+    assert tables == {"val/per_class_acc/_type", "val/samples/_type"}
+    results = (out / "results.md").read_text()
+    assert "Best validation accuracy" in results and "![curves](curves.png)" in results
+
+
+def test_api_key_is_written_nowhere(two_process_wandb_run):
+    out, _ = two_process_wandb_run
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in files)
+    leaked = [str(p) for p in files if SECRET.encode() in p.read_bytes()]
+    assert not leaked
+
+
+def test_resumed_job_logs_into_the_same_run(wandb_env, tmp_path):
+    out = tmp_path / "out"
+    args = [*TINY, "--tracker", "wandb", "--output-dir", str(out)]
+    run_train(wandb_env, [*args, "--num-epochs", "1"])
+    run_train(wandb_env, [*args, "--num-epochs", "2"])  # resumes from the epoch-1 checkpoint
+    first, second = offline_runs(out)
+    assert run_id(run_log(first)) == run_id(run_log(second))
+    steps_before = [row["_step"] for row in history(run_log(first))]
+    steps_after = [row["_step"] for row in history(run_log(second))]
+    assert steps_after and min(steps_after) > max(steps_before)
+    assert [row["epoch"] for row in history(run_log(second)) if "val/acc" in row] == [2]
+
+
+def test_without_wandb_installed(test_env, tmp_path):
+    # A module named wandb that fails to import, first on the path: wandb is "not installed" for this run.
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "wandb.py").write_text("raise ImportError('no wandb here')\n")
+    env = {**test_env, "PYTHONPATH": str(shadow)}
+    proc = run_train(env, [*TINY, "--tracker", "wandb", "--output-dir", str(tmp_path / "a")], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "cifar_dist.train: error: --tracker wandb needs the 'wandb' package, which does not import here: "
+        "pip install wandb, or pass --tracker none"]
+    run_train(env, [*TINY, "--max-steps", "1", "--tracker", "none", "--output-dir", str(tmp_path / "b")])
+    run_train(env, [*TINY, "--max-steps", "1", "--output-dir", str(tmp_path / "c")])  # auto: quietly none
+    assert not (tmp_path / "c" / "wandb").exists()
+
+
+def test_mode_follows_wandb_mode_then_login(tmp_path):
+    cfg = TrackingConfig(wandb_tags="a, b", run_name="seed-recipe", wandb_entity="lab")
+    kwargs, note = wandb_init_kwargs(cfg, tmp_path, "abc", env={"NETRC": str(tmp_path / "none")})
+    assert kwargs["mode"] == "offline" and f"wandb sync {tmp_path}/wandb" in note
+    assert kwargs["tags"] == ["a", "b"] and kwargs["name"] == "seed-recipe" and kwargs["entity"] == "lab"
+    assert kwargs["id"] == "abc" and kwargs["resume"] == "allow" and kwargs["dir"] == str(tmp_path)
+    assert wandb_init_kwargs(cfg, tmp_path, "abc", env={"WANDB_API_KEY": "k"})[0]["mode"] == "online"
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password k\n")
+    assert wandb_init_kwargs(cfg, tmp_path, "abc", env={"NETRC": str(netrc)})[0]["mode"] == "online"
+    env = {"WANDB_MODE": "disabled", "WANDB_API_KEY": "k", "WANDB_RUN_GROUP": "sweep", "WANDB_DIR": "/w"}
+    kwargs, _ = wandb_init_kwargs(cfg, tmp_path, "abc", env=env)
+    assert (kwargs["mode"], kwargs["group"], kwargs["dir"]) == ("disabled", "sweep", "/w")
+
+
+def test_run_id_is_stable_per_output_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    new = run_id_for(tmp_path)
+    assert new.startswith("slurm4242-")
+    (tmp_path / "wandb_run_id").write_text("kept123\n")
+    assert run_id_for(tmp_path) == "kept123"
+
+
+def test_curves_png_depends_on_the_data():
+    one = [{"epoch": 1, "train_loss": 2.0, "val_loss": 1.5, "train_acc": 0.4, "val_acc": 0.5}]
+    two = one + [{"epoch": 2, "train_loss": 1.0, "val_loss": 1.2, "train_acc": 0.7, "val_acc": 0.6}]
+    a, b = plot_curves(one), plot_curves(two)
+    assert a[:8] == b[:8] == b"\x89PNG\r\n\x1a\n"
+    assert a != b and len(b) > 10_000  # two axes with lines and legends, not an empty canvas
+
+
+def test_sync_finds_offline_runs_and_skips_synced_ones(two_process_wandb_run, tmp_path):
+    out, _ = two_process_wandb_run
+    runs = find_offline_runs([out.parent])
+    assert [(r, synced) for r, synced in runs] == [(offline_runs(out)[0], False)]
+    proc = subprocess.run([sys.executable, "-m", "cifar_dist.sync", "--dry-run", str(out.parent)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0
+    assert "1 offline run(s) found, 0 already synced, 1 to sync" in proc.stdout
+    assert f"would sync {offline_runs(out)[0]}" in proc.stdout
+    # wandb sync marks an uploaded run with run-<id>.wandb.synced; such a run is not uploaded again.
+    copy = tmp_path / "copy" / "wandb" / offline_runs(out)[0].name
+    shutil.copytree(offline_runs(out)[0], copy)
+    (copy / (run_log(copy).name + ".synced")).write_text("")
+    assert find_offline_runs([tmp_path]) == [(copy, True)]
+    proc = subprocess.run([sys.executable, "-m", "cifar_dist.sync", str(tmp_path)], capture_output=True, text=True,
+                          cwd=REPO)
+    assert proc.returncode == 0 and "1 offline run(s) found, 1 already synced, 0 to sync" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "cifar_dist.sync", str(tmp_path / "nope")],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "no such folder" in proc.stderr
