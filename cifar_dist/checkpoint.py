@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from cifar_dist.config import Config, UserError
 
@@ -61,9 +61,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 def save_model(model: torch.nn.Module, path: Path) -> None:
     """The model's weights as safetensors (torchvision key names, head under ``fc.``)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save(state, metadata={"format": "pt"}))
 
 
 def _flat(config: dict) -> dict:

@@ -183,18 +183,16 @@ def _positive_or_none(obj, *names):
             raise UserError(f"--{_flag(name)} must be positive, got {value}")
 
 
-def _base_type(annotation) -> tuple[type, bool]:
-    """(scalar type, accepts None) for the annotations used above: int, float, str, `int | None`."""
-    hint = eval(annotation, vars(typing)) if isinstance(annotation, str) else annotation  # noqa: S307 (our own source)
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return args[0], True
-    return hint, False
+def _base_type(cls, name: str) -> tuple[type, bool]:
+    """(scalar type, accepts None) of field ``name`` of ``cls``: int, float, str, bool, or `X | None`."""
+    hint = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return (args[0], True) if isinstance(hint, types.UnionType) else (hint, False)
 
 
 def _coerce(name: str, value, where: str):
     """Check a YAML value against the field's type; ints are accepted for floats."""
-    typ, nullable = _base_type(_SECTION_TYPES[_OWNER[name]].__dataclass_fields__[name].type)
+    typ, nullable = _base_type(_SECTION_TYPES[_OWNER[name]], name)
     if value is None and nullable:
         return None
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
@@ -242,7 +240,7 @@ def build_parser(prog: str = "cifar_dist.train") -> argparse.ArgumentParser:
     for section, cls in _SECTION_TYPES.items():
         group = parser.add_argument_group(section)
         for f in dataclasses.fields(cls):
-            typ, nullable = _base_type(f.type)
+            typ, nullable = _base_type(cls, f.name)
             default = f.default
             if typ is bool:
                 group.add_argument(f"--{_flag(f.name)}", dest=f.name, action=argparse.BooleanOptionalAction,

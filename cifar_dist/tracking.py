@@ -118,6 +118,7 @@ class RunLog:
         self.records: list[dict] = list(records)
         self.run_url: str | None = None
         self.summary: dict | None = None
+        self.uses_wandb = "wandb" in [str(t) for t in accelerator.log_with]
         if self.enabled and self.records:
             self._write()
 
@@ -126,7 +127,7 @@ class RunLog:
         if not self.accelerator.log_with:
             return
         init_kwargs = {}
-        if "wandb" in [str(t) for t in self.accelerator.log_with]:
+        if self.uses_wandb:
             run_id = run_id_for(self.output_dir)
             if self.enabled:
                 atomic_write_text(self.output_dir / RUN_ID_FILE, run_id + "\n")
@@ -161,7 +162,7 @@ class RunLog:
             return
         self.summary = summary
         self._write()
-        if self.accelerator.log_with and "wandb" in [str(t) for t in self.accelerator.log_with]:
+        if self.uses_wandb:
             import wandb
 
             run = self.accelerator.get_tracker("wandb", unwrap=True)
