@@ -24,6 +24,9 @@ STAGES = ("conv1", "layer1", "layer2", "layer3", "layer4", "fc")
 FREEZE_CHOICES = ("none",) + STAGES[1:]
 TRACKERS = ("auto", "none", "wandb", "tensorboard")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+AUTO_YES_NO = ("auto", "yes", "no")
+CACHE_LOCATIONS = ("auto", "device", "host")
+GRAD_REDUCE_DTYPES = ("auto", "fp32", "bf16")
 
 
 class UserError(ValueError):
@@ -139,12 +142,41 @@ class TrackingConfig:
 
 
 @dataclass(kw_only=True)
+class SpeedConfig:
+    """How the step is executed. None of these changes what is computed (beyond float rounding), so a checkpoint
+    made with one setting resumes under another; 'auto' turns each on where it is safe and supported (CUDA)."""
+
+    compile_step: str = _field(
+        "auto", "torch.compile the training forward/backward with mode reduce-overhead (CUDA graphs: the batch-32 "
+        "step is launch-bound); auto: on CUDA", choices=AUTO_YES_NO)
+    channels_last: str = _field("auto", "channels_last memory format for the convolutions; auto: on CUDA",
+                                choices=AUTO_YES_NO)
+    fused_adam: str = _field("auto", "Adam's fused single-kernel implementation; auto: on CUDA", choices=AUTO_YES_NO)
+    cache_frozen_features: bool = _field(
+        False, "run the frozen stages once per image (they are a fixed function of it: no augmentation, frozen "
+        "BatchNorm in eval mode), keep their output, and train/evaluate the rest from it")
+    feature_cache_location: str = _field(
+        "auto", "where the cached features live: device memory, host memory, or auto (the device if they fit, "
+        "else the host)", choices=CACHE_LOCATIONS)
+    ddp_bucket_mb: int = _field(
+        64, "DDP gradient bucket size with several processes; the ~68 MB of fp32 gradients of layer4 + head go "
+        "in about one all-reduce, since a 32-image backward leaves little to overlap")
+    grad_reduce_dtype: str = _field(
+        "auto", "dtype of the gradient all-reduce between processes; auto: bf16 when training in bf16, else fp32",
+        choices=GRAD_REDUCE_DTYPES)
+
+    def __post_init__(self):
+        _positive(self, "ddp_bucket_mb")
+
+
+@dataclass(kw_only=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
 
     def __post_init__(self):
         # argparse enforces choices for flags; this covers values that came from a YAML file.
@@ -154,13 +186,16 @@ class Config:
                 choices = f.metadata.get("choices")
                 if choices and getattr(obj, f.name) not in choices:
                     raise UserError(f"--{_flag(f.name)} {getattr(obj, f.name)!r}: expected one of {', '.join(choices)}")
+        if self.speed.cache_frozen_features and self.model.freeze_until == "none":
+            raise UserError("--cache-frozen-features: nothing is frozen (--freeze-until none), so there is nothing "
+                            "to cache; freeze some stages or drop --cache-frozen-features")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 _SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig,
-                  "tracking": TrackingConfig}
+                  "tracking": TrackingConfig, "speed": SpeedConfig}
 # field name -> section name; names are unique across sections by construction (checked at import).
 _OWNER = {f.name: s for s, cls in _SECTION_TYPES.items() for f in dataclasses.fields(cls)}
 assert len(_OWNER) == sum(len(dataclasses.fields(c)) for c in _SECTION_TYPES.values()), "duplicate field name"

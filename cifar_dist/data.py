@@ -470,7 +470,8 @@ def build_dataloaders(
     every epoch, before iterating it or before ``accelerator.skip_first_batches``: the loader that returns wraps
     one more level and its own set_epoch no longer reaches the sampler when there are several processes.
     The eval loader keeps the last partial batch; with several processes accelerate pads it by repeating
-    samples, so gather eval outputs with ``accelerator.gather_for_metrics``.
+    samples, so gather eval outputs with ``accelerator.gather_for_metrics``. ``splits.train``/``test`` may also
+    be FeatureDatasets (the frozen-feature cache): the same sampler, so the same order.
     """
     n = len(splits.train)
     if n < plan.global_batch_size:
@@ -478,7 +479,8 @@ def build_dataloaders(
             f"the training set has {n} images, fewer than one global batch of {plan.global_batch_size}; lower "
             f"--global-batch-size or raise --max-train-samples"
         )
-    pin = torch.cuda.is_available()
+    # Pinned host batches copy to the GPU asynchronously; batches of a feature cache already on the GPU cannot be.
+    pin = torch.cuda.is_available() and all(t.device.type == "cpu" for t in splits.train[0])
     train = DataLoader(
         splits.train,
         batch_size=plan.per_device_batch_size,

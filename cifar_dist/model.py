@@ -63,8 +63,12 @@ class ResNet50Classifier(ResNet):
         for module in self._frozen_modules():
             module.requires_grad_(False)
 
+    def frozen_module_names(self) -> list[str]:
+        """Names of the top-level modules of the frozen stages ('conv1', 'bn1', 'layer1', ...)."""
+        return [name for stage in self.frozen_stages for name in _STAGE_MODULES[stage]]
+
     def _frozen_modules(self) -> list[nn.Module]:
-        return [getattr(self, name) for stage in self.frozen_stages for name in _STAGE_MODULES[stage]]
+        return [getattr(self, name) for name in self.frozen_module_names()]
 
     def train(self, mode: bool = True):
         # Keras runs non-trainable BatchNorm in inference mode; PyTorch's train() would switch it back to batch
@@ -74,8 +78,30 @@ class ResNet50Classifier(ResNet):
             module.eval()
         return self
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return super().forward(self.preprocess(images))
+    def trunk(self, images: torch.Tensor) -> torch.Tensor:
+        """Preprocessing and the frozen stages: with no augmentation and frozen BN in eval mode, a fixed
+        function of each image, which ``--cache-frozen-features`` computes once."""
+        x = self.preprocess(images)
+        for stage in self.frozen_stages:
+            x = self._stage(stage, x)
+        return x
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """The trainable stages, from the trunk's output to the logits."""
+        for stage in STAGES[len(self.frozen_stages):]:
+            features = self._stage(stage, features)
+        return features
+
+    def _stage(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if name == "conv1":
+            return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        if name == "fc":
+            return self.fc(torch.flatten(self.avgpool(x), 1))
+        return getattr(self, name)(x)
+
+    def forward(self, images: torch.Tensor | None = None, *, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for uint8 NHWC ``images``, or for ``features`` already computed by ``trunk``."""
+        return self.head(self.trunk(images) if features is None else features)
 
 
 def frozen_stages(freeze_until: str) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ Metrics go to metrics.jsonl, results.md, curves.png and W&B (online when logged 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import signal
@@ -35,8 +36,11 @@ from cifar_dist.checkpoint import (CHECKPOINTS, clear_previous_run, find_latest,
                                    save_checkpoint, save_model)
 from cifar_dist.config import BatchPlan, Config, UserError, parse_config, plan_batches, save_config
 from cifar_dist.data import build_dataloaders, build_splits
+from cifar_dist.feature_cache import build_feature_cache
 from cifar_dist.model import build_model, convert_sync_batchnorm, count_parameters
 from cifar_dist.preflight import preflight
+from cifar_dist.speed import (FastPath, build_optimizer, compile_for_training, ddp_kwargs, prepare_model_layout,
+                              resolve_fast_path)
 from cifar_dist.tracking import RunLog, git_commit, tracker_backend
 
 
@@ -57,25 +61,29 @@ def resolve_mixed_precision(choice: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def train_step(model, images, labels, optimizer, accelerator) -> torch.Tensor:
+def train_step(model, step_model, inputs, labels, optimizer, accelerator, input_name: str = "images") -> torch.Tensor:
     """Forward, backward and (on the last micro-batch of an accumulation) the optimizer step.
 
-    Returns this micro-batch's [loss sum, correct, count, non-finite loss] for the epoch's running totals,
-    left on the device so the step never waits for it.
+    ``step_model`` is ``model`` or its compiled form; ``inputs`` are images, or cached trunk features when
+    ``input_name`` is "features". Returns this micro-batch's [loss sum, correct, count, non-finite loss] for the
+    epoch's running totals, left on the device so the step never waits for it.
     """
     with accelerator.accumulate(model):
-        logits = model(images)
+        logits = step_model(**{input_name: inputs})
         loss = F.cross_entropy(logits, labels)  # autocast computes it in fp32 under bf16
+        # Read before backward: a CUDA-graph replay may reuse the logits' memory once the step moves on.
+        loss_d = loss.detach().double()
+        stats = torch.stack([loss_d * labels.numel(), (logits.detach().argmax(1) == labels).sum().double(),
+                             loss_d.new_tensor(labels.numel()), (~torch.isfinite(loss_d)).double()])
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    loss = loss.detach().double()
-    return torch.stack([loss * labels.numel(), (logits.argmax(1) == labels).sum().double(),
-                        loss.new_tensor(labels.numel()), (~torch.isfinite(loss)).double()])
+    return stats
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator, class_names: list[str]) -> tuple[dict, list[tuple[str, float]]]:
+def evaluate(model, loader, accelerator, class_names: list[str],
+             input_name: str = "images") -> tuple[dict, list[tuple[str, float]]]:
     """Loss, top-1, top-5 and per-class accuracy over the whole test split.
 
     gather_for_metrics drops the samples repeated to pad uneven shards, so every test image counts once.
@@ -84,8 +92,8 @@ def evaluate(model, loader, accelerator, class_names: list[str]) -> tuple[dict, 
     num_classes = len(class_names)
     sums = torch.zeros(4, device=accelerator.device, dtype=torch.float64)
     class_hits = torch.zeros(2, num_classes, device=accelerator.device, dtype=torch.float64)
-    for images, labels in loader:
-        logits = model(images)
+    for inputs, labels in loader:
+        logits = model(**{input_name: inputs})
         losses = F.cross_entropy(logits, labels, reduction="none")
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         losses, top1, top5, labels = accelerator.gather_for_metrics(
@@ -142,13 +150,16 @@ def run(cfg: Config, dtype: torch.dtype = torch.float32) -> list[dict]:
     state.print(preflight(state.num_processes, int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))))
     log_with = tracker_backend(cfg.tracking)
     output_dir, resume_from = resolve_start(cfg)
+    mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision)
+    fast = resolve_fast_path(cfg.speed, state.device, mixed_precision, state.num_processes)
     state.wait_for_everyone()  # every process has looked at the output dir before the main one changes it
     accelerator = Accelerator(
         cpu=cpu,
-        mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
+        mixed_precision=mixed_precision,
         gradient_accumulation_steps=plan.grad_accum_steps,
         log_with=log_with,
         project_dir=str(output_dir),
+        kwargs_handlers=[ddp_kwargs(cfg.speed, fast)],
     )
     if accelerator.is_main_process:
         if cfg.train.overwrite:
@@ -163,12 +174,19 @@ def run(cfg: Config, dtype: torch.dtype = torch.float32) -> list[dict]:
     if accelerator.num_processes > 1:
         model = convert_sync_batchnorm(model)  # trainable BN must see the whole global batch
     counts = count_parameters(model)
-    train_loader, eval_loader = build_dataloaders(splits, plan, cfg.train.eval_batch_size, seed=cfg.train.seed)
-    optimizer = torch.optim.Adam(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
-        betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2), eps=cfg.optim.adam_eps,
-    )
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    model = prepare_model_layout(model, fast)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim, fast)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # With the cache the loaders serve the frozen stages' output instead of images, in the same order.
+    input_name, data = "images", splits
+    if cfg.speed.cache_frozen_features:
+        input_name = "features"
+        data = dataclasses.replace(splits, **dict(zip(("train", "test"), build_feature_cache(
+            accelerator.unwrap_model(model), splits, accelerator, cfg.train.eval_batch_size,
+            cfg.speed.feature_cache_location))))
+    train_loader, eval_loader = accelerator.prepare(
+        *build_dataloaders(data, plan, cfg.train.eval_batch_size, seed=cfg.train.seed))
+    step_model = compile_for_training(model, fast)
 
     # Where to start: a checkpoint's position (the data order depends only on seed and epoch, so a position
     # in optimizer steps means the same images whatever the number of processes), or the beginning.
@@ -176,12 +194,12 @@ def run(cfg: Config, dtype: torch.dtype = torch.float32) -> list[dict]:
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         position.update({k: v for k, v in read_state(resume_from).items() if k in position})
-    header = describe_run(cfg, plan, accelerator, counts, len(splits.train), len(splits.test))
+    header = describe_run(cfg, plan, accelerator, counts, len(splits.train), len(splits.test), fast)
     accelerator.print(header)
     if resume_from is not None:
         accelerator.print(f"resuming from {resume_from} (epoch {position['epoch']}, step {position['step']})")
     run_log = RunLog(accelerator, output_dir, header, position["records"])
-    run_log.start(cfg.tracking, {**cfg.to_dict(), "run": run_facts(plan, accelerator, counts)})
+    run_log.start(cfg.tracking, {**cfg.to_dict(), "run": run_facts(plan, accelerator, counts, fast)})
 
     steps_per_epoch = len(train_loader) // plan.grad_accum_steps
     total_steps = steps_per_epoch * cfg.train.num_epochs
@@ -210,9 +228,9 @@ def run(cfg: Config, dtype: torch.dtype = torch.float32) -> list[dict]:
             model.train()
             with tqdm(total=steps_per_epoch, initial=done, desc=f"epoch {epoch}/{cfg.train.num_epochs}",
                       unit="step", disable=not accelerator.is_main_process, file=sys.stdout) as progress:
-                for images, labels in loader:
+                for inputs, labels in loader:
                     data_wait += time.perf_counter() - batch_requested
-                    sums += train_step(model, images, labels, optimizer, accelerator)
+                    sums += train_step(model, step_model, inputs, labels, optimizer, accelerator, input_name)
                     batch_requested = time.perf_counter()
                     if not accelerator.sync_gradients:
                         continue
@@ -241,7 +259,7 @@ def run(cfg: Config, dtype: torch.dtype = torch.float32) -> list[dict]:
             stopping = check_health(accelerator, sums, stop, step, output_dir)
             train_time = time.perf_counter() - epoch_start
             loss_sum, correct, count, _ = accelerator.reduce(sums.clone(), reduction="sum").tolist()
-            metrics, per_class_acc = evaluate(model, eval_loader, accelerator, splits.class_names)
+            metrics, per_class_acc = evaluate(model, eval_loader, accelerator, splits.class_names, input_name)
             record = {"epoch": epoch, "step": step, "train_loss": loss_sum / count, "train_acc": correct / count,
                       **metrics}
             record["epoch_time_s"] = round(time.perf_counter() - epoch_start, 3)
@@ -286,10 +304,11 @@ def sample_predictions(model, splits, accelerator, num_images: int = 16) -> list
     return [(img.numpy(), names[p], names[t]) for img, p, t in zip(images, predicted, labels.tolist())]
 
 
-def run_facts(plan: BatchPlan, accelerator, counts: dict) -> dict:
+def run_facts(plan: BatchPlan, accelerator, counts: dict, fast: FastPath) -> dict:
     """What the tracker's config records beside the settings: topology, precision, hardware, provenance."""
     return {"num_processes": plan.num_processes, "per_device_batch_size": plan.per_device_batch_size,
             "grad_accum_steps": plan.grad_accum_steps, "mixed_precision": accelerator.mixed_precision,
+            "fast_path": fast.describe(),
             "device": _device_name(accelerator), "torch": torch.__version__, "git_commit": git_commit(),
             **{f"params_{k}": v for k, v in counts.items()}}
 
@@ -329,7 +348,8 @@ def _position(epoch: int, steps_in_epoch: int, step: int, accelerator, sums, run
             "records": run_log.records, "config": cfg.to_dict(), "num_processes": accelerator.num_processes}
 
 
-def describe_run(cfg: Config, plan: BatchPlan, accelerator, counts: dict, num_train: int, num_test: int) -> str:
+def describe_run(cfg: Config, plan: BatchPlan, accelerator, counts: dict, num_train: int, num_test: int,
+                 fast: FastPath) -> str:
     device = _device_name(accelerator)
     return "\n".join([
         "# cifar_dist run",
@@ -345,6 +365,8 @@ def describe_run(cfg: Config, plan: BatchPlan, accelerator, counts: dict, num_tr
         f"seed {cfg.train.seed}",
         f"- device: {accelerator.num_processes} x {accelerator.device.type} ({device}), mixed precision "
         f"{accelerator.mixed_precision}, torch {torch.__version__}",
+        f"- step: {fast.describe()}{'; frozen-stage features cached' if cfg.speed.cache_frozen_features else ''}"
+        + "".join(f"; {note}" for note in fast.notes),
     ])
 
 

@@ -34,7 +34,7 @@ def test_written_config_reloads_to_the_same_config(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     assert parse_config(["--config", str(tmp_path / "config.yaml")]) == cfg
     assert set(yaml.safe_load((tmp_path / "config.yaml").read_text())) == {"data", "model", "optim", "train",
-                                                                           "tracking"}
+                                                                           "tracking", "speed"}
 
 
 @pytest.mark.parametrize("text, message", [
