@@ -1,17 +1,25 @@
-"""The benchmark runs end to end on the CPU at a tiny size; it asserts nothing about speed."""
+"""The benchmark runs on the CPU at a tiny size; it asserts nothing about speed, only that every part reports."""
 
 import json
 import subprocess
 import sys
 
-from conftest import REPO
+import pytest
+
+from conftest import REPO, _free_port
+
+TINY_BENCH = ["--image-size", "32", "--steps", "2", "--warmup", "1", "--workers", "0", "--eval-batch-size", "64"]
 
 
-def test_bench_reports_every_cpu_variant(tmp_path):
+def bench(args, env=None, timeout=900):
+    return subprocess.run([sys.executable, "-m", "cifar_dist.bench", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout, env=env)
+
+
+def test_bench_reports_every_cpu_variant_the_floor_and_the_end_to_end_runs(tmp_path, test_env):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "cifar_dist.bench", "--image-size", "32", "--steps", "2",
-                           "--warmup", "1", "--workers", "0", "--eval-batch-size", "64", "--json", str(out)],
-                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    proc = bench([*TINY_BENCH, "--json", str(out), "--end-to-end", "--e2e-epochs", "2", "--e2e-train-samples", "64",
+                  "--e2e-eval-samples", "32"], env=test_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert [r["variant"] for r in report["results"]] == ["straight_port", "eager", "channels_last", "cached_trunk",
@@ -21,8 +29,41 @@ def test_bench_reports_every_cpu_variant(tmp_path):
     assert report["device"] and report["torch"] and report["precision"] == "fp32"
     assert "| straight_port |" in proc.stdout and "| eval |" in proc.stdout
 
+    floor = report["compute_floor"]
+    # At 32 px the trunk (conv1..layer3) is ~80% of a forward pass, as at 224 px; training layer4 + head adds
+    # its backward. The cached workload runs the trunk once instead of ten times.
+    assert 0 < floor["trunk_gflop_per_image"] < floor["train_step_gflop_per_image"]
+    assert floor["workload_cached_pflop"] < floor["workload_pflop"]
+    assert floor["floor_s"] > floor["floor_cached_s"] > 0
+    assert "compute floor of 10 epochs x (50,000 + 10,000) images" in proc.stdout
 
-def test_bench_refuses_bad_sizes():
-    proc = subprocess.run([sys.executable, "-m", "cifar_dist.bench", "--steps", "0"], capture_output=True, text=True,
-                          cwd=REPO)
-    assert proc.returncode == 2 and "--steps must be positive" in proc.stderr
+    e2e = {r["variant"]: r for r in report["end_to_end"]}
+    assert set(e2e) == {"end_to_end", "end_to_end_cached"}
+    assert all(r["epochs"] == 2 and r["wall_s"] > 0 and r["train_images_per_s"] > 0 for r in e2e.values())
+    # Same function, same data order: the cache changes the speed, not the result (fp32 rounding aside).
+    assert abs(e2e["end_to_end"]["final_val_acc"] - e2e["end_to_end_cached"]["final_val_acc"]) <= 1 / 32 + 1e-9
+
+
+def test_bench_measures_communication_under_torchrun(tmp_path, test_env):
+    out = tmp_path / "ddp.json"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(_free_port()), "-m", "cifar_dist.bench", "--variants", "ddp", "--no-floor",
+                           *TINY_BENCH, "--json", str(out)], capture_output=True, text=True, cwd=REPO,
+                          timeout=600, env={**test_env, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["world_size"] == 2
+    assert [r["variant"] for r in report["results"]] == ["no_communication (x2)", "ddp_torch_defaults (x2)",
+                                                          "ddp_cifar_dist (x2)"]
+    assert report["communication_share"] < 1
+    assert proc.stdout.count("communication share of a step with 2 processes") == 1  # printed by rank 0 only
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "--steps must be positive"),
+    (["--e2e-epochs", "0"], "--e2e-epochs must be positive"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+])
+def test_bench_refuses_bad_sizes(args, message):
+    proc = bench(args, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr

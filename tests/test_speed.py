@@ -110,6 +110,24 @@ def test_float32_with_every_option_matches_the_plain_path(test_env, tmp_path, in
     assert abs(b["val_acc"] - a["val_acc"]) <= 0.01 + 1e-9  # at most one image on the decision boundary
 
 
+def test_bf16_gradient_all_reduce_moves_the_result_by_less_than_float32_rounding(initial_weights, test_env, tmp_path):
+    # The one option that changes the numbers: gradients are averaged in bf16 (8 significant bits). It is what
+    # --grad-reduce-dtype auto picks when training in bf16, whose matmuls round to that precision anyway.
+    # Parameters in float64 and lr 1e-5, so that only the reduction's rounding shows: far above float64's 1e-9
+    # (the hook is in effect), below the ~1e-4 that float32 rounding alone causes at this lr (see above).
+    plain, bf16 = tmp_path / "plain", tmp_path / "bf16"
+    run_train(test_env, [*STEPS, "--lr", "1e-5", "--output-dir", str(plain)], script=FLOAT64)
+    run_train(test_env, [*STEPS, "--lr", "1e-5", "--grad-reduce-dtype", "bf16", "--output-dir", str(bf16)],
+              num_processes=2, script=FLOAT64)
+    difference = update_difference(plain, bf16, initial_weights)
+    a, b = records(plain)[-1], records(bf16)[-1]
+    print(f"bf16 gradient all-reduce vs plain, 8 steps at lr 1e-5: update difference {difference:.2e}, val_loss "
+          f"{a['val_loss']:.6f} vs {b['val_loss']:.6f}")
+    assert 1e-7 < difference < 1e-4
+    assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
+    assert abs(b["val_acc"] - a["val_acc"]) <= 0.01 + 1e-9
+
+
 def test_a_checkpoint_resumes_under_other_speed_options(test_env, tmp_path):
     # The options change how the step runs, not what it computes, so they are not part of a checkpoint's meaning.
     out = tmp_path / "out"
