@@ -39,9 +39,9 @@ class FeatureDataset(Dataset):
     def __getitem__(self, i):
         return self.features[i], self.labels[i]
 
-    def __getitems__(self, indices: list[int]):
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(indices, dtype=torch.long, device=self.features.device)
-        return list(zip(self.features[idx].unbind(0), self.labels[idx].unbind(0)))
+        return self.features[idx], self.labels[idx]  # stacked; the loaders' collate_fn is data.take_batch
 
 
 def check_cacheable(model) -> None:

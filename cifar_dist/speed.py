@@ -15,6 +15,7 @@ and compares against the plain path.
 from __future__ import annotations
 
 import shutil
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -80,6 +81,9 @@ def _compile_support(device: torch.device) -> tuple[bool, str]:
 
 def ddp_kwargs(cfg: SpeedConfig, fast: FastPath) -> DistributedDataParallelKwargs:
     """DDP settings for several processes (accelerate ignores them for one)."""
+    # 1x1 convolutions' gradients can come back with other (equivalent: the dims are of size 1) strides than
+    # their bucket view; DDP then copies them, as it always does without bucket views, and warns.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     return DistributedDataParallelKwargs(
         bucket_cap_mb=cfg.ddp_bucket_mb,
         gradient_as_bucket_view=True,  # gradients live in the buckets: no copy in and out of them each step

@@ -8,12 +8,15 @@ GPU) reports 74.9% validation accuracy after 10 epochs.
     accelerate launch -m cifar_dist.train                        # your default accelerate config
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m cifar_dist.train
     sbatch slurm/train.sh                                        # SLURM, several nodes, requeued on preemption
+    python -m cifar_dist.train --cache-frozen-features                # frozen stages computed once per image
     python -m cifar_dist.train --data-source synthetic --image-size 64 --num-epochs 2   # no network needed
 
 The global batch stays 32 on any number of processes: per-device batch x processes x accumulation steps = 32.
 Runs checkpoint to <output-dir>/checkpoints/ and resume by default: kill one at any moment and run the same
 command again. SIGTERM/SIGUSR1 make every process stop at a step boundary, save and exit with code 75.
 Metrics go to metrics.jsonl, results.md, curves.png and W&B (online when logged in, else offline).
+On CUDA the step is compiled with CUDA graphs, uses fused Adam and channels_last (cifar_dist/speed.py); none of
+that, nor the feature cache (cifar_dist/feature_cache.py), changes what is computed.
 """
 
 from __future__ import annotations
@@ -171,6 +174,8 @@ def run(cfg: Config, dtype: torch.dtype = torch.float32) -> list[dict]:
     with accelerator.main_process_first():
         splits = build_splits(cfg.data, seed=cfg.train.seed)
         model = build_model(cfg.model, cfg.data.image_size).to(dtype)
+    if accelerator.device.type == "cuda":
+        splits = splits.to(accelerator.device)
     if accelerator.num_processes > 1:
         model = convert_sync_batchnorm(model)  # trainable BN must see the whole global batch
     counts = count_parameters(model)
@@ -301,7 +306,7 @@ def sample_predictions(model, splits, accelerator, num_images: int = 16) -> list
     with torch.no_grad(), accelerator.autocast():
         predicted = model(images.to(accelerator.device)).argmax(1).tolist()
     names = splits.class_names
-    return [(img.numpy(), names[p], names[t]) for img, p, t in zip(images, predicted, labels.tolist())]
+    return [(img.cpu().numpy(), names[p], names[t]) for img, p, t in zip(images, predicted, labels.tolist())]
 
 
 def run_facts(plan: BatchPlan, accelerator, counts: dict, fast: FastPath) -> dict:

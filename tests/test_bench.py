@@ -40,8 +40,6 @@ def test_bench_reports_every_cpu_variant_the_floor_and_the_end_to_end_runs(tmp_p
     e2e = {r["variant"]: r for r in report["end_to_end"]}
     assert set(e2e) == {"end_to_end", "end_to_end_cached"}
     assert all(r["epochs"] == 2 and r["wall_s"] > 0 and r["train_images_per_s"] > 0 for r in e2e.values())
-    # Same function, same data order: the cache changes the speed, not the result (fp32 rounding aside).
-    assert abs(e2e["end_to_end"]["final_val_acc"] - e2e["end_to_end_cached"]["final_val_acc"]) <= 1 / 32 + 1e-9
 
 
 def test_bench_measures_communication_under_torchrun(tmp_path, test_env):

@@ -454,8 +454,9 @@ def test_dataloader_batches(arrays, tmp_path):
     assert [len(y) for _, y in got] == [6, 6, 6, 2]
     np.testing.assert_array_equal(torch.cat([x for x, _ in got]).numpy(), arrays.images["test"])
     assert torch.equal(torch.cat([y for _, y in got]), splits.test.labels)
-    items = splits.train.__getitems__([3, 1])
-    assert all(torch.equal(a, b) for pair, i in zip(items, [3, 1]) for a, b in zip(pair, splits.train[i]))
+    images, labels = splits.train.__getitems__([3, 1])  # the stacked batch, as the loaders take it
+    assert torch.equal(images, torch.stack([splits.train[3][0], splits.train[1][0]]))
+    assert labels.tolist() == [splits.train[3][1].item(), splits.train[1][1].item()]
 
 
 def test_training_set_smaller_than_a_global_batch(arrays, tmp_path):

@@ -110,6 +110,16 @@ def test_float32_with_every_option_matches_the_plain_path(test_env, tmp_path, in
     assert abs(b["val_acc"] - a["val_acc"]) <= 0.01 + 1e-9  # at most one image on the decision boundary
 
 
+def test_compiled_step_with_two_processes_trains_what_one_plain_process_trains(float64_runs, initial_weights,
+                                                                               test_env):
+    # The default multi-GPU step: compiled, inside DDP, with SyncBatchNorm's collectives in the graph.
+    root, _ = float64_runs
+    proc = run_train(test_env, [*STEPS, "--compile-step", "yes", "--output-dir", str(root / "compiled_2proc")],
+                     num_processes=2, script=FLOAT64)
+    assert update_difference(root / "plain", root / "compiled_2proc", initial_weights) < 1e-9
+    assert "Grad strides do not match" not in proc.stderr
+
+
 def test_bf16_gradient_all_reduce_moves_the_result_by_less_than_float32_rounding(initial_weights, test_env, tmp_path):
     # The one option that changes the numbers: gradients are averaged in bf16 (8 significant bits). It is what
     # --grad-reduce-dtype auto picks when training in bf16, whose matmuls round to that precision anyway.
