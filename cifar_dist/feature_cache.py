@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cifar_dist.config import UserError
+from cifar_dist.data import index_on
 
 # Device memory left free for the training step and evaluation next to the cache.
 DEVICE_HEADROOM_BYTES = 6 * 2**30
@@ -40,7 +41,7 @@ class FeatureDataset(Dataset):
         return self.features[i], self.labels[i]
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.as_tensor(indices, dtype=torch.long, device=self.features.device)
+        idx = index_on(self.features.device, indices)
         return self.features[idx], self.labels[idx]  # stacked; the loaders' collate_fn is data.take_batch
 
 

@@ -153,6 +153,7 @@ class RunLog:
             return
         self._write()
         names = {"train_loss": "epoch/train_loss", "train_acc": "epoch/train_acc", "epoch_time_s": "epoch/time_s",
+                 "train_time_s": "epoch/train_time_s", "eval_time_s": "epoch/eval_time_s",
                  "train_images_per_s": "epoch/train_images_per_s"}
         self.accelerator.log({names.get(k, k.replace("_", "/", 1)): v for k, v in record.items()}, step=step)
 
@@ -179,7 +180,8 @@ class RunLog:
         atomic_write_text(self.output_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
         atomic_write_text(self.output_dir / "results.md",
                           render_results(self.header, self.records, self.summary, self.run_url))
-        atomic_write_bytes(self.output_dir / "curves.png", plot_curves(self.records))
+        if self.summary:  # drawn once, at the end: rendering takes about a second, which every epoch would pay
+            atomic_write_bytes(self.output_dir / "curves.png", plot_curves(self.records))
 
 
 def render_results(header: str, records: list[dict], summary: dict | None = None, run_url: str | None = None) -> str:

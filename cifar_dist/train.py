@@ -264,10 +264,13 @@ def run(cfg: Config, dtype: torch.dtype = torch.float32) -> list[dict]:
             stopping = check_health(accelerator, sums, stop, step, output_dir)
             train_time = time.perf_counter() - epoch_start
             loss_sum, correct, count, _ = accelerator.reduce(sums.clone(), reduction="sum").tolist()
+            eval_start = time.perf_counter()
             metrics, per_class_acc = evaluate(model, eval_loader, accelerator, splits.class_names, input_name)
             record = {"epoch": epoch, "step": step, "train_loss": loss_sum / count, "train_acc": correct / count,
                       **metrics}
             record["epoch_time_s"] = round(time.perf_counter() - epoch_start, 3)
+            record["train_time_s"] = round(train_time, 3)
+            record["eval_time_s"] = round(time.perf_counter() - eval_start, 3)
             record["train_images_per_s"] = round((done - first_done) * plan.global_batch_size / train_time, 1)
             run_log.log_epoch(record, step=step)
             accelerator.print(

@@ -19,7 +19,10 @@ PORT=${PORT:-$((15000 + SLURM_JOB_ID % 20000))}   # per job, so two jobs sharing
 if [ "${OFFLINE:-0}" = 1 ]; then                  # compute nodes without internet (see slurm/prepare.sh)
     export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-offline}
 fi
-[ -n "${CACHE_DIR:-}" ] && export TORCH_HOME="$CACHE_DIR/torch" HF_HOME="$CACHE_DIR/huggingface"
+# TORCHINDUCTOR_CACHE_DIR: compiled kernels outlive the node's /tmp, so a requeued or repeated job skips most of
+# the compile warm-up.
+[ -n "${CACHE_DIR:-}" ] && export TORCH_HOME="$CACHE_DIR/torch" HF_HOME="$CACHE_DIR/huggingface" \
+    TORCHINDUCTOR_CACHE_DIR="${TORCHINDUCTOR_CACHE_DIR:-$CACHE_DIR/inductor}"
 [ -n "${WANDB_PROJECT:-}" ] && export WANDB_PROJECT
 # torchrun (inside accelerate launch) forwards these signals to the training processes and then waits up to
 # the timeout for them to save, instead of dying on SIGUSR1 or killing them after 30 s.
