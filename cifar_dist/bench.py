@@ -384,7 +384,7 @@ def run(args) -> dict:
                      "compile_s": round(r.compile_s, 1)} for r in results],
     }
     by_name = {r.variant.split(" ")[0]: r.images_per_s for r in results}
-    if "ddp_cifar_dist" in by_name:
+    if "ddp_cifar_dist" in by_name and report["world_size"] > 1:
         report["communication_share"] = round(1 - by_name["ddp_cifar_dist"] / by_name["no_communication"], 3)
     if args.floor and main_process:
         report["compute_floor"] = compute_floor(args.image_size, device, bf16)
