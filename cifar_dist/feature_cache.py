@@ -109,8 +109,13 @@ def build_feature_cache(model, splits, accelerator, batch_size: int, location_ch
         probe = model.trunk(splits.train.images[:1].to(device))
     per_image = probe[0].numel() * probe.element_size()
     nbytes = per_image * (len(splits.train) + len(splits.test))
-    device_free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    location = choose_location(location_choice, nbytes, device, device_free, host_memory_available())
+    free = torch.tensor([torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0,
+                         host_memory_available()], dtype=torch.int64, device=device)
+    if accelerator.num_processes > 1:  # every process decides on the tightest figures: all go on, or all stop
+        free = accelerator.gather(free[None]).min(0).values
+    device_free, host_free = free.tolist()
+    location = choose_location(location_choice, nbytes, device, device_free if device.type == "cuda" else None,
+                               host_free)
     start = time.perf_counter()
     store = device if location == "device" else torch.device("cpu")
     train, test = (FeatureDataset(_features(model, split.images, accelerator, batch_size, probe, store),
