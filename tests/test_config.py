@@ -44,6 +44,9 @@ def test_written_config_reloads_to_the_same_config(tmp_path):
     ("lr: [1]\n", "lr must be float"),
     ("overwrite: 1\n", "overwrite must be bool"),
     ("freeze_until: layer9\n", "--freeze-until 'layer9': expected one of"),
+    ("speed: {compile_step: maybe}\n", "--compile-step 'maybe': expected one of auto, yes, no"),
+    ("ddp_bucket_mb: 0\n", "--ddp-bucket-mb must be positive, got 0"),
+    ("cache_frozen_features: true\nfreeze_until: none\n", "--cache-frozen-features: nothing is frozen"),
     ("- 1\n- 2\n", "expected a mapping"),
     ("num_epochs: [\n", "not valid YAML"),
 ])
