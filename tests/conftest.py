@@ -3,6 +3,7 @@ is a stand-in written where torchvision's loader looks for its download (see ``i
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from slurm_cluster import slurm_cluster  # noqa: F401 (a session fixture: a real
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_2PROC = REPO / "accelerate_configs" / "cpu_2proc.yaml"
+FLOAT64 = str(REPO / "tests" / "run_float64.py")  # the real trainer with float64 parameters
 V1_FILE = "resnet50-0676ba61.pth"  # basename of torchvision's ResNet50_Weights.IMAGENET1K_V1 url
 
 
@@ -63,6 +65,30 @@ def imagenet_standin() -> dict[str, torch.Tensor]:
         for size in (32, 64):
             model(Preprocess(size)(images))
     return model.state_dict()
+
+
+@pytest.fixture(scope="module")
+def initial_weights(test_env) -> dict[str, torch.Tensor]:
+    """The planted ImageNet stand-in: every run's starting backbone weights."""
+    return torch.load(Path(test_env["TORCH_HOME"]) / "hub" / "checkpoints" / V1_FILE, weights_only=True)
+
+
+def records(out: Path) -> list[dict]:
+    """A run's metrics.jsonl."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def update_difference(a: Path, b: Path, initial: dict, prefixes: tuple[str, ...] = ("layer4.",)) -> float:
+    """|w_a - w_b| / |w_a - w_0| over the trained weights under ``prefixes``: how far apart two runs' training
+    moved them. Weights without an initial value (the head) are measured from zero."""
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    keys = [k for k in wa if k.startswith(prefixes) and ".running_" not in k and "num_batches" not in k]
+    w0 = {k: initial.get(k, wa[k] * 0) for k in keys}
+    da = torch.cat([(wa[k].double() - w0[k].double()).flatten() for k in keys])
+    db = torch.cat([(wb[k].double() - w0[k].double()).flatten() for k in keys])
+    return ((da - db).norm() / da.norm()).item()
 
 
 @pytest.fixture()

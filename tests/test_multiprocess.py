@@ -14,40 +14,16 @@ and allows 1e-3. The control shows the measure is sensitive: changing what Batch
 micro-batches of 16 instead of one batch of 32) moves the result by more than 100%.
 """
 
-import json
-from pathlib import Path
-
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from conftest import REPO, TINY, V1_FILE, run_train
+from conftest import FLOAT64, TINY, records, run_train, update_difference
 
 pytestmark = pytest.mark.multiprocess
 
 # 256 synthetic images = 8 optimizer steps; 100 test images, 16 per process per eval batch, so the last eval
 # batch is ragged and the sharded evaluation pads it.
 STEPS = [*TINY, "--num-epochs", "1", "--eval-batch-size", "16"]
-FLOAT64 = str(REPO / "tests" / "run_float64.py")
 LAYOUTS = {"1x32": (1, 32), "2x16": (2, 16), "1x16x2": (1, 16), "2x8x2": (2, 8)}
-
-
-def records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def update_difference(a: Path, b: Path, initial: dict) -> float:
-    """|w_a - w_b| / |w_a - w_0| over layer4's weights: how far apart two runs' training moved them."""
-    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
-    keys = [k for k in initial if k.startswith("layer4.") and ".running_" not in k and "num_batches" not in k]
-    da = torch.cat([(wa[k].double() - initial[k].double()).flatten() for k in keys])
-    db = torch.cat([(wb[k].double() - initial[k].double()).flatten() for k in keys])
-    return ((da - db).norm() / da.norm()).item()
-
-
-@pytest.fixture(scope="module")
-def initial_weights(test_env):
-    return torch.load(Path(test_env["TORCH_HOME"]) / "hub" / "checkpoints" / V1_FILE, weights_only=True)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ the function shows up far above 1e-9. A float32 run with every option on is comp
 and accuracy, to the tolerance float32 allows.
 """
 
-import json
 from pathlib import Path
 
 import pytest
@@ -17,10 +16,10 @@ from cifar_dist.config import ModelConfig, SpeedConfig, UserError
 from cifar_dist.feature_cache import DEVICE_HEADROOM_BYTES, check_cacheable, choose_location
 from cifar_dist.model import ResNet50Classifier
 from cifar_dist.speed import resolve_fast_path
-from conftest import REPO, TINY, V1_FILE, run_train
+import conftest
+from conftest import FLOAT64, TINY, records, run_train
 
 STEPS = [*TINY, "--num-epochs", "1", "--eval-batch-size", "48"]
-FLOAT64 = str(REPO / "tests" / "run_float64.py")
 OPTIONS = {
     "channels_last": ["--channels-last", "yes"],
     "fused_adam": ["--fused-adam", "yes"],
@@ -30,25 +29,8 @@ OPTIONS = {
 GiB = 2**30
 
 
-def records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def update_difference(a: Path, b: Path, initial: dict) -> float:
-    """|w_a - w_b| / |w_a - w_0| over the trained weights (layer4 + head)."""
-    from safetensors.torch import load_file
-
-    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
-    keys = [k for k in wa if k.startswith(("layer4.", "fc.")) and ".running_" not in k and "num_batches" not in k]
-    w0 = {k: initial.get(k, wa[k] * 0) for k in keys}  # the head has no ImageNet weights: compare to zero
-    da = torch.cat([(wa[k].double() - w0[k].double()).flatten() for k in keys])
-    db = torch.cat([(wb[k].double() - w0[k].double()).flatten() for k in keys])
-    return ((da - db).norm() / da.norm()).item()
-
-
-@pytest.fixture(scope="module")
-def initial_weights(test_env):
-    return torch.load(Path(test_env["TORCH_HOME"]) / "hub" / "checkpoints" / V1_FILE, weights_only=True)
+    return conftest.update_difference(a, b, initial, prefixes=("layer4.", "fc."))  # layer4 and the head
 
 
 @pytest.fixture(scope="module")
