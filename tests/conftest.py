@@ -127,3 +127,10 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that launch several processes or a SLURM cluster are slow by definition."""
+    for item in items:
+        if item.get_closest_marker("multiprocess") or item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.slow)
