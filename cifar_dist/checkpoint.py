@@ -8,23 +8,24 @@ a temporary name and renamed only once complete, with a ``COMPLETE`` marker the 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
-import tempfile
+import time
 import warnings
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from cifar_dist.atomic import atomic_write_bytes, atomic_write_text
 from cifar_dist.config import Config, UserError
 
-# Files a run leaves in its output dir; their presence means a fresh start there would clobber a run.
-RUN_FILES = ("config.yaml", "metrics.jsonl", "results.md", "model.safetensors", "curves.png", "wandb_run_id")
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 COMPLETE = "COMPLETE"
@@ -35,29 +36,6 @@ MEANING_KEYS = ("data_source", "image_size", "max_train_samples", "synthetic_tra
                 "global_batch_size", "seed")
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
 def save_model(model: torch.nn.Module, path: Path) -> None:
     """The model's weights as safetensors (torchvision key names, head under ``fc.``)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -66,52 +44,6 @@ def save_model(model: torch.nn.Module, path: Path) -> None:
 
 def _flat(config: dict) -> dict:
     return {k: v for section in config.values() for k, v in section.items()}
-
-
-def check_writable(output_dir: str) -> Path:
-    """Create ``output_dir`` and prove it is writable (UserError otherwise)."""
-    path = Path(output_dir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        tempfile.NamedTemporaryFile(dir=path, prefix=".write-test.").close()
-    except OSError as exc:
-        raise UserError(f"--output-dir {output_dir} is not writable ({exc.strerror}); choose another directory")
-    return path
-
-
-def resolve_start(cfg: Config) -> tuple[Path, Path | None]:
-    """(output dir, checkpoint to resume from or None), applying --resume / --overwrite; raises UserError.
-
-    Reads only: nothing is deleted or written here except the output dir's creation.
-    """
-    train = cfg.train
-    output_dir = check_writable(train.output_dir)
-    if train.resume not in ("auto", "never"):
-        path = Path(train.resume)
-        problem = checkpoint_problem(path)
-        if problem:
-            raise UserError(f"--resume {train.resume}: {problem}")
-        check_compatible(path, cfg)
-        return output_dir, path
-    if train.resume == "auto" and not train.overwrite:
-        latest = find_latest(output_dir / CHECKPOINTS)
-        if latest is not None:
-            check_compatible(latest, cfg)
-            return output_dir, latest
-    existing = [name for name in (*RUN_FILES, CHECKPOINTS) if (output_dir / name).exists()]
-    if existing and not train.overwrite:
-        raise UserError(f"--output-dir {train.output_dir} already holds a run ({', '.join(existing)}) "
-                        f"{'and no complete checkpoint to resume' if train.resume == 'auto' else ''}"
-                        f"{'' if train.resume == 'auto' else 'and --resume is never'}; "
-                        "choose another --output-dir or pass --overwrite")
-    return output_dir, None
-
-
-def clear_previous_run(output_dir: Path) -> None:
-    """With --overwrite: remove the old run's files and checkpoints so nothing stale is resumed later."""
-    for name in RUN_FILES:
-        (output_dir / name).unlink(missing_ok=True)
-    shutil.rmtree(output_dir / CHECKPOINTS, ignore_errors=True)
 
 
 def checkpoint_problem(path: Path) -> str | None:
@@ -171,23 +103,65 @@ def save_checkpoint(accelerator, output_dir: Path, state: dict, keep: int) -> Pa
     """Save model, optimizer, RNG and ``state`` as ``checkpoints/step-N``; keep the newest ``keep``.
 
     Every process must call this (each writes its RNG state). The folder appears under its final name only
-    once complete, so a crash mid-save leaves the previous checkpoint as the newest complete one.
+    once complete, so a crash mid-save leaves the previous checkpoint as the newest complete one; a failed
+    save (a full disk) removes its temporary folder and raises OSError naming the checkpoint.
     """
     root = output_dir / CHECKPOINTS
     final = root / f"step-{state['step']:08d}"
     tmp = root / f".tmp-{final.name}"
-    if accelerator.is_main_process:
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=1))
+            atomic_write_text(tmp / COMPLETE, "")
+    except (OSError, SafetensorError, RuntimeError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+        code = _errno_of(exc, root)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(final)) from None
     if accelerator.is_main_process:
-        atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=1))
-        atomic_write_text(tmp / COMPLETE, "")
         shutil.rmtree(final, ignore_errors=True)  # a stale copy of the same step, e.g. after a stop at epoch end
         os.replace(tmp, final)
         for old in sorted(p for p in root.glob("step-*") if _NAME.fullmatch(p.name))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _errno_of(exc: Exception, root: Path) -> int | None:
+    """The OS error behind a failed save: safetensors reports it as "(os error N)" in its message, and torch.save
+    as a failed write with no number, which on a full disk is ENOSPC."""
+    if isinstance(exc, OSError):
+        return exc.errno
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    if found:
+        return int(found.group(1))
+    if "write" in str(exc) and shutil.disk_usage(root).free < 2**20:
+        return errno.ENOSPC
+    return None
+
+
+@dataclass
+class SaveSchedule:
+    """When a mid-epoch checkpoint is due (epoch ends always save): every ``every_steps`` optimizer steps
+    and/or every ``every_minutes``. Each process votes by its own clock at the periodic health check, where
+    the votes are summed, so all processes save at the same step."""
+
+    every_steps: int
+    every_minutes: float
+    last_save: float = field(default_factory=time.monotonic)
+
+    def due_at(self, step: int) -> bool:
+        return self.every_steps > 0 and step % self.every_steps == 0
+
+    def time_vote(self) -> bool:
+        return self.every_minutes > 0 and time.monotonic() - self.last_save >= 60 * self.every_minutes
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()

@@ -114,20 +114,26 @@ class TrainConfig:
         "fresh; or the path of a checkpoint folder to continue from",
     )
     overwrite: bool = _field(False, "start fresh even if --output-dir already holds a run, deleting its files")
-    checkpoint_every_steps: int = _field(500, "also checkpoint every N optimizer steps (0: only at epoch ends)")
+    checkpoint_every_minutes: float = _field(
+        20.0, "also checkpoint mid-epoch once this many minutes have passed since the last save (0: never)")
+    checkpoint_every_steps: int = _field(0, "also checkpoint every N optimizer steps (0: never)")
     keep_checkpoints: int = _field(2, "how many of the newest checkpoints to keep")
     stop_marker: str | None = _field(
         None, "after a graceful stop (SIGTERM/SIGUSR1) has saved its checkpoint, create this file; job scripts "
         "requeue on it (a launcher's own exit code cannot tell a stop from a crash)",
     )
     log_every_steps: int = _field(50, "update the progress bar and trackers every N optimizer steps")
+    deterministic: bool = _field(
+        False, "deterministic algorithms only (torch, cuDNN, cuBLAS): a resumed GPU run then ends bit for bit "
+        "where an uninterrupted one would, at some cost in speed (on the CPU runs are deterministic anyway)")
 
     def __post_init__(self):
         _positive(self, "num_epochs", "global_batch_size", "eval_batch_size", "log_every_steps")
         _positive_or_none(self, "per_device_batch_size", "max_steps")
         _positive(self, "keep_checkpoints")
-        if self.checkpoint_every_steps < 0:
-            raise UserError(f"--checkpoint-every-steps must be >= 0, got {self.checkpoint_every_steps}")
+        for name in ("checkpoint_every_steps", "checkpoint_every_minutes"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(kw_only=True)

@@ -3,10 +3,12 @@ is a stand-in written where torchvision's loader looks for its download (see ``i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -119,6 +121,31 @@ def run_train(env: dict, args: list[str], num_processes: int = 1, check: bool = 
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def start_train(env: dict, args: list[str], log_dir: Path, num_processes: int = 1) -> subprocess.Popen:
+    if num_processes == 1:
+        cmd = [sys.executable, "-m", "cifar_dist.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC),
+               "--num_processes", str(num_processes), "--main_process_port", str(_free_port()),
+               "-m", "cifar_dist.train", *args]
+    # Output to files, not pipes: a full pipe would block the run before it reaches the point we wait for.
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=open(log_dir / "stdout", "w"),
+                            stderr=open(log_dir / "stderr", "w"))
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"run ended before {path} appeared"
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def tree_digest(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _free_port() -> int:

@@ -4,14 +4,10 @@ Runs are fp32 on the CPU with a fixed seed and the same number of processes befo
 same operations run in the same order and the comparison is bit for bit.
 """
 
-import hashlib
 import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -19,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import CPU_2PROC, REPO, TINY, _free_port, run_train
+from conftest import TINY, run_train, start_train, tree_digest, wait_for
 
 # 2 epochs x 8 steps, a checkpoint every 3 steps (3, 6, end of epoch 1 at 8, 9, 12, 15, end at 16).
 RUN = [*TINY, "--num-epochs", "2", "--checkpoint-every-steps", "3"]
@@ -37,26 +33,6 @@ def assert_identical_runs(a: Path, b: Path):
     different = [k for k in wa if not torch.equal(wa[k], wb[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
     assert records(a) == records(b)
-
-
-def start_train(env: dict, args: list[str], log_dir: Path, num_processes: int = 1) -> subprocess.Popen:
-    if num_processes == 1:
-        cmd = [sys.executable, "-m", "cifar_dist.train", *args]
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC),
-               "--num_processes", str(num_processes), "--main_process_port", str(_free_port()),
-               "-m", "cifar_dist.train", *args]
-    # Output to files, not pipes: a full pipe would block the run before it reaches the point we wait for.
-    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=open(log_dir / "stdout", "w"),
-                            stderr=open(log_dir / "stderr", "w"))
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300):
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"run ended before {path} appeared"
-        assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.05)
 
 
 def kill_when(env, args, path: Path, sig=signal.SIGKILL, num_processes=1, whole_tree=True):
@@ -78,11 +54,6 @@ def kill_when(env, args, path: Path, sig=signal.SIGKILL, num_processes=1, whole_
         except psutil.NoSuchProcess:
             pass
     return proc.returncode, (log_dir / "stdout").read_text(), (log_dir / "stderr").read_text()
-
-
-def tree_digest(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

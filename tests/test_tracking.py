@@ -60,6 +60,16 @@ def test_one_offline_run_holds_the_epoch_metrics_and_config(two_process_wandb_ru
     assert "W&B: offline" in proc.stdout and f"wandb sync {out}/wandb" in proc.stdout
 
 
+def test_step_metrics_cover_every_process(two_process_wandb_run):
+    """train/loss at an epoch's last step is the loss over every image of the epoch so far, as metrics.jsonl has
+    it; process 0's half of the batches alone would differ."""
+    out, _ = two_process_wandb_run
+    by_step = {row["_step"]: row for row in history(run_log(offline_runs(out)[0])) if "train/loss" in row}
+    for record in records(out):
+        assert by_step[record["step"]]["train/loss"] == pytest.approx(record["train_loss"], rel=1e-12)
+        assert by_step[record["step"]]["train/acc"] == pytest.approx(record["train_acc"], rel=1e-12)
+
+
 def test_summary_tables_and_report(two_process_wandb_run):
     out, _ = two_process_wandb_run
     rows = history(run_log(offline_runs(out)[0]))

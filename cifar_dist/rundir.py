@@ -1,0 +1,315 @@
+"""The output directory: one run at a time in it, and a start that fails leaves it as it found it.
+
+- **Lock.** ``.lock`` names its holder (host, PID, SLURM job) and is created with O_EXCL, which NFS v3+,
+  Lustre and GPFS honour. The holder refreshes its timestamp every 30 s, so a lock whose holder died is
+  taken over: at once when the holder was on this host and its PID is gone, or was an earlier attempt of
+  this SLURM job (a requeue); elsewhere once it has not been refreshed for 2 minutes. Ages are measured
+  against a file written now in the same directory, so clocks that differ between nodes do not matter.
+- **Provisional start.** A fresh run writes ``.starting`` first, and ``--overwrite`` moves the old run into
+  ``.previous-run/`` instead of deleting it. The first complete checkpoint makes the new run permanent (the
+  marker goes, then the old run). A start that fails before that, by an error, Ctrl-C or a kill noticed by
+  the next start, removes what it wrote and moves the old run back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cifar_dist.atomic import atomic_write_text
+from cifar_dist.checkpoint import CHECKPOINTS, check_compatible, checkpoint_problem, find_latest
+from cifar_dist.config import Config, TrainConfig, UserError
+from cifar_dist.preflight import node_name
+
+# What a run leaves in its output dir; any of them there means a fresh start would clobber a run.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "results.md", "model.safetensors", "curves.png", "wandb_run_id")
+RUN_ENTRIES = (*RUN_FILES, CHECKPOINTS, "wandb")
+LOCK = ".lock"
+STARTING = ".starting"
+PREVIOUS = ".previous-run"
+REFRESH_EVERY_S = 30.0
+STALE_AFTER_S = 120.0
+
+
+def writable_dir(output_dir: str) -> tuple[Path, bool]:
+    """(the output dir, whether this call created it), after proving it writable; UserError otherwise."""
+    path = Path(output_dir)
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.NamedTemporaryFile(dir=path, prefix=".write-test.").close()
+    except OSError as exc:
+        raise UserError(f"--output-dir {output_dir} is not writable ({exc.strerror}); choose another directory")
+    return path, created
+
+
+@dataclass
+class Lock:
+    """A held ``.lock``; refreshed by a daemon thread until ``release``."""
+
+    path: Path
+    token: str
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self):
+        threading.Thread(target=self._refresh, name="cifar_dist-lock", daemon=True).start()
+
+    def _refresh(self):
+        while not self._stop.wait(REFRESH_EVERY_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass  # a full or briefly unavailable filesystem: the next refresh may succeed
+
+    def release(self) -> None:
+        self._stop.set()
+        if _read_holder(self.path).get("token") == self.token:  # never remove a lock someone took over
+            self.path.unlink(missing_ok=True)
+
+
+def _me() -> dict:
+    return {"host": node_name(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+            "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0"),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"), "token": os.urandom(8).hex()}
+
+
+def _read_holder(path: Path) -> dict:
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return True  # another user's process, or an unreadable PID: assume alive
+    return True
+
+
+def _age_s(path: Path) -> float:
+    """Seconds since ``path`` was last refreshed, by the filesystem's own clock."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".clock.") as probe:
+        return os.fstat(probe.fileno()).st_mtime - path.stat().st_mtime
+
+
+def stale_reason(path: Path, holder: dict) -> str | None:
+    """Why the lock at ``path`` held by ``holder`` is left over from a run that is gone, or None."""
+    me = _me()
+    if holder.get("host") == me["host"] and holder.get("pid") is not None and not _pid_alive(holder["pid"]):
+        return f"its process {holder['pid']} on {holder['host']} is gone"
+    if holder.get("slurm_job") and holder["slurm_job"] == me["slurm_job"] \
+            and holder.get("slurm_restart") != me["slurm_restart"]:
+        return f"it was an earlier attempt of this SLURM job {me['slurm_job']}"
+    age = _age_s(path)
+    if age > STALE_AFTER_S:
+        return f"it has not been refreshed for {age:.0f} s"
+    return None
+
+
+def acquire_lock(output_dir: Path) -> tuple[Lock, str | None]:
+    """(the held lock, a note if a stale one was taken over); UserError if another live run holds it."""
+    path = output_dir / LOCK
+    note = None
+    for _ in range(2):
+        me = _me()
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_holder(path)
+            reason = stale_reason(path, holder)
+            if reason is None:
+                job = f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else ""
+                raise UserError(
+                    f"--output-dir {output_dir} is in use by another run (pid {holder.get('pid', '?')} on "
+                    f"{holder.get('host', '?')}{job}, since {holder.get('since', '?')}); wait for it to end or "
+                    f"choose another --output-dir") from None
+            # Rename, then remove: of two starts that both found it stale, only one rename succeeds.
+            try:
+                os.replace(path, path.with_name(f"{LOCK}.stale-{me['token']}"))
+            except FileNotFoundError:
+                continue
+            path.with_name(f"{LOCK}.stale-{me['token']}").unlink(missing_ok=True)
+            note = f"took over the lock of {output_dir}: {reason}"
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+            f.flush()
+            os.fsync(f.fileno())
+        return Lock(path, me["token"]), note
+    raise UserError(f"--output-dir {output_dir}: another run took the lock at the same moment; try again")
+
+
+@dataclass
+class FreshStart:
+    """A new run in ``output_dir``: provisional (and undone on failure) until its first checkpoint."""
+
+    output_dir: Path
+    created_dir: bool = False
+    committed: bool = False
+    rolled_back: bool = False
+
+    def begin(self, overwrite: bool) -> None:
+        """Mark the start, and with --overwrite move the old run aside."""
+        _write_marker(self.output_dir, "running")
+        if overwrite:
+            aside = self.output_dir / PREVIOUS
+            shutil.rmtree(aside, ignore_errors=True)  # a replaced run whose successor got its checkpoint
+            aside.mkdir()
+            for name in RUN_ENTRIES:
+                if (self.output_dir / name).exists():
+                    os.replace(self.output_dir / name, aside / name)
+
+    def commit(self) -> None:
+        """The first checkpoint is complete: the new run stays, the old one goes."""
+        if self.committed:
+            return
+        (self.output_dir / STARTING).unlink(missing_ok=True)
+        shutil.rmtree(self.output_dir / PREVIOUS, ignore_errors=True)
+        self.committed = True
+
+    def rollback(self) -> None:
+        """Remove what this start wrote and put the old run back."""
+        if not self.committed:
+            undo_start(self.output_dir)
+            self.rolled_back = True
+
+
+def _write_marker(output_dir: Path, phase: str) -> None:
+    atomic_write_text(output_dir / STARTING, json.dumps({"phase": phase}) + "\n")
+
+
+def undo_start(output_dir: Path) -> bool:
+    """Undo a start that never reached its first checkpoint, if ``.starting`` says there was one.
+
+    Idempotent, so that an undo cut short by a crash is finished by the next start: the new run's files go
+    first, then the phase becomes "restoring", then the old run's files move back.
+    """
+    marker = output_dir / STARTING
+    if not marker.exists():
+        return False
+    phase = _read_holder(marker).get("phase", "running")
+    if phase == "running":
+        for name in RUN_ENTRIES:
+            target = output_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+        _write_marker(output_dir, "restoring")
+    aside = output_dir / PREVIOUS
+    if aside.is_dir():
+        for entry in aside.iterdir():
+            os.replace(entry, output_dir / entry.name)
+        aside.rmdir()
+    marker.unlink()
+    return True
+
+
+def clear_leftovers(output_dir: Path) -> list[str]:
+    """With the lock held: finish an interrupted start's undo and remove half-written checkpoints.
+
+    Returns one line per thing done, for the run's log.
+    """
+    notes = []
+    if undo_start(output_dir):
+        notes.append(f"undid an earlier start in {output_dir} that stopped before its first checkpoint")
+    elif (output_dir / PREVIOUS).is_dir():  # replaced by --overwrite, whose successor made its checkpoint
+        shutil.rmtree(output_dir / PREVIOUS)
+    for tmp in (output_dir / CHECKPOINTS).glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        notes.append(f"removed the unfinished checkpoint {tmp}")
+    return notes
+
+
+def check_fresh_start_allowed(output_dir: Path, cfg: TrainConfig) -> None:
+    """A fresh start may not clobber a run unless --overwrite says so; UserError otherwise."""
+    existing = [name for name in RUN_ENTRIES if (output_dir / name).exists()]
+    if existing and not cfg.overwrite:
+        why = "and no complete checkpoint to resume" if cfg.resume == "auto" else "and --resume is never"
+        raise UserError(f"--output-dir {cfg.output_dir} already holds a run ({', '.join(existing)}) {why}; "
+                        "choose another --output-dir or pass --overwrite")
+
+
+def resolve_start(output_dir: Path, cfg: Config) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh start, applying --resume / --overwrite.
+
+    Reads only; raises UserError when the start would mix or clobber runs.
+    """
+    train = cfg.train
+    if train.resume not in ("auto", "never"):
+        if train.overwrite:
+            raise UserError("--overwrite starts a new run and --resume PATH continues one; pass only one of them")
+        path = Path(train.resume)
+        problem = checkpoint_problem(path)
+        if problem:
+            raise UserError(f"--resume {train.resume}: {problem}")
+        check_compatible(path, cfg)
+        return path
+    if train.resume == "auto" and not train.overwrite:
+        latest = find_latest(output_dir / CHECKPOINTS)
+        if latest is not None:
+            check_compatible(latest, cfg)
+            return latest
+    check_fresh_start_allowed(output_dir, train)
+    return None
+
+
+@dataclass
+class Claim:
+    """The output dir as this process holds it: where to resume from, and on the main process the lock and,
+    for a new run, its provisional start."""
+
+    output_dir: Path
+    resume_from: Path | None = None
+    lock: Lock | None = None
+    start: FreshStart | None = None
+
+    def begin(self, overwrite: bool) -> None:
+        if self.start is not None:
+            self.start.begin(overwrite)
+
+    def commit(self) -> None:
+        if self.start is not None:
+            self.start.commit()
+
+    def abandon(self) -> None:
+        if self.start is not None:
+            self.start.rollback()
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+        if self.start is not None and self.start.rolled_back and self.start.created_dir:
+            try:
+                self.output_dir.rmdir()  # made by this start: it goes too, unless something else is in it
+            except OSError:
+                pass
+
+
+def claim_output_dir(cfg: Config) -> Claim:
+    """Main process only: lock the output dir, clean up after a start that died, decide where to start."""
+    output_dir, created = writable_dir(cfg.train.output_dir)
+    lock, note = acquire_lock(output_dir)
+    try:
+        for line in ([note] if note else []) + clear_leftovers(output_dir):
+            print(line, flush=True)
+        resume_from = resolve_start(output_dir, cfg)
+    except BaseException:
+        lock.release()
+        if created:
+            output_dir.rmdir()  # made a moment ago for the lock, now empty again
+        raise
+    # A run is new (and undone if it fails before its first checkpoint) unless it continues this dir's own run.
+    new = resume_from is None or not any((output_dir / name).exists() for name in RUN_ENTRIES)
+    return Claim(output_dir, resume_from, lock, FreshStart(output_dir, created) if new else None)

@@ -1,0 +1,235 @@
+"""A user's mistake or a failing environment never loses a run: real trainer processes, real signals, a real
+full filesystem. Every case checks the exit code, the one line the user sees, and that the files of the run
+that was there before are byte for byte what they were."""
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import conftest
+from conftest import FLOAT64, TINY, records, run_train, start_train, tree_digest, wait_for
+
+pytestmark = pytest.mark.slow
+
+RUN = [*TINY, "--num-epochs", "1"]
+LONG = [*TINY, "--num-epochs", "1", "--synthetic-train-samples", "4096"]  # 128 steps: long enough to catch
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def finished_run(test_env, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finished") / "out"
+    run_train(test_env, [*RUN, "--max-steps", "3", "--checkpoint-every-steps", "2", "--output-dir", str(out)])
+    return out
+
+
+@pytest.fixture()
+def old_run(finished_run, tmp_path) -> Path:
+    """A private copy of a finished run, for tests that try to damage it."""
+    out = tmp_path / "old"
+    shutil.copytree(finished_run, out)
+    return out
+
+
+@pytest.mark.parametrize("flag, value", [("--weights", "typo.safetensors"), ("--data-source", "no/such.tar.gz")])
+def test_overwrite_with_a_bad_input_keeps_the_old_run(test_env, old_run, flag, value):
+    before = tree_digest(old_run)
+    proc = run_train(test_env, [*RUN, "--output-dir", str(old_run), "--overwrite", flag, value], check=False)
+    assert proc.returncode == 2
+    assert last_line(proc.stderr).startswith(f"cifar_dist.train: error: {flag} ")
+    assert tree_digest(old_run) == before
+
+
+def test_a_failed_start_leaves_nothing_and_the_same_command_then_works(test_env, tmp_path):
+    out = tmp_path / "new"
+    weights = tmp_path / "resnet50.safetensors"
+    args = [*RUN, "--max-steps", "1", "--output-dir", str(out), "--weights", str(weights)]
+    proc = run_train(test_env, args, check=False)
+    assert proc.returncode == 2 and "no such file" in last_line(proc.stderr)
+    assert not out.exists()
+    from safetensors.torch import save_file
+    from torchvision.models import resnet50
+
+    save_file(resnet50().state_dict(), weights)
+    run_train(test_env, args)
+    assert [r["step"] for r in records(out)] == [1]
+
+
+def test_a_killed_overwrite_is_undone_by_the_next_start(test_env, old_run):
+    before = tree_digest(old_run)
+    proc = start_train(test_env, [*LONG, "--output-dir", str(old_run), "--overwrite"], old_run.parent)
+    wait_for(old_run / ".previous-run" / "checkpoints", proc)  # the old run moved aside...
+    wait_for(old_run / "config.yaml", proc)  # ...and the new one begun
+    proc.kill()
+    proc.wait()
+    assert not (old_run / "model.safetensors").exists()  # moved aside, not deleted
+    # The next start cleans up first; this one then fails on its weights, so the dir must be as it was.
+    proc = run_train(test_env, [*RUN, "--output-dir", str(old_run), "--weights", "typo.pt"], check=False)
+    assert proc.returncode == 2
+    assert f"undid an earlier start in {old_run} that stopped before its first checkpoint" in proc.stdout
+    assert tree_digest(old_run) == before
+
+
+def test_overwrite_replaces_the_old_run_once_the_new_one_has_a_checkpoint(test_env, old_run):
+    run_train(test_env, [*RUN, "--max-steps", "1", "--output-dir", str(old_run), "--overwrite"])
+    assert sorted(p.name for p in old_run.iterdir()) == sorted(
+        ["checkpoints", "config.yaml", "curves.png", "metrics.jsonl", "model.safetensors", "results.md",
+         "wandb_run_id"])
+    assert [p.name for p in (old_run / "checkpoints").iterdir()] == ["step-00000001"]
+    assert "overwrite" not in (old_run / "config.yaml").read_text()
+
+
+def test_a_second_start_on_the_same_output_dir_is_refused(test_env, tmp_path):
+    out = tmp_path / "out"
+    first = start_train(test_env, [*LONG, "--max-steps", "20", "--output-dir", str(out)], tmp_path)
+    wait_for(out / "config.yaml", first)
+    second = run_train(test_env, [*LONG, "--output-dir", str(out)], check=False)
+    assert second.returncode == 2
+    assert last_line(second.stderr).startswith(
+        f"cifar_dist.train: error: --output-dir {out} is in use by another run (pid {first.pid} on ")
+    assert first.wait(timeout=600) == 0
+    assert [r["step"] for r in records(out)] == [20]
+
+
+def wait_for_training(proc, log_dir: Path):
+    """Until the run has set up and begun its steps (the tracker line comes right before the first)."""
+    wait_for(log_dir / "stdout", proc)
+    while "W&B:" not in (log_dir / "stdout").read_text():
+        assert proc.poll() is None, (log_dir / "stderr").read_text()[-3000:]
+        time.sleep(0.1)
+
+
+def test_ctrl_c_saves_and_exits_130_then_a_second_stops_at_once(test_env, tmp_path):
+    out = tmp_path / "out"
+    args = [*LONG, "--output-dir", str(out)]
+    proc = start_train(test_env, args, tmp_path)
+    wait_for_training(proc, tmp_path)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=300) == 130
+    err = (tmp_path / "stderr").read_text()
+    assert "Traceback" not in err
+    line = last_line(err)
+    assert line.startswith("cifar_dist.train: stopped by SIGINT at step ") and "run the same command" in line
+    saved = sorted((out / "checkpoints").glob("step-*"))
+    assert len(saved) == 1 and (saved[0] / "COMPLETE").exists()
+
+    proc = start_train(test_env, args, tmp_path)
+    wait_for_training(proc, tmp_path)
+    proc.send_signal(signal.SIGINT)
+    while "press it again to stop at once" not in (tmp_path / "stderr").read_text():
+        assert proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=300) == 130
+    err = (tmp_path / "stderr").read_text()
+    assert "Traceback" not in err
+    assert last_line(err).startswith("cifar_dist.train: interrupted; nothing was saved since the newest checkpoint")
+    assert sorted((out / "checkpoints").glob("step-*")) == saved
+
+
+@pytest.mark.multiprocess
+def test_ctrl_c_under_accelerate_launch_stops_both_processes_with_a_checkpoint(test_env, tmp_path):
+    out = tmp_path / "out"
+    proc = start_train(test_env, [*LONG, "--output-dir", str(out)], tmp_path, num_processes=2)
+    wait_for_training(proc, tmp_path)
+    proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends the launcher; it forwards it to both
+    assert proc.wait(timeout=300) != 0
+    err = (tmp_path / "stderr").read_text()
+    assert "cifar_dist.train: stopped by SIGINT at step " in err and "KeyboardInterrupt" not in err
+    saved = sorted((out / "checkpoints").glob("step-*"))
+    assert len(saved) == 1 and (saved[0] / "COMPLETE").exists()
+
+
+# Another layout on resume: a run stopped at step 5 (mid-epoch) continues on another number of processes or
+# accumulation steps and must train exactly the remaining images, compared in float64 with a run that never
+# stopped. With only the head trainable (--freeze-until fc) no BatchNorm sees the micro-batches, so even a
+# change of accumulation steps must give the same weights.
+LAYOUT_RUN = [*TINY, "--num-epochs", "2", "--checkpoint-every-steps", "0"]
+LAYOUTS = {
+    "1->2 processes": ([], 1, [], 2),
+    "2->1 processes": ([], 2, [], 1),
+    "accumulation 1->2": (["--freeze-until", "fc"], 1, ["--per-device-batch-size", "16"], 1),
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(test_env, tmp_path_factory):
+    root = tmp_path_factory.mktemp("layouts")
+    for name, extra in (("layer4", []), ("fc", ["--freeze-until", "fc"])):
+        run_train(test_env, [*LAYOUT_RUN, *extra, "--output-dir", str(root / name)], script=FLOAT64)
+    return root
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_resume_on_another_layout_trains_exactly_the_remaining_images(test_env, uninterrupted, initial_weights,
+                                                                       tmp_path, layout):
+    common, procs_before, after, procs_after = LAYOUTS[layout]
+    out = tmp_path / "out"
+    args = [*LAYOUT_RUN, *common, "--output-dir", str(out)]
+    run_train(test_env, [*args, "--max-steps", "5"], num_processes=procs_before, script=FLOAT64)
+    resumed = run_train(test_env, [*args, *after], num_processes=procs_after, script=FLOAT64)
+    assert "(epoch 1, step 5)" in resumed.stdout
+    assert [(r["epoch"], r["step"]) for r in records(out)] == [(1, 8), (2, 16)]
+    reference = uninterrupted / ("fc" if common else "layer4")
+    prefixes = ("fc.",) if common else ("layer4.", "fc.")
+    assert conftest.update_difference(reference, out, initial_weights, prefixes) < 1e-9
+    for mine, theirs in zip(records(out), records(reference)):
+        assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-9)
+
+
+def test_time_based_checkpoints_land_on_a_health_check(test_env, tmp_path):
+    out = tmp_path / "out"
+    run_train(test_env, [*TINY, "--num-epochs", "2", "--checkpoint-every-minutes", "0.0001",
+                         "--keep-checkpoints", "5", "--output-dir", str(out)])
+    # Due at every check (each 10 steps) by then: step 10 mid-epoch, plus the epoch ends 8 and 16.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step-00000008", "step-00000010", "step-00000016"]
+
+
+def test_deterministic_runs_and_says_so(test_env, tmp_path):
+    proc = run_train(test_env, [*RUN, "--max-steps", "2", "--deterministic", "--output-dir", str(tmp_path / "o")])
+    assert "; deterministic algorithms only" in proc.stdout
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A real 300 MB filesystem: room for two checkpoints of a head-only run (~120 MB each), not three."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_stops_with_one_line_and_keeps_every_checkpoint(test_env, small_disk):
+    out = small_disk / "out"
+    args = [*RUN, "--freeze-until", "fc", "--checkpoint-every-steps", "1", "--keep-checkpoints", "3",
+            "--output-dir", str(out)]
+    proc = run_train(test_env, args, check=False)
+    assert proc.returncode == 74, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    line = last_line(proc.stderr)
+    assert line.startswith(f"cifar_dist.train: no space left on the device writing {out / 'checkpoints'}/step-")
+    kept = sorted((out / "checkpoints").iterdir())
+    assert [p.name for p in kept] == ["step-00000001", "step-00000002"]  # complete, and nothing half-written
+    from cifar_dist.checkpoint import checkpoint_problem
+
+    assert [checkpoint_problem(p) for p in kept] == [None, None]
+    # With room again, the same command resumes from the newest one and finishes.
+    subprocess.run(["mount", "-o", "remount,size=2g", str(small_disk)], check=True)
+    resumed = run_train(test_env, args)
+    assert "resuming from" in resumed.stdout and f"{kept[-1]}" in resumed.stdout
+    assert [r["step"] for r in records(out)] == [8]

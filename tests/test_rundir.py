@@ -1,0 +1,140 @@
+"""The output dir's lock and provisional start, in-process: who holds it, when a lock is stale, and an undo
+that a crash can interrupt at any point."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cifar_dist.config import UserError
+from cifar_dist.rundir import (LOCK, PREVIOUS, STALE_AFTER_S, STARTING, FreshStart, acquire_lock, clear_leftovers,
+                               undo_start)
+
+
+def plant_lock(out, **holder):
+    out.mkdir(exist_ok=True)
+    (out / LOCK).write_text(json.dumps({"host": "elsewhere", "pid": 1, "since": "then", "token": "x", **holder}))
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_held_lock_refuses_a_second_start_naming_the_holder(tmp_path):
+    lock, note = acquire_lock(tmp_path)
+    assert note is None
+    with pytest.raises(UserError, match=rf"--output-dir {tmp_path} is in use by another run \(pid {os.getpid()} on "):
+        acquire_lock(tmp_path)
+    lock.release()
+    assert not (tmp_path / LOCK).exists()
+    acquire_lock(tmp_path)[0].release()
+
+
+def test_a_live_holder_elsewhere_keeps_its_lock(tmp_path, monkeypatch):
+    plant_lock(tmp_path, slurm_job="77")
+    with pytest.raises(UserError, match="pid 1 on elsewhere, SLURM job 77, since then"):
+        acquire_lock(tmp_path)
+    assert json.loads((tmp_path / LOCK).read_text())["token"] == "x"
+
+
+def test_a_lock_whose_process_is_gone_is_taken_over(tmp_path):
+    from cifar_dist.preflight import node_name
+
+    pid = dead_pid()
+    plant_lock(tmp_path, host=node_name(), pid=pid)
+    lock, note = acquire_lock(tmp_path)
+    assert note == f"took over the lock of {tmp_path}: its process {pid} on {node_name()} is gone"
+    assert json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+def test_a_lock_not_refreshed_for_two_minutes_is_taken_over(tmp_path):
+    plant_lock(tmp_path)
+    old = time.time() - STALE_AFTER_S - 30
+    os.utime(tmp_path / LOCK, (old, old))
+    lock, note = acquire_lock(tmp_path)
+    assert "it has not been refreshed for" in note
+    lock.release()
+
+
+def test_an_earlier_attempt_of_the_same_slurm_job_is_taken_over(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    plant_lock(tmp_path, slurm_job="42", slurm_restart="0")
+    lock, note = acquire_lock(tmp_path)
+    assert note.endswith("it was an earlier attempt of this SLURM job 42")
+    lock.release()
+
+
+def test_release_leaves_a_lock_someone_else_took_over(tmp_path):
+    lock, _ = acquire_lock(tmp_path)
+    plant_lock(tmp_path)  # as if this holder had been declared stale and replaced
+    lock.release()
+    assert json.loads((tmp_path / LOCK).read_text())["token"] == "x"
+
+
+def make_run(out, tag: str):
+    (out / "checkpoints" / "step-00000001").mkdir(parents=True)
+    (out / "checkpoints" / "step-00000001" / "COMPLETE").write_text(tag)
+    for name in ("config.yaml", "metrics.jsonl", "model.safetensors"):
+        (out / name).write_text(f"{tag} {name}")
+
+
+def snapshot(out):
+    return {str(p.relative_to(out)): p.read_text() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_moves_the_old_run_aside_and_a_failed_start_puts_it_back(tmp_path):
+    make_run(tmp_path, "old")
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    before = snapshot(tmp_path)
+    start = FreshStart(tmp_path)
+    start.begin(overwrite=True)
+    assert snapshot(tmp_path / PREVIOUS) == {k: v for k, v in before.items() if k != "notes.txt"}
+    make_run(tmp_path, "new")
+    start.rollback()
+    assert snapshot(tmp_path) == before
+
+
+def test_the_first_checkpoint_makes_the_new_run_stay(tmp_path):
+    make_run(tmp_path, "old")
+    start = FreshStart(tmp_path)
+    start.begin(overwrite=True)
+    make_run(tmp_path, "new")
+    start.commit()
+    start.rollback()  # too late: no effect
+    assert snapshot(tmp_path)["config.yaml"] == "new config.yaml"
+    assert not (tmp_path / PREVIOUS).exists() and not (tmp_path / STARTING).exists()
+
+
+@pytest.mark.parametrize("cut_after", ["new files removed", "half the old files moved back"])
+def test_an_undo_cut_short_is_finished_by_the_next_start(tmp_path, cut_after):
+    make_run(tmp_path, "old")
+    before = snapshot(tmp_path)
+    FreshStart(tmp_path).begin(overwrite=True)
+    make_run(tmp_path, "new")
+    # Replay undo_start's steps up to the cut by hand, as a crash would leave them.
+    for name in ("config.yaml", "metrics.jsonl", "model.safetensors"):
+        (tmp_path / name).unlink()
+    import shutil
+
+    shutil.rmtree(tmp_path / "checkpoints")
+    (tmp_path / STARTING).write_text(json.dumps({"phase": "restoring"}))
+    if cut_after == "half the old files moved back":
+        os.replace(tmp_path / PREVIOUS / "config.yaml", tmp_path / "config.yaml")
+    assert clear_leftovers(tmp_path) == [f"undid an earlier start in {tmp_path} that stopped before its first "
+                                         "checkpoint"]
+    assert snapshot(tmp_path) == before
+    assert undo_start(tmp_path) is False
+
+
+def test_half_written_checkpoints_are_removed_once_the_lock_is_held(tmp_path):
+    (tmp_path / "checkpoints" / ".tmp-step-00000003").mkdir(parents=True)
+    notes = clear_leftovers(tmp_path)
+    assert notes == [f"removed the unfinished checkpoint {tmp_path / 'checkpoints' / '.tmp-step-00000003'}"]
+    assert list((tmp_path / "checkpoints").iterdir()) == []
