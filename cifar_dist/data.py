@@ -77,7 +77,7 @@ class ImageTensorDataset(Dataset):
         idx = index_on(self.images.device, indices)
         return self.images[idx], self.labels[idx]
 
-    def to(self, device) -> "ImageTensorDataset":
+    def to(self, device) -> ImageTensorDataset:
         return ImageTensorDataset(self.images.to(device), self.labels.to(device))
 
 
@@ -106,7 +106,7 @@ class CifarSplits:
     test: ImageTensorDataset
     class_names: list[str]
 
-    def to(self, device) -> "CifarSplits":
+    def to(self, device) -> CifarSplits:
         """Both splits on ``device``: CIFAR-100 as uint8 is 184 MB, so on a GPU it lives there and each batch
         is one indexing kernel instead of a host-to-device copy."""
         return CifarSplits(self.train.to(device), self.test.to(device), self.class_names)
