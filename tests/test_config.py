@@ -1,6 +1,3 @@
-import subprocess
-import sys
-
 import pytest
 import yaml
 
@@ -199,15 +196,18 @@ def test_bad_values_are_user_errors(argv, message):
     assert message in str(info.value)
 
 
-def test_unknown_flag_and_wrong_type_exit_with_one_line(test_env):
-    for argv, message in ((["--num-epoch", "3"], "unrecognized arguments: --num-epoch 3"),  # no abbreviations
-                          (["--num-epochs", "x"], "argument --num-epochs: invalid int value: 'x'"),
-                          (["--tracker", "mlflow"], "argument --tracker: invalid choice: 'mlflow'")):
-        proc = subprocess.run([sys.executable, "-m", "cifar_dist.train", *argv], capture_output=True, text=True,
-                              env=test_env, check=False)
-        assert proc.returncode == 2
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and message in lines[0], proc.stderr
+@pytest.mark.parametrize("argv, message", [
+    (["--num-epoch", "3"], "unrecognized arguments: --num-epoch 3"),  # no abbreviations
+    (["--num-epochs", "x"], "argument --num-epochs: invalid int value: 'x'"),
+    (["--tracker", "mlflow"], "argument --tracker: invalid choice: 'mlflow'"),
+    (["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+])
+def test_unknown_flag_and_wrong_type_exit_with_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        parse_config(argv)
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
 
 
 def test_help_documents_every_setting():

@@ -52,6 +52,7 @@ def two_process_wandb_run(wandb_env, tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.slow  # real training processes
 def test_one_offline_run_holds_the_epoch_metrics_and_config(two_process_wandb_run):
     out, proc = two_process_wandb_run
     runs = offline_runs(out)
@@ -69,6 +70,7 @@ def test_one_offline_run_holds_the_epoch_metrics_and_config(two_process_wandb_ru
     assert "W&B: offline" in proc.stdout and f"wandb sync {out}/wandb" in proc.stdout
 
 
+@pytest.mark.slow  # real training processes
 def test_summary_tables_and_report(two_process_wandb_run):
     out, _ = two_process_wandb_run
     rows = history(run_log(offline_runs(out)[0]))
@@ -78,6 +80,7 @@ def test_summary_tables_and_report(two_process_wandb_run):
     assert "Best validation accuracy" in results and "![curves](curves.png)" in results
 
 
+@pytest.mark.slow  # real training processes
 def test_api_key_is_written_nowhere(two_process_wandb_run):
     out, _ = two_process_wandb_run
     files = [p for p in out.rglob("*") if p.is_file()]
@@ -86,6 +89,7 @@ def test_api_key_is_written_nowhere(two_process_wandb_run):
     assert not leaked
 
 
+@pytest.mark.slow  # real training processes
 def test_resumed_job_logs_into_the_same_run(wandb_env, tmp_path):
     out = tmp_path / "out"
     args = [*TINY, "--tracker", "wandb", "--output-dir", str(out)]
@@ -99,6 +103,7 @@ def test_resumed_job_logs_into_the_same_run(wandb_env, tmp_path):
     assert [row["epoch"] for row in history(run_log(second)) if "val/acc" in row] == [2]
 
 
+@pytest.mark.slow  # real training processes
 def test_without_wandb_installed(test_env, tmp_path):
     # A module named wandb that fails to import, first on the path: wandb is "not installed" for this run.
     shadow = tmp_path / "shadow"
@@ -146,6 +151,7 @@ def test_curves_png_depends_on_the_data():
     assert a != b and len(b) > 10_000  # two axes with lines and legends, not an empty canvas
 
 
+@pytest.mark.slow  # real training processes
 def test_sync_finds_offline_runs_and_skips_synced_ones(two_process_wandb_run, tmp_path):
     out, _ = two_process_wandb_run
     runs = find_offline_runs([out.parent])
