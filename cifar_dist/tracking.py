@@ -22,10 +22,18 @@ from cifar_dist.config import TrackingConfig, UserError
 SEED_RESULTS = {1: (0.498, 0.691, 1.92, 1.02), 5: (0.942, 0.728, 0.17, 1.40), 10: (0.980, 0.749, 0.06, 1.52)}
 RUN_ID_FILE = "wandb_run_id"
 _PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}
+# WANDB_MODE values wandb accepts, by what they do ('run' and 'dryrun' are its old names).
+_WANDB_MODES = {"online": "online", "run": "online", "shared": "online", "offline": "offline", "dryrun": "offline",
+                "disabled": "disabled"}
+# How long wandb.init may wait for the W&B server before the run goes offline (wandb's own default is 90 s).
+# A cluster job must not sit idle for minutes because a dashboard is unreachable; WANDB_INIT_TIMEOUT overrides.
+WANDB_INIT_TIMEOUT_S = 20
 
 
-def tracker_backend(cfg: TrackingConfig) -> str | None:
-    """The ``log_with`` value for the Accelerator ('auto': wandb when it imports), checking the package imports."""
+def tracker_backend(cfg: TrackingConfig, env=os.environ) -> str | None:
+    """The ``log_with`` value for the Accelerator ('auto': wandb when it imports), checking the package imports
+    and, for W&B, that WANDB_MODE is valid and that an online run has credentials. Raises UserError; call it
+    before anything is written."""
     tracker = cfg.tracker
     if tracker == "auto":
         tracker = "wandb" if _importable("wandb") else "none"
@@ -34,7 +42,21 @@ def tracker_backend(cfg: TrackingConfig) -> str | None:
     if not _importable(_PACKAGES[tracker]):
         raise UserError(f"--tracker {tracker} needs the '{_PACKAGES[tracker]}' package, which does not import "
                         f"here: pip install {_PACKAGES[tracker]}, or pass --tracker none")
+    if tracker == "wandb":
+        check_wandb_login(env)
     return tracker
+
+
+def check_wandb_login(env=os.environ) -> None:
+    """UserError when WANDB_MODE is no W&B mode, or asks for an online run that has no credentials (which wandb
+    reports only once the data and model are loaded, with a traceback)."""
+    mode = env.get("WANDB_MODE")
+    if mode and mode not in _WANDB_MODES:
+        raise UserError(f"WANDB_MODE={mode} is not a W&B mode; use online, offline or disabled")
+    if mode and _WANDB_MODES[mode] == "online" and not wandb_logged_in(env):
+        raise UserError(f"WANDB_MODE={mode} but no W&B credentials (WANDB_API_KEY, or a netrc entry for "
+                        f"{_wandb_host(env)}): run `wandb login` or set WANDB_API_KEY; or unset WANDB_MODE to log "
+                        f"offline and upload later with `wandb sync`")
 
 
 def _importable(package: str) -> bool:
@@ -46,14 +68,19 @@ def _importable(package: str) -> bool:
 
 
 def wandb_logged_in(env=os.environ) -> bool:
-    """An API key in the environment or a netrc entry for the W&B host: what `wandb login` leaves behind."""
-    if env.get("WANDB_API_KEY"):
+    """Credentials wandb would use: an API key or identity token file in the environment, or a netrc entry for
+    the W&B host (what `wandb login` leaves behind)."""
+    if env.get("WANDB_API_KEY") or env.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    host = urlparse(env.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    path = env.get("NETRC")
     try:
-        return netrc.netrc(env.get("NETRC")).authenticators(host) is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
+        return netrc.netrc(os.path.expanduser(path) if path else None).authenticators(_wandb_host(env)) is not None
+    except (OSError, netrc.NetrcParseError):
         return False
+
+
+def _wandb_host(env) -> str:
+    return urlparse(env.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
 
 
 def wandb_init_kwargs(cfg: TrackingConfig, output_dir: Path, run_id: str, env=os.environ) -> tuple[dict, str]:
@@ -64,8 +91,13 @@ def wandb_init_kwargs(cfg: TrackingConfig, output_dir: Path, run_id: str, env=os
     requeued job logs into the same run.
     """
     wandb_dir = Path(env.get("WANDB_DIR") or output_dir)
-    mode = env.get("WANDB_MODE") or ("online" if wandb_logged_in(env) else "offline")
+    mode = _WANDB_MODES.get(env.get("WANDB_MODE") or "", "online" if wandb_logged_in(env) else "offline")
     kwargs = {"id": run_id, "resume": "allow", "dir": str(wandb_dir), "mode": mode}
+    if mode == "online":
+        # quiet: no "logged in as" line, whose account lookup alone waits 10 s for an unreachable server.
+        kwargs["settings"] = {"quiet": True}
+        if not env.get("WANDB_INIT_TIMEOUT"):
+            kwargs["settings"]["init_timeout"] = WANDB_INIT_TIMEOUT_S
     for key, value in (("entity", cfg.wandb_entity), ("name", cfg.run_name)):
         if value:
             kwargs[key] = value
@@ -74,8 +106,7 @@ def wandb_init_kwargs(cfg: TrackingConfig, output_dir: Path, run_id: str, env=os
     if env.get("WANDB_RUN_GROUP"):
         kwargs["group"] = env["WANDB_RUN_GROUP"]
     if mode == "offline":
-        note = (f"W&B: offline (not logged in, or WANDB_MODE=offline); run {run_id} is kept in {wandb_dir}/wandb; "
-                f"upload it later with: wandb sync {wandb_dir}/wandb")
+        note = (f"W&B: offline (not logged in, or WANDB_MODE=offline); {_kept_offline(run_id, wandb_dir)}")
     elif mode == "disabled":
         note = "W&B: disabled by WANDB_MODE=disabled"
     else:
@@ -83,8 +114,27 @@ def wandb_init_kwargs(cfg: TrackingConfig, output_dir: Path, run_id: str, env=os
     return kwargs, note
 
 
+def _kept_offline(run_id: str, wandb_dir: Path) -> str:
+    return f"run {run_id} is kept in {wandb_dir}/wandb; upload it later with: wandb sync {wandb_dir}/wandb"
+
+
+def offline_fallback_note(run_id: str, wandb_dir: Path, exc: BaseException) -> str:
+    """The one line that says an online start failed and the run goes on offline."""
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    if len(reason) > 240:
+        reason = reason[:237] + "..."
+    return f"W&B: cannot start the run online ({reason}); continuing offline: {_kept_offline(run_id, wandb_dir)}"
+
+
 def wandb_project(cfg: TrackingConfig, env=os.environ) -> str:
     return cfg.wandb_project or env.get("WANDB_PROJECT") or "cifar_dist"
+
+
+def _wandb_comm_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is wandb failing to reach or be accepted by its server (not a bug to surface)."""
+    from wandb.errors import CommError
+
+    return isinstance(exc, (CommError, TimeoutError))
 
 
 def run_id_for(output_dir: Path) -> str:
@@ -100,7 +150,7 @@ def git_commit() -> str | None:
     """The source tree's commit, if the package runs from a git checkout."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
+                             text=True, timeout=5, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -134,13 +184,32 @@ class RunLog:
             kwargs, note = wandb_init_kwargs(cfg, self.output_dir, run_id)
             init_kwargs["wandb"] = kwargs
             self.accelerator.print(note)
-        self.accelerator.init_trackers(wandb_project(cfg), config=run_config, init_kwargs=init_kwargs)
+        self._init_trackers(wandb_project(cfg), run_config, init_kwargs)
         if self.enabled and "wandb" in init_kwargs:
             run = self.accelerator.get_tracker("wandb", unwrap=True)
             run.define_metric("epoch")
             for prefix in ("val/*", "epoch/*"):
                 run.define_metric(prefix, step_metric="epoch")
             self.run_url = getattr(run, "url", None)
+
+    def _init_trackers(self, project: str, run_config: dict, init_kwargs: dict) -> None:
+        """accelerate's init_trackers; an online W&B run that cannot start (server unreachable within the init
+        timeout, credentials refused) goes on offline under the same run id: a run is never lost to a dashboard."""
+        try:
+            self.accelerator.init_trackers(project, config=run_config, init_kwargs=init_kwargs)
+            return
+        except Exception as exc:
+            if not (self.enabled and init_kwargs.get("wandb", {}).get("mode") == "online" and _wandb_comm_error(exc)):
+                raise
+            failure = exc
+        import wandb
+
+        kwargs = {k: v for k, v in init_kwargs["wandb"].items() if k != "settings"} | {"mode": "offline"}
+        self.accelerator.print(offline_fallback_note(kwargs["id"], Path(kwargs["dir"]), failure))
+        # wandb's service keeps the failed run's id registered ("run ID is in use"); a fresh service frees it.
+        wandb.teardown()
+        self.accelerator.trackers = []  # drop the tracker whose start failed
+        self.accelerator.init_trackers(project, config=run_config, init_kwargs={**init_kwargs, "wandb": kwargs})
 
     def log_step(self, metrics: dict, step: int) -> None:
         if self.enabled:

@@ -1,11 +1,16 @@
-import subprocess
-import sys
-
 import pytest
 import yaml
 
-from cifar_dist.config import (Config, TrainConfig, UserError, build_parser, make_config, parse_config, plan_batches,
-                               save_config)
+from cifar_dist.config import (
+    Config,
+    TrainConfig,
+    UserError,
+    build_parser,
+    make_config,
+    parse_config,
+    plan_batches,
+    save_config,
+)
 
 
 def test_defaults_are_the_seed_recipe():
@@ -30,25 +35,137 @@ def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path):
 
 
 def test_written_config_reloads_to_the_same_config(tmp_path):
-    cfg = parse_config(["--num-epochs", "2", "--max-steps", "7", "--weights", "none"])
+    cfg = parse_config(["--num-epochs", "2", "--max-steps", "7", "--weights", "none", "--lr", "2e-4"])
     save_config(cfg, tmp_path / "config.yaml")
     assert parse_config(["--config", str(tmp_path / "config.yaml")]) == cfg
     assert set(yaml.safe_load((tmp_path / "config.yaml").read_text())) == {"data", "model", "optim", "train",
                                                                            "tracking", "speed"}
 
 
+def test_overwrite_is_an_action_never_saved(tmp_path, capsys):
+    cfg = parse_config(["--overwrite", "--num-epochs", "2"])
+    assert cfg.train.overwrite  # the flag still works for this start
+    save_config(cfg, tmp_path / "config.yaml")
+    assert "overwrite" not in (tmp_path / "config.yaml").read_text()
+    replayed = parse_config(["--config", str(tmp_path / "config.yaml")])
+    assert not replayed.train.overwrite and replayed.train.num_epochs == 2
+
+
+@pytest.mark.parametrize("text", ["overwrite: false\n", "train: {overwrite: false, num_epochs: 2}\n"])
+def test_overwrite_false_from_older_config_files_is_ignored_with_a_warning(tmp_path, capsys, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    assert not parse_config(["--config", str(path)]).train.overwrite
+    err = capsys.readouterr().err
+    assert err == (f"cifar_dist: warning: --config {path}: ignoring 'overwrite: false' (not a setting; pass "
+                   f"--overwrite on the command line to start over)\n")
+
+
+@pytest.mark.parametrize("text", ["overwrite: true\n", "train: {overwrite: true}\n", "overwrite: 1\n"])
+def test_overwrite_true_in_a_config_file_is_refused(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as info:
+        parse_config(["--config", str(path), "--overwrite"])  # even with the flag: the file must not carry it
+    assert str(info.value) == (f"--config {path}: overwrite is not read from a config file (replaying the file "
+                               f"would delete the run again); remove it and pass --overwrite on the command line")
+
+
+@pytest.mark.parametrize("text, lr, eps", [
+    ("lr: 1e-3\n", 1e-3, 1e-7),  # PyYAML reads 1e-3 (no dot) as the string '1e-3'
+    ("optim: {lr: 5E-4, adam_eps: 1e-8}\n", 5e-4, 1e-8),
+    ("lr: '2.5e-4'\n", 2.5e-4, 1e-7),
+    ("lr: 1\n", 1.0, 1e-7),
+])
+def test_float_settings_accept_exponent_strings(tmp_path, text, lr, eps):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    cfg = parse_config(["--config", str(path)])
+    assert (cfg.optim.lr, cfg.optim.adam_eps) == (lr, eps)
+    assert type(cfg.optim.lr) is float
+
+
 @pytest.mark.parametrize("text, message", [
-    ("num_epoch: 3\n", "unknown key 'num_epoch'"),
-    ("train: {lr: 0.1}\n", "unknown key train.lr"),
+    ("num_epochs: 1e3\n", "num_epochs must be int, got '1e3'"),  # only float settings take float strings
+    ("seed: '7'\n", "seed must be int, got '7'"),
+    ("log_model: 'yes'\n", "log_model must be bool, got 'yes'"),
+    ("lr: fast\n", "lr must be float, got 'fast'"),
+])
+def test_strings_are_not_numbers_elsewhere(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as info:
+        parse_config(["--config", str(path)])
+    assert str(info.value) == f"--config {path}: {message}"
+
+
+@pytest.mark.parametrize("argv, text, message", [
+    (["--lr", "nan"], None, "--lr must be a finite number, got nan"),
+    (["--lr", "inf"], None, "--lr must be a finite number, got inf"),
+    (["--adam-eps=-inf"], None, "--adam-eps must be a finite number, got -inf"),
+    (["--adam-beta1", "nan"], None, "--adam-beta1 must be a finite number, got nan"),
+    (["--adam-beta2", "NaN"], None, "--adam-beta2 must be a finite number, got nan"),
+    ([], "lr: .nan\n", "--lr must be a finite number, got nan"),
+    ([], "optim: {adam_eps: .inf}\n", "--adam-eps must be a finite number, got inf"),
+    ([], "lr: nan\n", "--lr must be a finite number, got nan"),  # a string, read as a float
+    ([], "lr: -Infinity\n", "--lr must be a finite number, got -inf"),
+])
+def test_float_settings_must_be_finite(tmp_path, argv, text, message):
+    if text is not None:
+        (tmp_path / "run.yaml").write_text(text)
+        argv = [*argv, "--config", str(tmp_path / "run.yaml")]
+    with pytest.raises(UserError) as info:
+        parse_config(argv)
+    assert str(info.value) == message
+
+
+def test_every_float_setting_is_checked_for_finite_values():
+    import dataclasses
+    import typing
+
+    from cifar_dist.config import _SECTION_TYPES
+
+    floats = [(cls, f.name) for cls in _SECTION_TYPES.values() for f in dataclasses.fields(cls)
+              if float in (typing.get_type_hints(cls)[f.name], *typing.get_args(typing.get_type_hints(cls)[f.name]))]
+    assert floats  # lr, adam_* today; a new float setting is covered without a change here
+    for cls, name in floats:
+        with pytest.raises(UserError, match=f"--{name.replace('_', '-')} must be a finite number"):
+            cls(**{name: float("nan")})
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lr: 0.1\nnum_epochs: 2\nlr: 0.2\n", "duplicate key 'lr' on line 3 (first on line 1); keep one"),
+    ("train:\n  seed: 1\n  seed: 2\n", "duplicate key 'seed' on line 3 (first on line 2); keep one"),
+    ("train: {}\ntrain: {}\n", "duplicate key 'train' on line 2 (first on line 1); keep one"),
+])
+def test_duplicate_yaml_keys_are_refused_with_their_line(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as info:
+        parse_config(["--config", str(path)])
+    assert str(info.value) == f"--config {path}: {message}"
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optim: {<<: {lr: 0.1, adam_eps: 1.0e-6}, lr: 0.2}\n")
+    cfg = parse_config(["--config", str(path)])
+    assert (cfg.optim.lr, cfg.optim.adam_eps) == (0.2, 1e-6)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("num_epoch: 3\n", "unknown key 'num_epoch'; did you mean 'num_epochs'?"),
+    ("train: {lr: 0.1}\n", "unknown key train.lr: lr belongs under optim"),
+    ("optim: {learning_rate: 0.1}\n", "unknown key optim.learning_rate (see --help"),
     ("num_epochs: three\n", "num_epochs must be int, got 'three'"),
     ("lr: [1]\n", "lr must be float"),
-    ("overwrite: 1\n", "overwrite must be bool"),
+    ("log_model: 1\n", "log_model must be bool"),
     ("freeze_until: layer9\n", "--freeze-until 'layer9': expected one of"),
     ("speed: {compile_step: maybe}\n", "--compile-step 'maybe': expected one of auto, yes, no"),
     ("ddp_bucket_mb: 0\n", "--ddp-bucket-mb must be positive, got 0"),
     ("cache_frozen_features: true\nfreeze_until: none\n", "--cache-frozen-features: nothing is frozen"),
     ("- 1\n- 2\n", "expected a mapping"),
-    ("num_epochs: [\n", "not valid YAML"),
+    ("num_epochs: [\n", "not valid YAML (expected the node content, but found '<stream end>' on line 2)"),
 ])
 def test_bad_yaml_is_one_clear_error(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
@@ -79,15 +196,18 @@ def test_bad_values_are_user_errors(argv, message):
     assert message in str(info.value)
 
 
-def test_unknown_flag_and_wrong_type_exit_with_one_line(test_env):
-    for argv, message in ((["--num-epoch", "3"], "unrecognized arguments: --num-epoch 3"),  # no abbreviations
-                          (["--num-epochs", "x"], "argument --num-epochs: invalid int value: 'x'"),
-                          (["--tracker", "mlflow"], "argument --tracker: invalid choice: 'mlflow'")):
-        proc = subprocess.run([sys.executable, "-m", "cifar_dist.train", *argv], capture_output=True, text=True,
-                              env=test_env)
-        assert proc.returncode == 2
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and message in lines[0], proc.stderr
+@pytest.mark.parametrize("argv, message", [
+    (["--num-epoch", "3"], "unrecognized arguments: --num-epoch 3"),  # no abbreviations
+    (["--num-epochs", "x"], "argument --num-epochs: invalid int value: 'x'"),
+    (["--tracker", "mlflow"], "argument --tracker: invalid choice: 'mlflow'"),
+    (["--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+])
+def test_unknown_flag_and_wrong_type_exit_with_one_line(capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        parse_config(argv)
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
 
 
 def test_help_documents_every_setting():

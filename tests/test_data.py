@@ -1,25 +1,21 @@
+import http.server
+import logging
 import os
 import pickle
+import threading
 import time
+from pathlib import Path
 
 import datasets
+import httpx
+import httpx2
 import huggingface_hub
 import numpy as np
 import pytest
+import requests
 import torch
 from accelerate.data_loader import BatchSamplerShard, DataLoaderShard, prepare_data_loader, skip_first_batches
 from accelerate.state import AcceleratorState, PartialState
-from PIL import Image
-
-from cifar_dist.config import BatchPlan, DataConfig, UserError
-from cifar_dist.data import (
-    CifarSplits,
-    EpochShuffleSampler,
-    ImageTensorDataset,
-    build_dataloaders,
-    build_splits,
-    load_cifar100,
-)
 from cifar_files import (
     CifarArrays,
     hub_dataset_dict,
@@ -31,6 +27,18 @@ from cifar_files import (
     write_python_tarball,
     write_saved_dataset,
     write_tar_gz,
+)
+from conftest import _free_port, run_train
+from PIL import Image
+
+from cifar_dist.config import BatchPlan, DataConfig, UserError
+from cifar_dist.data import (
+    CifarSplits,
+    EpochShuffleSampler,
+    ImageTensorDataset,
+    build_dataloaders,
+    build_splits,
+    load_cifar100,
 )
 
 
@@ -318,20 +326,147 @@ def test_hub_offline_gives_the_local_copy_hint(monkeypatch):
     assert "datasets.load_dataset('uoft-cs/cifar100').save_to_disk('DIR')" in message
 
 
+@pytest.fixture()
+def hub_at(monkeypatch, tmp_path):
+    """Point datasets and huggingface_hub at ``endpoint`` (online, empty hub cache); returns the setter. Both
+    read HF_ENDPOINT / HF_HUB_OFFLINE once at import, so their module constants are what actually switch them."""
+
+    def point(endpoint: str) -> str:
+        monkeypatch.setattr(datasets.config, "HF_ENDPOINT", endpoint)
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub_cache"))
+        return endpoint
+
+    return point
+
+
+@pytest.fixture()
+def hub_answering_404(hub_at):
+    """A local server that answers every request as the Hub does for a repo it does not have."""
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(404)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield hub_at(f"http://127.0.0.1:{server.server_address[1]}")
+    server.shutdown()
+    server.server_close()
+
+
+def chained(error: BaseException, cause: BaseException) -> BaseException:
+    error.__cause__ = cause
+    return error
+
+
 @pytest.mark.parametrize(
-    "error, expected",
+    "error, reason",
     [
-        (ConnectionError("Couldn't reach 'someone/cifar' on the Hub (ConnectError)"), "cannot be reached"),
-        (datasets.exceptions.DatasetNotFoundError("Dataset 'someone/cifar' doesn't exist"), "nor dataset on the"),
+        (ConnectionError("Couldn't reach 'someone/cifar' on the Hub (ConnectError)"), "ConnectionError: Couldn't"),
+        (httpx2.ConnectError("[Errno 111] Connection refused"), "ConnectError: [Errno 111] Connection refused"),
+        (httpx.ReadTimeout("timed out"), "ReadTimeout: timed out"),
+        (requests.exceptions.ConnectionError("Max retries exceeded"), "ConnectionError: Max retries exceeded"),
+        (TimeoutError("read timed out"), "TimeoutError: read timed out"),
+        # huggingface_hub reports a failed download as a missing local file, the network error as its cause
+        (chained(huggingface_hub.errors.LocalEntryNotFoundError("not in cache"),
+                 httpx2.RemoteProtocolError("peer closed connection")), "RemoteProtocolError: peer closed connection"),
     ],
 )
-def test_hub_failures_are_user_errors(monkeypatch, error, expected):
+def test_network_errors_during_the_load_are_one_line(hub_answering_404, monkeypatch, error, reason):
     def fail(*args, **kwargs):
         raise error
 
     monkeypatch.setattr(datasets, "load_dataset", fail)
     message = user_error("someone/cifar")
-    assert message.startswith("--data-source someone/cifar: ") and expected in message
+    assert message.startswith(f"--data-source someone/cifar: not a local path, and the Hugging Face Hub "
+                              f"({hub_answering_404}) cannot be reached to download it ({reason}")
+
+
+def test_a_dataset_the_hub_does_not_have_is_a_user_error(hub_answering_404):
+    message = user_error("someone/cifar")  # the real load_dataset against a hub that answers 404
+    assert message.startswith("--data-source someone/cifar: no such local path nor dataset on the Hugging Face Hub")
+
+
+def test_other_load_failures_are_not_disguised_as_network_errors(hub_answering_404, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(datasets, "load_dataset", fail)
+    with pytest.raises(RuntimeError, match="a bug"):
+        load("someone/cifar")
+
+
+def test_unreachable_hub_is_one_fast_line_without_retries(hub_at, caplog):
+    # The real load_dataset against a closed local port, nothing cached: datasets alone would retry for 23 s
+    # and log 11 lines.
+    endpoint = hub_at(f"http://127.0.0.1:{_free_port()}")
+    start = time.monotonic()
+    with caplog.at_level(logging.INFO):
+        message = user_error("someone/cifar100-copy")
+    assert time.monotonic() - start < 5
+    assert message.startswith(f"--data-source someone/cifar100-copy: not a local path, and the Hugging Face Hub "
+                              f"({endpoint}) cannot be reached to download it (ConnectError: ")
+    assert "Connection refused" in message and "--data-source PATH" in message
+    assert not [r for r in caplog.records if r.name.startswith("huggingface_hub") and r.levelno >= logging.WARNING]
+
+
+def test_unreachable_hub_uses_the_cached_copy_and_says_so(hub_at, hf_cache, arrays, tmp_path, capsys):
+    cache_hub_dataset("someone/cifar100-copy", arrays, tmp_path / "files")
+    endpoint = hub_at(f"http://127.0.0.1:{_free_port()}")
+    start = time.monotonic()
+    assert_matches(load("someone/cifar100-copy"), arrays)
+    assert time.monotonic() - start < 10
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cifar_dist:")]
+    assert len(notes) == 1
+    assert notes[0].startswith(f"cifar_dist: warning: the Hugging Face Hub ({endpoint}) cannot be reached "
+                               f"(ConnectError: ")
+    assert notes[0].endswith("); using the cached copy of someone/cifar100-copy")
+
+
+def cache_hub_dataset(repo_id: str, arrays: CifarArrays, scratch: Path) -> None:
+    """Leave in datasets' cache what ``load_dataset(repo_id)`` leaves after a download (default config), built
+    from local parquet files: ``<cache>/<namespace>___<name>/default/0.0.0/<hash>/<name>-<split>.arrow``."""
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    name = repo_id.split("/")[1]
+    scratch.mkdir(parents=True)
+    for split, ds in hub_dataset_dict(arrays).items():
+        ds.to_parquet(str(scratch / f"{split}.parquet"))
+    files = datasets.data_files.DataFilesDict.from_patterns({s: [str(scratch / f"{s}.parquet")] for s in arrays.images})
+    builder = Parquet(dataset_name=name, config_name="default", data_files=files, hash="0123abcd")
+    builder.download_and_prepare()
+    built = Path(builder.cache_dir)  # <cache>/<name>/default-<config hash>/0.0.0/0123abcd
+    target = Path(datasets.config.HF_DATASETS_CACHE) / repo_id.replace("/", "___") / "default"
+    target.parent.mkdir(parents=True)
+    built.parent.parent.rename(target)
+
+
+@pytest.mark.slow
+def test_trainer_with_the_hub_unreachable_exits_2_with_one_line(test_env, tmp_path):
+    port = _free_port()
+    env = {**test_env, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0",
+           "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_CACHE": str(tmp_path / "hf" / "datasets")}
+    start = time.monotonic()
+    proc = run_train(env, ["--data-source", "someone/cifar100-copy", "--output-dir", str(tmp_path / "out")],
+                     check=False, timeout=120)
+    assert time.monotonic() - start < 60  # most of it is importing torch; the hub check itself is instant
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"cifar_dist.train: error: --data-source someone/cifar100-copy: not a local path, "
+                               f"and the Hugging Face Hub (http://127.0.0.1:{port}) cannot be reached to download "
+                               f"it (ConnectError: ")
 
 
 # -- sampler and loaders

@@ -5,15 +5,24 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
-
-from cifar_dist.config import TrackingConfig
-from cifar_dist.sync import find_offline_runs
-from cifar_dist.tracking import plot_curves, run_id_for, wandb_init_kwargs
-from conftest import REPO, TINY, run_train
+from conftest import REPO, TINY, _free_port, run_train
 from wandb_log import config, history, run_id
+
+from cifar_dist.config import TrackingConfig, UserError
+from cifar_dist.sync import find_offline_runs
+from cifar_dist.tracking import (
+    WANDB_INIT_TIMEOUT_S,
+    offline_fallback_note,
+    plot_curves,
+    run_id_for,
+    tracker_backend,
+    wandb_init_kwargs,
+)
 
 SECRET = "planted0secret0key0that0must0never0be0written0anywhere"
 
@@ -43,6 +52,7 @@ def two_process_wandb_run(wandb_env, tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.slow  # real training processes
 def test_one_offline_run_holds_the_epoch_metrics_and_config(two_process_wandb_run):
     out, proc = two_process_wandb_run
     runs = offline_runs(out)
@@ -60,6 +70,7 @@ def test_one_offline_run_holds_the_epoch_metrics_and_config(two_process_wandb_ru
     assert "W&B: offline" in proc.stdout and f"wandb sync {out}/wandb" in proc.stdout
 
 
+@pytest.mark.slow  # real training processes
 def test_step_metrics_cover_every_process(two_process_wandb_run):
     """train/loss at an epoch's last step is the loss over every image of the epoch so far, as metrics.jsonl has
     it; process 0's half of the batches alone would differ."""
@@ -70,6 +81,7 @@ def test_step_metrics_cover_every_process(two_process_wandb_run):
         assert by_step[record["step"]]["train/acc"] == pytest.approx(record["train_acc"], rel=1e-12)
 
 
+@pytest.mark.slow  # real training processes
 def test_summary_tables_and_report(two_process_wandb_run):
     out, _ = two_process_wandb_run
     rows = history(run_log(offline_runs(out)[0]))
@@ -79,6 +91,7 @@ def test_summary_tables_and_report(two_process_wandb_run):
     assert "Best validation accuracy" in results and "![curves](curves.png)" in results
 
 
+@pytest.mark.slow  # real training processes
 def test_api_key_is_written_nowhere(two_process_wandb_run):
     out, _ = two_process_wandb_run
     files = [p for p in out.rglob("*") if p.is_file()]
@@ -87,6 +100,7 @@ def test_api_key_is_written_nowhere(two_process_wandb_run):
     assert not leaked
 
 
+@pytest.mark.slow  # real training processes
 def test_resumed_job_logs_into_the_same_run(wandb_env, tmp_path):
     out = tmp_path / "out"
     args = [*TINY, "--tracker", "wandb", "--output-dir", str(out)]
@@ -100,6 +114,7 @@ def test_resumed_job_logs_into_the_same_run(wandb_env, tmp_path):
     assert [row["epoch"] for row in history(run_log(second)) if "val/acc" in row] == [2]
 
 
+@pytest.mark.slow  # real training processes
 def test_without_wandb_installed(test_env, tmp_path):
     # A module named wandb that fails to import, first on the path: wandb is "not installed" for this run.
     shadow = tmp_path / "shadow"
@@ -109,8 +124,8 @@ def test_without_wandb_installed(test_env, tmp_path):
     proc = run_train(env, [*TINY, "--tracker", "wandb", "--output-dir", str(tmp_path / "a")], check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "cifar_dist.train: error: --tracker wandb needs the 'wandb' package, which does not import here: "
-        "pip install wandb, or pass --tracker none"]
+        ("cifar_dist.train: error: --tracker wandb needs the 'wandb' package, which does not import here: "
+         "pip install wandb, or pass --tracker none")]
     run_train(env, [*TINY, "--max-steps", "1", "--tracker", "none", "--output-dir", str(tmp_path / "b")])
     run_train(env, [*TINY, "--max-steps", "1", "--output-dir", str(tmp_path / "c")])  # auto: quietly none
     assert not (tmp_path / "c" / "wandb").exists()
@@ -147,12 +162,13 @@ def test_curves_png_depends_on_the_data():
     assert a != b and len(b) > 10_000  # two axes with lines and legends, not an empty canvas
 
 
+@pytest.mark.slow  # real training processes
 def test_sync_finds_offline_runs_and_skips_synced_ones(two_process_wandb_run, tmp_path):
     out, _ = two_process_wandb_run
     runs = find_offline_runs([out.parent])
     assert [(r, synced) for r, synced in runs] == [(offline_runs(out)[0], False)]
     proc = subprocess.run([sys.executable, "-m", "cifar_dist.sync", "--dry-run", str(out.parent)],
-                          capture_output=True, text=True, cwd=REPO)
+                          capture_output=True, text=True, cwd=REPO, check=False)
     assert proc.returncode == 0
     assert "1 offline run(s) found, 0 already synced, 1 to sync" in proc.stdout
     assert f"would sync {offline_runs(out)[0]}" in proc.stdout
@@ -162,8 +178,141 @@ def test_sync_finds_offline_runs_and_skips_synced_ones(two_process_wandb_run, tm
     (copy / (run_log(copy).name + ".synced")).write_text("")
     assert find_offline_runs([tmp_path]) == [(copy, True)]
     proc = subprocess.run([sys.executable, "-m", "cifar_dist.sync", str(tmp_path)], capture_output=True, text=True,
-                          cwd=REPO)
+                          cwd=REPO, check=False)
     assert proc.returncode == 0 and "1 offline run(s) found, 1 already synced, 0 to sync" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "cifar_dist.sync", str(tmp_path / "nope")],
-                          capture_output=True, text=True, cwd=REPO)
+                          capture_output=True, text=True, cwd=REPO, check=False)
     assert proc.returncode == 2 and "no such folder" in proc.stderr
+
+
+# -- W&B environment failures: a missing login is one line before any work; an unreachable server never costs
+# the run (it goes offline within 30 s, under the same run id).
+
+NO_CREDENTIALS = ("WANDB_MODE={mode} but no W&B credentials (WANDB_API_KEY, or a netrc entry for {host}): run "
+                  "`wandb login` or set WANDB_API_KEY; or unset WANDB_MODE to log offline and upload later with "
+                  "`wandb sync`")
+
+
+@pytest.mark.parametrize("tracker, env, message", [
+    ("wandb", {"WANDB_MODE": "online"}, NO_CREDENTIALS.format(mode="online", host="api.wandb.ai")),
+    ("auto", {"WANDB_MODE": "online"}, NO_CREDENTIALS.format(mode="online", host="api.wandb.ai")),
+    ("wandb", {"WANDB_MODE": "run", "WANDB_BASE_URL": "https://wandb.lab.example"},
+     NO_CREDENTIALS.format(mode="run", host="wandb.lab.example")),
+    ("wandb", {"WANDB_MODE": "offlne"}, "WANDB_MODE=offlne is not a W&B mode; use online, offline or disabled"),
+    ("wandb", {"WANDB_MODE": "online", "WANDB_API_KEY": "k" * 40}, None),
+    ("wandb", {"WANDB_MODE": "online", "WANDB_IDENTITY_TOKEN_FILE": "/var/run/token"}, None),
+    ("wandb", {"WANDB_MODE": "offline"}, None),
+    ("wandb", {"WANDB_MODE": "disabled"}, None),
+    ("wandb", {}, None),  # not logged in and no mode asked for: offline, announced at start
+    ("none", {"WANDB_MODE": "online"}, None),  # no tracker: W&B's settings do not matter
+])
+def test_wandb_mode_and_credentials_are_checked_up_front(tmp_path, tracker, env, message):
+    env = {"NETRC": str(tmp_path / "no-netrc"), **env}
+    cfg = TrackingConfig(tracker=tracker)
+    if message is None:
+        assert tracker_backend(cfg, env=env) == (None if tracker == "none" else "wandb")
+        return
+    with pytest.raises(UserError) as info:
+        tracker_backend(cfg, env=env)
+    assert str(info.value) == message
+
+
+def test_a_netrc_entry_for_the_wandb_host_counts_as_login(tmp_path):
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine wandb.lab.example\n  login user\n  password " + "k" * 40 + "\n")
+    env = {"NETRC": str(netrc), "WANDB_MODE": "online"}
+    assert tracker_backend(TrackingConfig(tracker="wandb"), env={**env, "WANDB_BASE_URL": "https://wandb.lab.example"})
+    with pytest.raises(UserError, match="no W&B credentials .* netrc entry for api.wandb.ai"):
+        tracker_backend(TrackingConfig(tracker="wandb"), env=env)  # an entry for another host is no login here
+
+
+def test_online_runs_wait_a_bounded_time_for_the_server(tmp_path):
+    cfg = TrackingConfig()
+    kwargs, _ = wandb_init_kwargs(cfg, tmp_path, "abc", env={"WANDB_API_KEY": "k"})
+    assert kwargs["settings"] == {"quiet": True, "init_timeout": WANDB_INIT_TIMEOUT_S}
+    assert WANDB_INIT_TIMEOUT_S + 5 < 30  # the fallback budget: init timeout, then an offline start
+    kwargs, _ = wandb_init_kwargs(cfg, tmp_path, "abc", env={"WANDB_API_KEY": "k", "WANDB_INIT_TIMEOUT": "120"})
+    assert kwargs["settings"] == {"quiet": True}  # the user's own WANDB_INIT_TIMEOUT wins
+    kwargs, note = wandb_init_kwargs(cfg, tmp_path, "abc", env={"WANDB_API_KEY": "k", "WANDB_MODE": "dryrun"})
+    assert kwargs["mode"] == "offline" and "settings" not in kwargs and "wandb sync" in note
+
+
+def test_offline_fallback_note_is_one_line_with_the_sync_command(tmp_path):
+    error = RuntimeError("Failed to get resume status: context deadline exceeded\nwhile retrying: connection refused")
+    note = offline_fallback_note("abc123", tmp_path, error)
+    assert note == (f"W&B: cannot start the run online (Failed to get resume status: context deadline exceeded "
+                    f"while retrying: connection refused); continuing offline: run abc123 is kept in {tmp_path}/wandb; "
+                    f"upload it later with: wandb sync {tmp_path}/wandb")
+    long = offline_fallback_note("abc123", tmp_path, RuntimeError("x" * 1000))
+    assert "x" * 237 + "...)" in long and "x" * 238 not in long
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture()
+def isolated_wandb_env(test_env, tmp_path) -> dict[str, str]:
+    """W&B state (config, cache, netrc) under tmp_path, so neither the user's login nor ours leaks in or out."""
+    env = {k: v for k, v in test_env.items() if k not in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE",
+                                                          "WANDB_INIT_TIMEOUT", "WANDB_SILENT", "WANDB_DIR")}
+    wandb_home = tmp_path / "wandb-home"
+    return {**env, "NETRC": str(wandb_home / "netrc"), "WANDB_CONFIG_DIR": str(wandb_home / "config"),
+            "WANDB_CACHE_DIR": str(wandb_home / "cache"), "WANDB_DATA_DIR": str(wandb_home / "data"),
+            "WANDB_ERROR_REPORTING": "false"}
+
+
+@pytest.mark.slow
+def test_online_without_credentials_fails_in_one_line_before_any_work(isolated_wandb_env, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("a file that must survive\n")
+    before = _snapshot(out)
+    proc = run_train({**isolated_wandb_env, "WANDB_MODE": "online"},
+                     [*TINY, "--tracker", "wandb", "--output-dir", str(out)], check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "cifar_dist.train: error: " + NO_CREDENTIALS.format(mode="online", host="api.wandb.ai")]
+    assert _snapshot(out) == before
+
+
+def _run_timed(env: dict, args: list[str], timeout: float = 300) -> tuple[int, list[tuple[float, str]]]:
+    """Run the real trainer; (exit code, [(seconds since start, line)]) of its merged stdout and stderr."""
+    start = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", "cifar_dist.train", *args], env=env, cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    watchdog = threading.Timer(timeout, proc.kill)  # a hang fails the test instead of stalling the suite
+    watchdog.start()
+    try:
+        lines = [(time.monotonic() - start, line.rstrip("\n")) for line in proc.stdout]
+        return proc.wait(), lines
+    finally:
+        watchdog.cancel()
+        proc.stdout.close()
+
+
+@pytest.mark.slow
+def test_unreachable_wandb_server_falls_back_to_offline_within_30_s(isolated_wandb_env, tmp_path):
+    # A real online start against a closed local port, with a well-formed key no server will ever see.
+    env = {**isolated_wandb_env, "WANDB_MODE": "online", "WANDB_API_KEY": "f" * 40,
+           "WANDB_BASE_URL": f"http://127.0.0.1:{_free_port()}"}
+    out = tmp_path / "out"
+    code, lines = _run_timed(env, [*TINY, "--synthetic-train-samples", "64", "--num-epochs", "1", "--tracker",
+                                   "wandb", "--output-dir", str(out)])
+    text = "\n".join(line for _, line in lines)
+    assert code == 0, text
+    assert "Traceback" not in text
+    run = (out / "wandb_run_id").read_text().strip()
+    online = [t for t, line in lines if line == f"W&B: online, run {run}"]
+    fallback = [(t, line) for t, line in lines if "cannot start the run online" in line]
+    assert len(online) == 1 and len(fallback) == 1, text
+    (fallback_at, note), = fallback
+    assert note.startswith("W&B: cannot start the run online (") and "connection refused" in note
+    assert note.endswith(f"continuing offline: run {run} is kept in {out}/wandb; upload it later with: "
+                         f"wandb sync {out}/wandb")
+    assert fallback_at - online[0] < 30
+    runs = offline_runs(out)
+    assert len(runs) == 1 and run_id(run_log(runs[0])) == run
+    rows = history(run_log(runs[0]))
+    assert [(row["epoch"], row["val/acc"]) for row in rows if "val/acc" in row] == [
+        (r["epoch"], r["val_acc"]) for r in records(out)]
