@@ -111,6 +111,7 @@ def run_train(env: dict, args: list[str], num_processes: int = 1, check: bool = 
 
     ``script`` runs a file (e.g. tests/run_float64.py) instead of ``-m cifar_dist.train``.
     """
+    _require_slow_marker()
     target = [script] if script else ["-m", "cifar_dist.train"]
     if num_processes == 1:
         cmd = [sys.executable, *target, *args]
@@ -124,6 +125,7 @@ def run_train(env: dict, args: list[str], num_processes: int = 1, check: bool = 
 
 
 def start_train(env: dict, args: list[str], log_dir: Path, num_processes: int = 1) -> subprocess.Popen:
+    _require_slow_marker()
     if num_processes == 1:
         cmd = [sys.executable, "-m", "cifar_dist.train", *args]
     else:
@@ -159,5 +161,21 @@ def _free_port() -> int:
 def pytest_collection_modifyitems(items):
     """Tests that launch several processes or a SLURM cluster are slow by definition."""
     for item in items:
+        if "slurm_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slurm)
         if item.get_closest_marker("multiprocess") or item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.slow)
+
+
+_RUNNING: dict = {}
+
+
+def pytest_runtest_setup(item):
+    _RUNNING["item"] = item  # before any of its fixtures, module-scoped ones included, are set up
+
+
+def _require_slow_marker():
+    """Keeps -m "not slow" in-process: a test (or its fixture) that starts the trainer must be marked slow."""
+    item = _RUNNING.get("item")
+    if item is not None and item.get_closest_marker("slow") is None:
+        raise AssertionError(f"{item.nodeid} starts trainer processes: mark it @pytest.mark.slow")

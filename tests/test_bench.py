@@ -8,6 +8,8 @@ import pytest
 
 from conftest import REPO, _free_port
 
+pytestmark = pytest.mark.slow
+
 TINY_BENCH = ["--image-size", "32", "--steps", "2", "--warmup", "1", "--workers", "0", "--eval-batch-size", "64"]
 
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 import conftest
 from conftest import FLOAT64, TINY, records, run_train, start_train, tree_digest, wait_for
@@ -84,7 +85,7 @@ def test_overwrite_replaces_the_old_run_once_the_new_one_has_a_checkpoint(test_e
         ["checkpoints", "config.yaml", "curves.png", "metrics.jsonl", "model.safetensors", "results.md",
          "wandb_run_id"])
     assert [p.name for p in (old_run / "checkpoints").iterdir()] == ["step-00000001"]
-    assert "overwrite" not in (old_run / "config.yaml").read_text()
+    assert "overwrite" not in yaml.safe_load((old_run / "config.yaml").read_text())["train"]
 
 
 def test_a_second_start_on_the_same_output_dir_is_refused(test_env, tmp_path):

@@ -3,10 +3,13 @@
 import time
 
 import torch.distributed as dist
+import pytest
 import torch.multiprocessing as mp
 
 from cifar_dist.config import UserError
 from cifar_dist.preflight import preflight
+
+pytestmark = pytest.mark.multiprocess
 
 
 def _worker(rank: int, init_file: str, out_dir: str, late_rank: int | None):

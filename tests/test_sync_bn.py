@@ -2,10 +2,13 @@
 
 import torch
 import torch.distributed as dist
+import pytest
 import torch.multiprocessing as mp
 from torch import nn
 
 from cifar_dist.model import SyncBatchNorm2d
+
+pytestmark = pytest.mark.multiprocess
 
 
 def _make_inputs():

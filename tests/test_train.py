@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 from cifar_dist.config import parse_config
 from conftest import TINY, V1_FILE, run_train
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def one_process_run(test_env, tmp_path_factory):
