@@ -41,6 +41,7 @@ def float64_runs(test_env, tmp_path_factory):
     return root, procs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", OPTIONS)
 def test_each_speed_option_trains_the_same_weights(float64_runs, initial_weights, option):
     root, procs = float64_runs
@@ -52,6 +53,7 @@ def test_each_speed_option_trains_the_same_weights(float64_runs, initial_weights
     assert fast["val_acc"] == plain["val_acc"]
 
 
+@pytest.mark.slow
 def test_the_run_header_says_what_the_step_uses(float64_runs):
     _, procs = float64_runs
     assert "- step: plain eager step; --compile-step, --channels-last, --fused-adam auto: off on cpu" \
@@ -62,6 +64,7 @@ def test_the_run_header_says_what_the_step_uses(float64_runs):
     assert "feature cache: 256 train + 100 test images -> 1024x2x2 float64 per image" in procs["cache"].stdout
 
 
+@pytest.mark.slow
 def test_cache_with_two_processes_trains_what_one_process_trains(float64_runs, initial_weights, test_env):
     # Each process computes half the features and the all-gather completes both copies; the data order is the
     # plain path's, so the result matches one process without the cache.
@@ -74,6 +77,7 @@ def test_cache_with_two_processes_trains_what_one_process_trains(float64_runs, i
     assert two["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-9)
 
 
+@pytest.mark.slow
 def test_float32_with_every_option_matches_the_plain_path(test_env, tmp_path, initial_weights):
     # float32 at lr 1e-5: at the recipe's 1e-3, Adam turns rounding (other conv kernels for channels_last,
     # another batch size for the trunk) into lr-sized steps, and runs that differ only in thread count end 16%
@@ -92,6 +96,7 @@ def test_float32_with_every_option_matches_the_plain_path(test_env, tmp_path, in
     assert abs(b["val_acc"] - a["val_acc"]) <= 0.01 + 1e-9  # at most one image on the decision boundary
 
 
+@pytest.mark.slow
 def test_compiled_step_with_two_processes_trains_what_one_plain_process_trains(float64_runs, initial_weights,
                                                                                test_env):
     # The default multi-GPU step: compiled, inside DDP, with SyncBatchNorm's collectives in the graph.
@@ -102,6 +107,7 @@ def test_compiled_step_with_two_processes_trains_what_one_plain_process_trains(f
     assert "Grad strides do not match" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_bf16_gradient_all_reduce_moves_the_result_by_less_than_float32_rounding(initial_weights, test_env, tmp_path):
     # The one option that changes the numbers: gradients are averaged in bf16 (8 significant bits). It is what
     # --grad-reduce-dtype auto picks when training in bf16, whose matmuls round to that precision anyway.
@@ -120,6 +126,7 @@ def test_bf16_gradient_all_reduce_moves_the_result_by_less_than_float32_rounding
     assert abs(b["val_acc"] - a["val_acc"]) <= 0.01 + 1e-9
 
 
+@pytest.mark.slow
 def test_a_checkpoint_resumes_under_other_speed_options(test_env, tmp_path):
     # The options change how the step runs, not what it computes, so they are not part of a checkpoint's meaning.
     out = tmp_path / "out"
@@ -132,6 +139,7 @@ def test_a_checkpoint_resumes_under_other_speed_options(test_env, tmp_path):
 # -- the refusals and decisions, in process
 
 
+@pytest.mark.slow
 def test_cache_refuses_when_nothing_is_frozen(test_env, tmp_path):
     proc = run_train(test_env, [*STEPS, "--freeze-until", "none", "--cache-frozen-features",
                                 "--output-dir", str(tmp_path / "o")], check=False)
