@@ -24,16 +24,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from cifar_dist.atomic import atomic_write_bytes, atomic_write_text
-from cifar_dist.config import Config, UserError
+from cifar_dist.config import Config, UserError, meaning_keys
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 COMPLETE = "COMPLETE"
 _NAME = re.compile(r"step-(\d{8})")
-# Settings that change what a run computes: resuming under different values would silently mix two runs.
-MEANING_KEYS = ("data_source", "image_size", "max_train_samples", "synthetic_train_samples", "weights",
-                "freeze_until", "num_classes", "head_hidden_dim", "lr", "adam_beta1", "adam_beta2", "adam_eps",
-                "global_batch_size", "seed")
+# What checkpoints from before a setting existed were made with.
+LEGACY_VALUES = {"bn_momentum": 0.1}
 
 
 def save_model(model: torch.nn.Module, path: Path) -> None:
@@ -92,10 +90,10 @@ def read_state(path: Path) -> dict:
 def check_compatible(path: Path, cfg: Config) -> None:
     """Refuse a checkpoint whose run computed something else (image size, freeze point, global batch...)."""
     saved, current = _flat(read_state(path)["config"]), _flat(cfg.to_dict())
-    for key in MEANING_KEYS:
-        if saved.get(key) != current[key]:
-            flag = key.replace("_", "-")
-            raise UserError(f"checkpoint {path} was made with --{flag} {saved.get(key)}, this run has "
+    for key in meaning_keys():
+        was = saved.get(key, LEGACY_VALUES.get(key))
+        if was != current[key]:
+            raise UserError(f"checkpoint {path} was made with --{key.replace('_', '-')} {was}, this run has "
                             f"{current[key]}; resume with the same value or use another --output-dir")
 
 

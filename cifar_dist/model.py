@@ -59,6 +59,9 @@ class ResNet50Classifier(ResNet):
         for layer in (self.fc[0], self.fc[2]):  # Keras Dense defaults: glorot-uniform kernel, zero bias
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
+        for module in self.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.momentum = cfg.bn_momentum  # only trainable stages update running stats; frozen ones are eval
         self.frozen_stages = frozen_stages(cfg.freeze_until)
         for module in self._frozen_modules():
             module.requires_grad_(False)

@@ -21,6 +21,7 @@ def test_defaults_are_the_seed_recipe():
     assert (cfg.model.head_hidden_dim, cfg.model.num_classes) == (1024, 100)
     assert cfg.optim.lr == 1e-3 and cfg.optim.adam_eps == 1e-7  # Keras Adam defaults
     assert (cfg.train.global_batch_size, cfg.train.num_epochs) == (32, 10)
+    assert cfg.model.bn_momentum == 0.01  # Keras BatchNormalization momentum 0.99
 
 
 def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path):
@@ -189,6 +190,8 @@ def test_missing_config_file(tmp_path):
     (["--image-size", "0"], "--image-size must be positive"),
     (["--adam-beta1", "1.0"], "--adam-beta1 must be in [0, 1)"),
     (["--weights", "IMAGENET1K_V3"], "--weights 'IMAGENET1K_V3' is not one of"),
+    (["--bn-momentum", "0"], "--bn-momentum must be in (0, 1], got 0.0"),
+    (["--checkpoint-every-minutes", "-1"], "--checkpoint-every-minutes must be >= 0, got -1.0"),
 ])
 def test_bad_values_are_user_errors(argv, message):
     with pytest.raises(UserError) as info:
@@ -244,3 +247,26 @@ def test_impossible_batch_plans_are_refused(processes, per_device, message):
     with pytest.raises(UserError) as info:
         plan_batches(TrainConfig(per_device_batch_size=per_device), processes)
     assert message in str(info.value)
+
+
+def test_a_checkpoint_from_before_bn_momentum_existed_resumes_only_with_what_it_used(tmp_path):
+    """Older checkpoints trained with torch's BatchNorm momentum 0.1 and do not record it."""
+    import json
+
+    from cifar_dist.checkpoint import STATE_FILE, check_compatible
+
+    saved = parse_config([]).to_dict()
+    del saved["model"]["bn_momentum"]
+    (tmp_path / STATE_FILE).write_text(json.dumps({"config": saved}))
+    with pytest.raises(UserError, match="was made with --bn-momentum 0.1, this run has 0.01"):
+        check_compatible(tmp_path, parse_config([]))
+    check_compatible(tmp_path, parse_config(["--bn-momentum", "0.1"]))
+
+
+def test_the_settings_a_resume_must_keep_are_marked_on_the_fields():
+    from cifar_dist.config import meaning_keys
+
+    assert set(meaning_keys()) == {
+        "data_source", "image_size", "max_train_samples", "synthetic_train_samples", "weights", "freeze_until",
+        "num_classes", "head_hidden_dim", "bn_momentum", "lr", "adam_beta1", "adam_beta2", "adam_eps",
+        "global_batch_size", "seed"}

@@ -67,6 +67,19 @@ def test_training_steps_leave_frozen_weights_and_bn_stats_untouched():
         assert changed == trainable_part, key  # layer4 BN running stats move too: that BN is trained
 
 
+@pytest.mark.parametrize("momentum", [0.01, 0.1])
+def test_trainable_batchnorm_keeps_running_stats_with_the_keras_momentum(momentum):
+    """Keras's BatchNormalization(momentum=0.99) keeps 99% of the old statistic per step: torch's 0.01."""
+    model = tiny_model(bn_momentum=momentum).train()
+    bn = model.layer4[2].bn3
+    before = bn.running_mean.clone()
+    seen = {}
+    bn.register_forward_pre_hook(lambda m, inputs: seen.update(mean=inputs[0].mean((0, 2, 3))))
+    with torch.no_grad():
+        model(torch.randint(0, 256, (8, 32, 32, 3), dtype=torch.uint8))
+    torch.testing.assert_close(bn.running_mean, (1 - momentum) * before + momentum * seen["mean"])
+
+
 def test_preprocess_matches_reference_resize_and_normalise():
     images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
     out = Preprocess(224)(images)
