@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from cifar_dist.checkpoint import atomic_write_bytes, atomic_write_text
-from cifar_dist.config import TrackingConfig, UserError
+from cifar_dist.config import Config, TrackingConfig, UserError
 
 # The seed notebook's reported table (Keras, one GPU): epoch -> (train acc, val acc, train loss, val loss).
 SEED_RESULTS = {1: (0.498, 0.691, 1.92, 1.02), 5: (0.942, 0.728, 0.17, 1.40), 10: (0.980, 0.749, 0.06, 1.52)}
@@ -159,9 +159,14 @@ def git_commit() -> str | None:
 class RunLog:
     """Per-step and per-epoch metrics to disk and trackers, and the end-of-run report."""
 
-    def __init__(self, accelerator, output_dir: Path, header: str, records: list[dict]):
-        """``records``: the epochs already logged before a resume, kept so the files never list one twice."""
+    def __init__(self, accelerator, output_dir: Path, header: str, records: list[dict], title: str = "",
+                 seed_reference: bool = True):
+        """``records``: the epochs already logged before a resume, kept so the files never list one twice (the
+        files on disk already hold them: a finished run started again leaves its report as it was).
+        ``title`` heads curves.png; ``seed_reference``: show the notebook's figures beside this run's."""
         self.accelerator = accelerator
+        self.title = title
+        self.seed_reference = seed_reference
         self.enabled = accelerator.is_main_process
         self.output_dir = output_dir
         self.header = header
@@ -169,8 +174,6 @@ class RunLog:
         self.run_url: str | None = None
         self.summary: dict | None = None
         self.uses_wandb = "wandb" in [str(t) for t in accelerator.log_with]
-        if self.enabled and self.records:
-            self._write()
 
     def start(self, cfg: TrackingConfig, run_config: dict) -> None:
         """Start the trackers (main process inside accelerate) and announce where the run goes."""
@@ -248,19 +251,36 @@ class RunLog:
     def _write(self) -> None:
         atomic_write_text(self.output_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records))
         atomic_write_text(self.output_dir / "results.md",
-                          render_results(self.header, self.records, self.summary, self.run_url))
+                          render_results(self.header, self.records, self.summary, self.run_url,
+                                         self.seed_reference))
         if self.summary:  # drawn once, at the end: rendering takes about a second, which every epoch would pay
-            atomic_write_bytes(self.output_dir / "curves.png", plot_curves(self.records))
+            atomic_write_bytes(self.output_dir / "curves.png", plot_curves(self.records, self.title,
+                                                                                  self.seed_reference))
 
 
-def render_results(header: str, records: list[dict], summary: dict | None = None, run_url: str | None = None) -> str:
+def compares_to_seed(cfg: Config) -> bool:
+    """Whether the notebook's figures are a fair reference: real CIFAR-100 from ImageNet weights."""
+    return (cfg.data.data_source != "synthetic" and cfg.model.weights.startswith("IMAGENET1K")
+            and cfg.model.num_classes == 100)
+
+
+def plot_title(cfg: Config, output_dir: Path) -> str:
+    return (f"{cfg.tracking.run_name or output_dir.name}: {cfg.data.data_source}, weights {cfg.model.weights}, "
+            f"{cfg.data.image_size} px, lr {cfg.optim.lr:g}")
+
+
+def render_results(header: str, records: list[dict], summary: dict | None = None, run_url: str | None = None,
+                   seed_reference: bool = True) -> str:
     """results.md: the seed's table for this run, with the seed's own figures alongside, and the summary."""
-    rows = ["| Epoch | Training Accuracy | Validation Accuracy | Training Loss | Validation Loss | Seed val acc |",
-            "|-------|-------------------|---------------------|---------------|-----------------|--------------|"]
+    seed_column = " Seed val acc |" if seed_reference else ""
+    rows = ["| Epoch | Training Accuracy | Validation Accuracy | Training Loss | Validation Loss |" + seed_column,
+            "|-------|-------------------|---------------------|---------------|-----------------|"
+            + ("--------------|" if seed_reference else "")]
     for r in records:
         seed = SEED_RESULTS.get(r["epoch"])
-        rows.append(f"| {r['epoch']} | {100 * r['train_acc']:.1f}% | {100 * r['val_acc']:.1f}% | "
-                    f"{r['train_loss']:.2f} | {r['val_loss']:.2f} | {f'{100 * seed[1]:.1f}%' if seed else ''} |")
+        row = (f"| {r['epoch']} | {100 * r['train_acc']:.1f}% | {100 * r['val_acc']:.1f}% | {r['train_loss']:.2f} "
+               f"| {r['val_loss']:.2f} |")
+        rows.append(row + (f" {f'{100 * seed[1]:.1f}%' if seed else ''} |" if seed_reference else ""))
     last = records[-1]
     text = (f"{header}\n\n" + "\n".join(rows) + "\n\n"
             f"Final validation accuracy {100 * last['val_acc']:.2f}% (top-5 {100 * last['val_top5']:.2f}%) "
@@ -273,28 +293,35 @@ def render_results(header: str, records: list[dict], summary: dict | None = None
     return text + "\n![curves](curves.png)\n"
 
 
-def plot_curves(records: list[dict]) -> bytes:
-    """curves.png: loss and accuracy per epoch, train vs val, with the seed's reported validation accuracy."""
+def plot_curves(records: list[dict], title: str = "", seed_reference: bool = True) -> bytes:
+    """curves.png: loss and accuracy per epoch, train vs val, with the seed's reported validation figures when
+    they are a fair reference, over this run's epochs only."""
     import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in records]
-    fig = Figure(figsize=(10, 4), dpi=100)
+    fig = Figure(figsize=(10, 4.4), dpi=100)
+    if title:
+        fig.suptitle(title, fontsize=10)
     loss_ax, acc_ax = fig.subplots(1, 2)
     loss_ax.plot(epochs, [r["train_loss"] for r in records], "o-", label="train")
     loss_ax.plot(epochs, [r["val_loss"] for r in records], "o-", label="val")
     acc_ax.plot(epochs, [100 * r["train_acc"] for r in records], "o-", label="train")
     acc_ax.plot(epochs, [100 * r["val_acc"] for r in records], "o-", label="val")
-    seed_epochs = sorted(SEED_RESULTS)
-    acc_ax.plot(seed_epochs, [100 * SEED_RESULTS[e][1] for e in seed_epochs], "k--", label="seed val (Keras)")
-    loss_ax.plot(seed_epochs, [SEED_RESULTS[e][3] for e in seed_epochs], "k--", label="seed val (Keras)")
-    for ax, title in ((loss_ax, "loss"), (acc_ax, "accuracy (%)")):
+    seed_epochs = [e for e in sorted(SEED_RESULTS) if e <= max(epochs)]
+    if seed_reference and seed_epochs:
+        acc_ax.plot(seed_epochs, [100 * SEED_RESULTS[e][1] for e in seed_epochs], "ks--", label="seed val (Keras)")
+        loss_ax.plot(seed_epochs, [SEED_RESULTS[e][3] for e in seed_epochs], "ks--", label="seed val (Keras)")
+    for ax, name in ((loss_ax, "loss"), (acc_ax, "accuracy (%)")):
         ax.set_xlabel("epoch")
-        ax.set_title(title)
+        ax.set_title(name)
+        ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     buffer = io.BytesIO()

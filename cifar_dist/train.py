@@ -47,7 +47,7 @@ from cifar_dist.preflight import preflight
 from cifar_dist.rundir import CHECKPOINTS, Claim, claim_output_dir
 from cifar_dist.speed import (FastPath, build_optimizer, compile_for_training, ddp_kwargs, prepare_model_layout,
                               resolve_fast_path)
-from cifar_dist.tracking import RunLog, git_commit, tracker_backend
+from cifar_dist.tracking import RunLog, compares_to_seed, git_commit, plot_title, tracker_backend
 
 
 # How often (optimizer steps) the processes agree on whether to stop. Each check is one tiny all-reduce and
@@ -306,7 +306,8 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
     accelerator.print(header)
     if claim.resume_from is not None:
         accelerator.print(f"resuming from {claim.resume_from} (epoch {position['epoch']}, step {position['step']})")
-    run_log = RunLog(accelerator, claim.output_dir, header, position["records"])
+    run_log = RunLog(accelerator, claim.output_dir, header, position["records"], plot_title(cfg, claim.output_dir),
+                     compares_to_seed(cfg))
     run_log.start(cfg.tracking, {**cfg.to_dict(), "run": run_facts(plan, accelerator, counts, fast)})
 
     steps_per_epoch = len(train_loader) // plan.grad_accum_steps

@@ -206,7 +206,9 @@ def test_overwrite_starts_fresh(test_env, tmp_path):
 
 def test_finished_run_resumed_does_nothing_more(test_env, finished):
     weights = (finished / "model.safetensors").read_bytes()
+    report = (finished / "results.md").read_text()
     proc = run_train(test_env, [*TINY, "--max-steps", "3", "--checkpoint-every-steps", "2",
                                 "--output-dir", str(finished)])
     assert "resuming from" in proc.stdout and "epoch 1: train loss" not in proc.stdout
     assert (finished / "model.safetensors").read_bytes() == weights
+    assert (finished / "results.md").read_text() == report  # the same report, summary included

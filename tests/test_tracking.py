@@ -154,6 +154,22 @@ def test_run_id_is_stable_per_output_dir(tmp_path, monkeypatch):
     assert run_id_for(tmp_path) == "kept123"
 
 
+def test_the_seed_is_shown_only_beside_the_recipe(tmp_path):
+    from cifar_dist.config import parse_config
+    from cifar_dist.tracking import compares_to_seed, plot_title, render_results
+
+    assert compares_to_seed(parse_config([]))
+    synthetic = parse_config(["--data-source", "synthetic", "--run-name", "smoke"])
+    assert not compares_to_seed(synthetic) and not compares_to_seed(parse_config(["--weights", "none"]))
+    assert plot_title(synthetic, tmp_path).startswith("smoke: synthetic, weights IMAGENET1K_V1, 224 px")
+    record = {"epoch": 1, "step": 8, "train_loss": 2.0, "val_loss": 1.5, "train_acc": 0.4, "val_acc": 0.5,
+              "val_top5": 0.9, "val_num_samples": 100}
+    assert "| 69.1% |" in render_results("# run", [record])
+    assert "Seed" not in render_results("# run", [record], seed_reference=False)
+    a, b = plot_curves([record], "a", seed_reference=True), plot_curves([record], "a", seed_reference=False)
+    assert a != b
+
+
 def test_curves_png_depends_on_the_data():
     one = [{"epoch": 1, "train_loss": 2.0, "val_loss": 1.5, "train_acc": 0.4, "val_acc": 0.5}]
     two = one + [{"epoch": 2, "train_loss": 1.0, "val_loss": 1.2, "train_acc": 0.7, "val_acc": 0.6}]
