@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
-from cifar_dist.checkpoint import atomic_write_bytes, atomic_write_text
+from cifar_dist.atomic import atomic_write_bytes, atomic_write_text
 from cifar_dist.config import Config, TrackingConfig, UserError
 
 # The seed notebook's reported table (Keras, one GPU): epoch -> (train acc, val acc, train loss, val loss).

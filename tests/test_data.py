@@ -1,3 +1,4 @@
+import dataclasses
 import http.server
 import logging
 import os
@@ -105,6 +106,14 @@ def test_local_formats_load_identically(fmt, arrays, tmp_path):
 def test_python3_protocol2_pickles_load(fmt, arrays, tmp_path):
     source = WRITERS[fmt](tmp_path / "src", arrays, py2=False)
     assert_matches(load(source), arrays)
+
+
+def test_the_hub_copys_misspelt_crab_comes_out_as_crab(arrays, tmp_path):
+    names = list(arrays.class_names)
+    names[26] = "cra"  # as the Hugging Face copy of CIFAR-100 spells it
+    saved = write_saved_dataset(tmp_path / "saved", dataclasses.replace(arrays, class_names=names))
+    splits = build_splits(DataConfig(data_source=str(saved)))
+    assert splits.class_names[26] == "crab" and splits.class_names[:26] == names[:26]
 
 
 def test_source_folders_stay_untouched_and_cache_is_private(arrays, tmp_path, hf_cache):
