@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The body every cifar_dist sbatch script runs (train.sh, train_1node.sh, train_cpu.sh set the settings):
+# The body every cifar_dist sbatch script runs (train.sh and train_cpu.sh set the settings):
 # one `accelerate launch` per node through srun, a graceful stop on SLURM's warning signal, and a requeue
 # only once that stop's checkpoint is complete. Training flags are passed through: job.sh [cifar_dist flags].
 set -uo pipefail
