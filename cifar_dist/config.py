@@ -17,18 +17,20 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
 HUB_DATASET = "uoft-cs/cifar100"
 WEIGHTS_CHOICES = ("IMAGENET1K_V1", "IMAGENET1K_V2", "none")
 STAGES = ("conv1", "layer1", "layer2", "layer3", "layer4", "fc")
-FREEZE_CHOICES = ("none",) + STAGES[1:]
-TRACKERS = ("auto", "none", "wandb", "tensorboard")
-MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
-AUTO_YES_NO = ("auto", "yes", "no")
-CACHE_LOCATIONS = ("auto", "device", "host")
-GRAD_REDUCE_DTYPES = ("auto", "fp32", "bf16")
+# Settings with a fixed set of values are Literal types: the flag's choices and the YAML check come from them.
+FreezeUntil = Literal["none", "layer1", "layer2", "layer3", "layer4", "fc"]
+Tracker = Literal["auto", "none", "wandb", "tensorboard"]
+MixedPrecision = Literal["auto", "no", "bf16", "fp16"]
+AutoYesNo = Literal["auto", "yes", "no"]
+CacheLocation = Literal["auto", "device", "host"]
+GradReduceDtype = Literal["auto", "fp32", "bf16"]
 
 
 class UserError(ValueError):
@@ -50,6 +52,9 @@ class _Section:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise UserError(f"--{_flag(f.name)} must be a finite number, got {value}")
+            choices = _choices(type(self), f.name)  # argparse checks flags; this covers YAML and direct use
+            if choices and value not in choices:
+                raise UserError(f"--{_flag(f.name)} {value!r}: expected one of {', '.join(choices)}")
         self.validate()
 
     def validate(self):
@@ -81,9 +86,8 @@ class ModelConfig(_Section):
         "backbone weights: IMAGENET1K_V1 (closest to the seed's Keras weights), IMAGENET1K_V2, none, "
         "or a path to a ResNet50 state dict (.safetensors, .pt, .pth)", meaning=True,
     )
-    freeze_until: str = _field(
-        "layer4", "freeze every stage before this one (layer1 layer2 layer3 layer4 fc); 'none' trains all",
-        choices=FREEZE_CHOICES, meaning=True,
+    freeze_until: FreezeUntil = _field(
+        "layer4", "freeze every stage before this one (layer1 layer2 layer3 layer4 fc); 'none' trains all", meaning=True,
     )
     num_classes: int = _field(100, "output classes of the head", meaning=True)
     head_hidden_dim: int = _field(1024, "width of the head's hidden ReLU layer", meaning=True)
@@ -128,9 +132,8 @@ class TrainConfig(_Section):
     eval_batch_size: int = _field(256, "images per process per evaluation forward pass")
     max_steps: int | None = _field(None, "stop after this many optimizer steps in total (debugging)")
     seed: int = _field(0, "seed for the head's initialisation and the data order", meaning=True)
-    mixed_precision: str = _field(
+    mixed_precision: MixedPrecision = _field(
         "auto", "auto (bf16 on a GPU that has it unless the accelerate config says otherwise, else fp32), no, bf16, fp16",
-        choices=MIXED_PRECISION,
     )
     output_dir: str = _field("outputs/cifar100-resnet50", "where config.yaml, metrics and the model are written")
     resume: str = _field(
@@ -162,8 +165,7 @@ class TrainConfig(_Section):
 
 @dataclass(kw_only=True)
 class TrackingConfig(_Section):
-    tracker: str = _field("auto", "where metrics also go: auto (wandb if installed), wandb, tensorboard, none",
-                          choices=TRACKERS)
+    tracker: Tracker = _field("auto", "where metrics also go: auto (wandb if installed), wandb, tensorboard, none")
     wandb_project: str | None = _field(None, "W&B project (default: $WANDB_PROJECT, else cifar_dist)")
     wandb_entity: str | None = _field(None, "W&B entity (default: $WANDB_ENTITY, else your default entity)")
     wandb_tags: str | None = _field(None, "comma-separated W&B tags")
@@ -176,24 +178,22 @@ class SpeedConfig(_Section):
     """How the step is executed. None of these changes what is computed (beyond float rounding), so a checkpoint
     made with one setting resumes under another; 'auto' turns each on where it is safe and supported (CUDA)."""
 
-    compile_step: str = _field(
+    compile_step: AutoYesNo = _field(
         "auto", "torch.compile the training forward/backward with mode reduce-overhead (CUDA graphs: the batch-32 "
-        "step is launch-bound); auto: on CUDA", choices=AUTO_YES_NO)
-    channels_last: str = _field("auto", "channels_last memory format for the convolutions; auto: on CUDA",
-                                choices=AUTO_YES_NO)
-    fused_adam: str = _field("auto", "Adam's fused single-kernel implementation; auto: on CUDA", choices=AUTO_YES_NO)
+        "step is launch-bound); auto: on CUDA")
+    channels_last: AutoYesNo = _field("auto", "channels_last memory format for the convolutions; auto: on CUDA")
+    fused_adam: AutoYesNo = _field("auto", "Adam's fused single-kernel implementation; auto: on CUDA")
     cache_frozen_features: bool = _field(
         False, "run the frozen stages once per image (they are a fixed function of it: no augmentation, frozen "
         "BatchNorm in eval mode), keep their output, and train/evaluate the rest from it")
-    feature_cache_location: str = _field(
+    feature_cache_location: CacheLocation = _field(
         "auto", "where the cached features live: device memory, host memory, or auto (the device if they fit, "
-        "else the host)", choices=CACHE_LOCATIONS)
+        "else the host)")
     ddp_bucket_mb: int = _field(
         64, "DDP gradient bucket size with several processes: larger than torch's 25 so that the ~68 MB of fp32 "
         "layer4 + head gradients go in few all-reduces, as a 32-image backward leaves little to overlap them with")
-    grad_reduce_dtype: str = _field(
-        "auto", "dtype of the gradient all-reduce between processes; auto: bf16 when training in bf16, else fp32",
-        choices=GRAD_REDUCE_DTYPES)
+    grad_reduce_dtype: GradReduceDtype = _field(
+        "auto", "dtype of the gradient all-reduce between processes; auto: bf16 when training in bf16, else fp32")
 
     def validate(self):
         _positive(self, "ddp_bucket_mb")
@@ -209,13 +209,6 @@ class Config:
     speed: SpeedConfig = field(default_factory=SpeedConfig)
 
     def __post_init__(self):
-        # argparse enforces choices for flags; this covers values that came from a YAML file.
-        for section in dataclasses.fields(self):
-            obj = getattr(self, section.name)
-            for f in dataclasses.fields(obj):
-                choices = f.metadata.get("choices")
-                if choices and getattr(obj, f.name) not in choices:
-                    raise UserError(f"--{_flag(f.name)} {getattr(obj, f.name)!r}: expected one of {', '.join(choices)}")
         if self.speed.cache_frozen_features and self.model.freeze_until == "none":
             raise UserError("--cache-frozen-features: nothing is frozen (--freeze-until none), so there is nothing "
                             "to cache; freeze some stages or drop --cache-frozen-features")
@@ -249,10 +242,19 @@ def _positive_or_none(obj, *names):
 
 
 def _base_type(cls, name: str) -> tuple[type, bool]:
-    """(scalar type, accepts None) of field ``name`` of ``cls``: int, float, str, bool, or `X | None`."""
+    """(scalar type, accepts None) of field ``name`` of ``cls``: int, float, str, bool, a Literal of strings,
+    or `X | None`."""
     hint = typing.get_type_hints(cls)[name]
+    if typing.get_origin(hint) is Literal:
+        return str, False
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return (args[0], True) if isinstance(hint, types.UnionType) else (hint, False)
+
+
+def _choices(cls, name: str) -> tuple[str, ...] | None:
+    """The values a Literal-typed field allows, or None."""
+    hint = typing.get_type_hints(cls)[name]
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
 
 
 def _coerce(name: str, value, where: str):
@@ -376,8 +378,8 @@ def build_parser(prog: str = "cifar_dist.train") -> argparse.ArgumentParser:
                 f"--{_flag(f.name)}",
                 dest=f.name,
                 type=_nullable(typ) if nullable else typ,
-                choices=f.metadata.get("choices"),
-                metavar=None if f.metadata.get("choices") else typ.__name__.upper(),
+                choices=_choices(cls, f.name),
+                metavar=None if _choices(cls, f.name) else typ.__name__.upper(),
                 help=f"{f.metadata['help']} (default: {default})",
             )
     return parser

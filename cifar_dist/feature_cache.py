@@ -46,10 +46,8 @@ class FeatureDataset(Dataset):
 
 
 def check_cacheable(model) -> None:
-    """Raise UserError unless the frozen stages are a fixed function of the image."""
-    if not model.frozen_stages:
-        raise UserError("--cache-frozen-features: nothing is frozen (--freeze-until none), so there is nothing to "
-                        "cache; freeze some stages or drop --cache-frozen-features")
+    """Raise UserError unless the frozen stages are a fixed function of the image (that some stage is frozen at
+    all, the config checks)."""
     for name, module in model.named_modules():
         if name.split(".")[0] not in model.frozen_module_names():
             continue

@@ -35,8 +35,8 @@ def test_freeze_policy(freeze_until, trainable_prefixes):
 def test_frozen_stages_names():
     assert frozen_stages("layer4") == ("conv1", "layer1", "layer2", "layer3")
     assert frozen_stages("none") == ()
-    with pytest.raises(UserError, match="--freeze-until 'layer5'"):
-        frozen_stages("layer5")
+    with pytest.raises(UserError, match="--freeze-until 'layer5': expected one of none, layer1"):
+        ModelConfig(freeze_until="layer5")  # checked once, by the config; YAML values included
 
 
 def test_frozen_batchnorm_stays_in_eval_mode_under_train():
