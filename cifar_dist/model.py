@@ -154,7 +154,8 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - corrupt files raise anything from pickle, zip or safetensors
-        raise UserError(f"--weights {path}: not a readable state dict ({type(exc).__name__}); is the file complete?")
+        raise UserError(f"--weights {path}: not a readable state dict ({type(exc).__name__}); "
+                        "is the file complete?") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"--weights {path}: expected a state dict of tensors")
     return state

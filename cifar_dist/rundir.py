@@ -45,7 +45,8 @@ def writable_dir(output_dir: str) -> tuple[Path, bool]:
         path.mkdir(parents=True, exist_ok=True)
         tempfile.NamedTemporaryFile(dir=path, prefix=".write-test.").close()
     except OSError as exc:
-        raise UserError(f"--output-dir {output_dir} is not writable ({exc.strerror}); choose another directory")
+        raise UserError(f"--output-dir {output_dir} is not writable ({exc.strerror}); "
+                        "choose another directory") from None
     return path, created
 
 

@@ -45,10 +45,15 @@ from cifar_dist.feature_cache import build_feature_cache
 from cifar_dist.model import build_model, convert_sync_batchnorm, count_parameters
 from cifar_dist.preflight import preflight
 from cifar_dist.rundir import CHECKPOINTS, Claim, claim_output_dir
-from cifar_dist.speed import (FastPath, build_optimizer, compile_for_training, ddp_kwargs, prepare_model_layout,
-                              resolve_fast_path)
+from cifar_dist.speed import (
+    FastPath,
+    build_optimizer,
+    compile_for_training,
+    ddp_kwargs,
+    prepare_model_layout,
+    resolve_fast_path,
+)
 from cifar_dist.tracking import RunLog, compares_to_seed, git_commit, plot_title, tracker_backend
-
 
 # How often (optimizer steps) the processes agree on whether to stop. Each check is one tiny all-reduce and
 # one wait for the device, so not every step; a signal is acted on within this many steps.

@@ -17,6 +17,17 @@ import requests
 import torch
 from accelerate.data_loader import BatchSamplerShard, DataLoaderShard, prepare_data_loader, skip_first_batches
 from accelerate.state import AcceleratorState, PartialState
+from PIL import Image
+
+from cifar_dist.config import BatchPlan, DataConfig, UserError
+from cifar_dist.data import (
+    CifarSplits,
+    EpochShuffleSampler,
+    ImageTensorDataset,
+    build_dataloaders,
+    build_splits,
+    load_cifar100,
+)
 from cifar_files import (
     CifarArrays,
     hub_dataset_dict,
@@ -30,17 +41,6 @@ from cifar_files import (
     write_tar_gz,
 )
 from conftest import _free_port, run_train
-from PIL import Image
-
-from cifar_dist.config import BatchPlan, DataConfig, UserError
-from cifar_dist.data import (
-    CifarSplits,
-    EpochShuffleSampler,
-    ImageTensorDataset,
-    build_dataloaders,
-    build_splits,
-    load_cifar100,
-)
 
 
 @pytest.fixture(autouse=True)

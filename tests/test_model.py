@@ -6,8 +6,15 @@ from torch import nn
 from torchvision.models import resnet50
 
 from cifar_dist.config import ModelConfig, UserError
-from cifar_dist.model import (IMAGENET_MEAN, IMAGENET_STD, Preprocess, ResNet50Classifier, build_model,
-                              count_parameters, frozen_stages)
+from cifar_dist.model import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocess,
+    ResNet50Classifier,
+    build_model,
+    count_parameters,
+    frozen_stages,
+)
 
 
 def tiny_model(**kw) -> ResNet50Classifier:

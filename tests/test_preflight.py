@@ -2,8 +2,8 @@
 
 import time
 
-import torch.distributed as dist
 import pytest
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cifar_dist.config import UserError

@@ -10,8 +10,16 @@ import time
 import pytest
 
 from cifar_dist.config import UserError
-from cifar_dist.rundir import (LOCK, PREVIOUS, STALE_AFTER_S, STARTING, FreshStart, acquire_lock, clear_leftovers,
-                               undo_start)
+from cifar_dist.rundir import (
+    LOCK,
+    PREVIOUS,
+    STALE_AFTER_S,
+    STARTING,
+    FreshStart,
+    acquire_lock,
+    clear_leftovers,
+    undo_start,
+)
 
 
 def plant_lock(out, **holder):

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import conftest
 from cifar_dist.config import ModelConfig, SpeedConfig, UserError
 from cifar_dist.feature_cache import DEVICE_HEADROOM_BYTES, check_cacheable, choose_location
 from cifar_dist.model import ResNet50Classifier
 from cifar_dist.speed import resolve_fast_path
-import conftest
 from conftest import FLOAT64, TINY, records, run_train
 
 STEPS = [*TINY, "--num-epochs", "1", "--eval-batch-size", "48"]
@@ -201,7 +201,7 @@ def test_cache_that_fits_nowhere_is_refused(choice, device_free, message):
     with pytest.raises(UserError) as info:
         choose_location(choice, 20 * GiB, torch.device("cuda"), device_free, 8 * GiB)
     assert str(info.value) == message
-    assert DEVICE_HEADROOM_BYTES == 6 * GiB
+    assert 6 * GiB == DEVICE_HEADROOM_BYTES
 
 
 def test_fast_path_is_on_for_cuda_and_off_on_cpu_by_default():

@@ -1,8 +1,8 @@
 """SyncBatchNorm2d over real gloo processes equals plain BatchNorm2d on the whole batch in one process."""
 
+import pytest
 import torch
 import torch.distributed as dist
-import pytest
 import torch.multiprocessing as mp
 from torch import nn
 

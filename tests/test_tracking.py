@@ -10,8 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, _free_port, run_train
-from wandb_log import config, history, run_id
 
 from cifar_dist.config import TrackingConfig, UserError
 from cifar_dist.sync import find_offline_runs
@@ -23,6 +21,8 @@ from cifar_dist.tracking import (
     tracker_backend,
     wandb_init_kwargs,
 )
+from conftest import REPO, TINY, _free_port, run_train
+from wandb_log import config, history, run_id
 
 SECRET = "planted0secret0key0that0must0never0be0written0anywhere"
 
