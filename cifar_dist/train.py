@@ -272,6 +272,8 @@ def run(cfg: Config, dtype: torch.dtype = torch.float32) -> list[dict]:
             record["train_time_s"] = round(train_time, 3)
             record["eval_time_s"] = round(time.perf_counter() - eval_start, 3)
             record["train_images_per_s"] = round((done - first_done) * plan.global_batch_size / train_time, 1)
+            if resume_from is not None:  # lets compare show the run as resumed
+                record["resumed_from_step"] = position["step"]
             run_log.log_epoch(record, step=step)
             accelerator.print(
                 f"epoch {epoch}: train loss {record['train_loss']:.4f} acc {100 * record['train_acc']:.2f}% | "
