@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -366,7 +367,7 @@ def check_args(args, found: TrainedModel) -> Path:
 
 def write_outputs(report: dict, confusion: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
                   output_dir: Path, args) -> None:
-    from cifar_dist.predict import PredictionWriter, top_k
+    from cifar_dist.predict import write_split_predictions
 
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(output_dir / "eval.json", json.dumps(report, indent=1) + "\n")
@@ -375,22 +376,16 @@ def write_outputs(report: dict, confusion: torch.Tensor, logits: torch.Tensor, l
              f"top-1 {100 * report['top1']:.2f}%")
     atomic_write_bytes(output_dir / "confusion.png", plot_confusion(confusion, report["class_names"], title))
     if args.predictions:
-        names = report["class_names"]
-        with open(args.predictions, "w", newline="") as f:
-            writer = PredictionWriter(f, "csv", args.top_k, key="index", extra=("label",))
-            classes, probs = top_k(logits, args.top_k)
-            for i, (row_classes, row_probs, label) in enumerate(zip(classes, probs, labels.tolist())):
-                writer.write(i, [names[c] for c in row_classes], row_probs, names[label])
-            writer.close()
+        write_split_predictions(Path(args.predictions), logits, labels, report["class_names"], args.top_k)
 
 
 def run(args) -> dict | None:
     found = resolve_model(args.run, args.config)
     output_dir = check_args(args, found)
+    if found.note and os.environ.get("RANK", "0") == "0":
+        print(f"cifar_dist.evaluate: {found.note}", flush=True)
     report, confusion, logits, labels, accelerator = evaluate_model(found, args)
     if accelerator.is_main_process:
-        if found.note:
-            print(f"cifar_dist.evaluate: {found.note}")
         write_outputs(report, confusion, logits, labels, output_dir, args)
         last = report["trainer_last_epoch"]
         print(f"{report['model']}, {report['split']} split ({report['num_samples']} images): loss "

@@ -13,8 +13,15 @@ from PIL import Image
 from cifar_dist.checkpoint import save_model
 from cifar_dist.config import make_config, save_config
 from cifar_dist.model import build_model
-from cifar_dist.predict import (PredictionWriter, build_loader, find_images, load_cifar_image, main, predict_files,
-                                to_rgb)
+from cifar_dist.predict import (
+    PredictionWriter,
+    build_loader,
+    find_images,
+    load_cifar_image,
+    main,
+    predict_files,
+    to_rgb,
+)
 
 
 @pytest.fixture(scope="module")

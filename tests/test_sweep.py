@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO
+from wandb_log import read_records
 
 from cifar_dist.config import parse_config
 from cifar_dist.sweep import main, read_grid
-from conftest import REPO
-from wandb_log import read_records
 
 # The tests' tiny training settings (conftest.TINY) as a grid file, with two learning rates.
 GRID = """\
@@ -36,12 +36,12 @@ def write(path: Path, text: str) -> str:
 
 def sweep(env, *args, cwd=REPO) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cifar_dist.sweep", *map(str, args)], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, check=False)
 
 
 def compare_rows(env, root: Path) -> dict[str, list[str]]:
     proc = subprocess.run([sys.executable, "-m", "cifar_dist.compare", str(root)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if line.startswith("| ")][1:]
     return {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines)}
@@ -135,7 +135,7 @@ def array_states(cluster, job: int) -> list[dict]:
     from slurm_cluster import parse_scontrol
 
     out = subprocess.run(["scontrol", "show", "job", "-o", str(job)], env=cluster.subprocess_env(),
-                         capture_output=True, text=True, timeout=30).stdout
+                         capture_output=True, text=True, timeout=30, check=False).stdout
     return [parse_scontrol(line) for line in out.splitlines() if line.strip()]
 
 
