@@ -172,3 +172,8 @@ def test_refusals(run_dir, tmp_path, capsys):
     assert "--output /nope/out.csv: its folder does not exist" in refused(
         capsys, [str(run_dir), str(tmp_path), "--output", "/nope/out.csv"])
     assert "invalid choice: 'xml'" in refused(capsys, [str(run_dir), str(tmp_path), "--format", "xml"])
+
+
+def test_refused_under_a_launcher(run_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert "predict runs as one process" in refused(capsys, [str(run_dir), str(tmp_path)])
