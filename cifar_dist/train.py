@@ -365,6 +365,8 @@ def train_one_epoch(r: Run, epoch: int, stop: StopSignals) -> None:
     train_time = time.perf_counter() - epoch_start
     record = end_of_epoch_record(r, epoch, totals, train_time, (done - first_done) * plan.global_batch_size)
     record["epoch_time_s"] = round(time.perf_counter() - epoch_start, 3)
+    if r.claim.resume_from is not None:  # lets compare show the run as resumed
+        record["resumed_from_step"] = r.position["step"]
     r.run_log.log_epoch(record, step=r.step)
     accelerator.print(
         f"epoch {epoch}: train loss {record['train_loss']:.4f} acc {100 * record['train_acc']:.2f}% | "

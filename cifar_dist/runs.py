@@ -1,0 +1,170 @@
+"""Runs on disk, as the after-training tools (evaluate, predict, compare, sweep) find and read them.
+
+A run is an output dir of ``cifar_dist.train``: ``config.yaml``, ``metrics.jsonl``, ``results.md``,
+``checkpoints/step-N/`` and, once it has finished, ``model.safetensors``. Nothing here needs the network, the
+dataset or the ImageNet weights: a trained model is rebuilt from its config with ``weights: none`` and then
+given its own weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from cifar_dist.checkpoint import CHECKPOINTS, STATE_FILE, checkpoint_problem, find_latest, read_state
+from cifar_dist.config import Config, UserError, make_config, parse_config
+from cifar_dist.model import ResNet50Classifier, build_model
+
+CONFIG_FILE = "config.yaml"
+MODEL_FILE = "model.safetensors"
+SWEEP_POINT_FILE = "sweep_point.yaml"  # written by cifar_dist.sweep before a point's run has started
+_RUN_HELP = "a run's output dir, one of its checkpoints/step-N dirs, or a model.safetensors"
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A weights file, the config of the run that made it, and that run's output dir."""
+
+    weights: Path
+    config: Config
+    config_source: str
+    run_dir: Path
+    checkpoint: str | None  # "step-00001234" for a checkpoint's weights, None for the final model
+    note: str | None = None  # said to the user when the choice of weights is not the obvious one
+
+    def describe(self) -> str:
+        return f"{self.checkpoint or 'final model'} of {self.run_dir}"
+
+
+def resolve_model(path: str, config_path: str | None = None) -> TrainedModel:
+    """Find the weights and config for RUN (``path``); ``config_path`` replaces the config found beside it."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{path}: no such file or folder; expected {_RUN_HELP}")
+    if p.is_dir() and (p / STATE_FILE).exists():  # a checkpoint
+        problem = checkpoint_problem(p)
+        if problem:
+            raise UserError(f"{path}: {problem}")
+        run_dir = p.parent.parent if p.parent.name == CHECKPOINTS else p
+        return _with_config(p / MODEL_FILE, run_dir, p.name, config_path, checkpoint_dir=p)
+    if p.is_dir():
+        if not (p / CONFIG_FILE).is_file():
+            raise UserError(f"{path}: not a cifar_dist run (no {CONFIG_FILE}); expected {_RUN_HELP}")
+        if (p / MODEL_FILE).is_file():
+            return _with_config(p / MODEL_FILE, p, None, config_path)
+        latest = find_latest(p / CHECKPOINTS)
+        if latest is None:
+            raise UserError(f"{path}: the run has no {MODEL_FILE} (it has not finished) and no complete checkpoint")
+        found = _with_config(latest / MODEL_FILE, p, latest.name, config_path, checkpoint_dir=latest)
+        return dataclasses.replace(found, note=f"{p} has not finished: using its newest checkpoint {latest.name}")
+    if p.suffix != ".safetensors":
+        raise UserError(f"{path}: not a .safetensors file; expected {_RUN_HELP}")
+    if (p.parent / STATE_FILE).is_file():  # the model file inside a checkpoint
+        return resolve_model(str(p.parent), config_path)
+    return _with_config(p, p.parent, None, config_path)
+
+
+def _with_config(weights: Path, run_dir: Path, checkpoint: str | None, config_path: str | None,
+                 checkpoint_dir: Path | None = None) -> TrainedModel:
+    if config_path is not None:
+        return TrainedModel(weights, load_config(Path(config_path)), config_path, run_dir, checkpoint)
+    if checkpoint_dir is not None:  # the checkpoint's own record of the run's config
+        flat = {k: v for section in read_state(checkpoint_dir)["config"].values() for k, v in section.items()}
+        return TrainedModel(weights, make_config(**flat), str(checkpoint_dir / STATE_FILE), run_dir, checkpoint)
+    config = run_dir / CONFIG_FILE
+    if not config.is_file():
+        raise UserError(f"{weights}: no {CONFIG_FILE} beside it; pass the run's config with --config")
+    return TrainedModel(weights, load_config(config), str(config), run_dir, checkpoint)
+
+
+def load_config(path: Path) -> Config:
+    """A run's config.yaml (or any --config file), validated as the trainer validates it."""
+    if not path.is_file():
+        raise UserError(f"--config {path}: no such file")
+    return parse_config(["--config", str(path)])
+
+
+def check_image_size(requested: int | None, found: TrainedModel) -> None:
+    """Refuse to run a model at another input size than it was trained at: that would be another model."""
+    trained = found.config.data.image_size
+    if requested is not None and requested != trained:
+        raise UserError(f"--image-size {requested}: this model was trained at {trained} px ({found.config_source}); "
+                        f"at another size it computes something else; drop --image-size")
+
+
+def load_model(found: TrainedModel) -> ResNet50Classifier:
+    """The trained classifier on the CPU, in eval mode; UserError when the file is not this config's model."""
+    cfg = found.config
+    try:
+        state = load_file(str(found.weights))
+    except (OSError, SafetensorError) as exc:
+        raise UserError(f"{found.weights}: not a readable safetensors file ({type(exc).__name__}); "
+                        "is it complete?") from None
+    # weights "none": the run's backbone file (ImageNet download) is not needed, its own weights replace it all.
+    model = build_model(dataclasses.replace(cfg.model, weights="none"), cfg.data.image_size)
+    own = model.state_dict()
+    for key in ("fc.0.weight", "fc.2.weight"):
+        if key not in state:
+            raise UserError(f"{found.weights}: no {key}, so not a trained cifar_dist model (an ImageNet backbone "
+                            f"file has a 1000-way fc instead); pass a run's model.safetensors")
+        if state[key].shape != own[key].shape:
+            raise UserError(f"{found.weights}: its head is {_head(state)} but {found.config_source} describes "
+                            f"{_head(own)}; pass the config of the run that made these weights with --config")
+    problems = sorted(set(own) ^ set(state))
+    if problems:
+        raise UserError(f"{found.weights}: not a cifar_dist ResNet50 ({len(problems)} keys differ, e.g. "
+                        f"{problems[0]!r})")
+    model.load_state_dict(state)
+    return model.to(torch.float32).eval()
+
+
+def _head(state: dict) -> str:
+    hidden, features = state["fc.0.weight"].shape
+    return f"{features} -> {hidden} -> {state['fc.2.weight'].shape[0]} classes"
+
+
+# -- what compare and sweep read
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    """metrics.jsonl's epoch records; [] when there are none yet. A damaged line raises UserError."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not readable JSON lines ({exc.msg} at line {exc.lineno})") from None
+
+
+def is_finished(run_dir: Path, cfg: Config, records: list[dict]) -> bool:
+    """The run reached its planned end (all epochs, or --max-steps) and wrote its final model."""
+    if not records or not (run_dir / MODEL_FILE).is_file():
+        return False
+    last = records[-1]
+    max_steps = cfg.train.max_steps
+    return last["epoch"] >= cfg.train.num_epochs or (max_steps is not None and last["step"] >= max_steps)
+
+
+def resumed_segments(records: list[dict]) -> int:
+    """How many times the run was resumed and then completed at least one more epoch."""
+    return len({r["resumed_from_step"] for r in records if r.get("resumed_from_step") is not None})
+
+
+_DEVICE_LINE = re.compile(r"^- device: (\d+) x (.+?), mixed precision ([^,\s]+)", re.MULTILINE)
+
+
+def run_facts(run_dir: Path) -> dict:
+    """Processes, device and precision from the header of the run's results.md ({} when it has none)."""
+    path = run_dir / "results.md"
+    match = _DEVICE_LINE.search(path.read_text()) if path.is_file() else None
+    if match is None:
+        return {}
+    return {"num_processes": int(match.group(1)), "device": match.group(2), "mixed_precision": match.group(3)}

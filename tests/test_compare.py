@@ -1,0 +1,100 @@
+"""cifar_dist.compare on runs the real trainer made (finished, stopped, resumed), and its table and refusals."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cifar_dist.compare import RunRow, differing, main, table
+from cifar_dist.config import make_config, save_config
+from conftest import REPO, TINY, run_train
+
+RUN = [*TINY, "--checkpoint-every-steps", "0"]
+
+
+def compare(env, *dirs: Path) -> str:
+    proc = subprocess.run([sys.executable, "-m", "cifar_dist.compare", *map(str, dirs)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def rows(text: str) -> dict[str, list[str]]:
+    """Table rows by run name, as lists of cells."""
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    return {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[1:])}
+
+
+@pytest.mark.slow
+def test_finished_stopped_and_resumed_runs(test_env, tmp_path):
+    root = tmp_path / "runs"
+    stopped = [*RUN, "--num-epochs", "2", "--output-dir", str(root / "long")]
+    with open(tmp_path / "log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "cifar_dist.train", *stopped], env=test_env, cwd=REPO,
+                                stdout=log, stderr=log)
+        checkpoint = root / "long" / "checkpoints" / "step-00000008"
+        deadline = time.monotonic() + 300
+        while not checkpoint.exists():  # the end of epoch 1
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()[-2000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=300) == 75  # stopped at step 10 with a checkpoint
+    run_train(test_env, [*RUN, "--num-epochs", "1", "--lr", "3e-4", "--output-dir", str(root / "short")])
+
+    text = compare(test_env, root)
+    table_rows = rows(text)
+    head = text.splitlines()[0]
+    assert [c.strip() for c in head.strip("|").split("|")][:4] == ["run", "lr", "num_epochs", "status"]
+    assert table_rows["long"][1:4] == ["0.001", "2", "unfinished, checkpoint at step 10"]
+    assert table_rows["long"][8] == "1/2" and table_rows["short"][3:4] == ["finished"]
+    assert table_rows["short"][-2:] == ["cpu (cpu), no", "1"]
+    assert (root / "compare.md").is_file() and (root / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+    run_train(test_env, stopped)  # the same command resumes and finishes
+    table_rows = rows(compare(test_env, root))
+    assert table_rows["long"][3] == "finished, resumed" and table_rows["long"][8] == "2/2"
+    # Sorted by best validation top-1.
+    best = {name: float(cells[5].split("%")[0]) for name, cells in table_rows.items()}
+    assert list(table_rows) == sorted(best, key=lambda n: -best[n])
+
+
+def record(epoch: int, acc: float, **kw) -> dict:
+    return {"epoch": epoch, "step": 8 * epoch, "val_loss": 1.0, "val_acc": acc, "val_top5": acc + 0.1,
+            "epoch_time_s": 2.0, "train_images_per_s": 100.0 * epoch, **kw}
+
+
+def test_table_sorts_by_best_and_shows_only_differences():
+    base = {k: v for s in make_config().to_dict().values() for k, v in s.items()}
+    runs = [RunRow(Path("a"), "a", {**base, "lr": 1e-3, "output_dir": "x"}, [record(1, 0.2), record(2, 0.4)],
+                   "finished"),
+            RunRow(Path("b"), "b", {**base, "lr": 3e-4, "output_dir": "y"}, [record(1, 0.5), record(2, 0.3)],
+                   "unfinished"),
+            RunRow(Path("c"), "c", {**base, "lr": 3e-4}, [], "not started")]
+    assert differing(runs) == ["lr"]  # output_dir differs too, but says nothing about what was computed
+    lines = table(runs).splitlines()
+    assert lines[0].startswith("| run | lr | status | val top-1 | best top-1 (epoch) |")
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["b", "a", "c"]
+    assert "| b | 0.0003 | unfinished | 30.00% | 50.00% (1) | 40.00% | 60.00% | 2/10 | 4.0 s | 150 |" in lines[2]
+
+
+def refused(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    return err[0]
+
+
+def test_refusals_and_unreadable_runs(tmp_path, capsys):
+    assert "/nope: no such folder" in refused(capsys, ["/nope"])
+    assert "no runs below" in refused(capsys, [str(tmp_path)])
+    run = tmp_path / "r"
+    run.mkdir()
+    save_config(make_config(), run / "config.yaml")
+    assert "--output-dir /nope: no such folder" in refused(capsys, [str(tmp_path), "--output-dir", "/nope"])
+    (run / "metrics.jsonl").write_text('{"epoch": 1,\n')  # cut off mid-write by hand
+    main([str(tmp_path)])
+    assert "| r | unreadable: " in capsys.readouterr().out

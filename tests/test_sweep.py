@@ -1,0 +1,183 @@
+"""cifar_dist.sweep: grids expanded into named, complete configs; bad grids refused by key before anything runs;
+a 2-point sweep trained here, and one as a job array on the real SLURM test cluster, both then in compare."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cifar_dist.config import parse_config
+from cifar_dist.sweep import main, read_grid
+from conftest import REPO
+from wandb_log import read_records
+
+# The tests' tiny training settings (conftest.TINY) as a grid file, with two learning rates.
+GRID = """\
+data_source: synthetic
+image_size: 32
+synthetic_train_samples: 256
+synthetic_eval_samples: 100
+mixed_precision: no          # YAML reads this as false; the sweep takes it as the setting's "no"
+log_every_steps: 2
+num_epochs: 1
+checkpoint_every_steps: 0
+lr: [3e-4, 1.0e-3]           # 3e-4 is a string to YAML 1.1
+"""
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def sweep(env, *args, cwd=REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cifar_dist.sweep", *map(str, args)], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=900, check=False)
+
+
+def compare_rows(env, root: Path) -> dict[str, list[str]]:
+    proc = subprocess.run([sys.executable, "-m", "cifar_dist.compare", str(root)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("| ")][1:]
+    return {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines)}
+
+
+def test_points_are_named_complete_configs(tmp_path):
+    grid = write(tmp_path / "g.yaml", "num_epochs: 3\nmodel:\n  freeze_until: [layer3, layer4]\nlr: ['3e-4', 1e-3]\n"
+                 "weights: /shared/w/resnet50.pth\n")
+    points = read_grid(grid)
+    assert [p.name for p in points] == ["freeze_until=layer3,lr=0.0003", "freeze_until=layer3,lr=0.001",
+                                        "freeze_until=layer4,lr=0.0003", "freeze_until=layer4,lr=0.001"]
+    cfg = points[2].config(tmp_path / "root")
+    assert (cfg.model.freeze_until, cfg.optim.lr, cfg.train.num_epochs) == ("layer4", 3e-4, 3)
+    assert cfg.train.output_dir == str(tmp_path / "root" / points[2].name) and cfg.tracking.run_name == points[2].name
+    assert [p.name for p in read_grid(write(tmp_path / "one.yaml", "lr: 0.01\n"))] == ["base"]
+    # Values that only differ in characters a folder name cannot hold get the point's index in front.
+    same = read_grid(write(tmp_path / "s.yaml", "weights: [/a/w.pth, /a:w.pth]\n"))
+    assert [p.name for p in same] == ["00-weights=a_w.pth", "01-weights=a_w.pth"]
+
+
+def test_list_show_and_prepare(tmp_path, capsys):
+    grid = write(tmp_path / "g.yaml", GRID)
+    with pytest.raises(SystemExit) as exit_info:
+        main([grid, "--list"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert out.splitlines()[:2] == ["  0  lr=0.0003", "  1  lr=0.001"]
+    assert f"sbatch --array=0-1 slurm/sweep.sh {grid} ROOT" in out
+    with pytest.raises(SystemExit):
+        main([grid, "--show", "1"])
+    shown = write(tmp_path / "shown.yaml", capsys.readouterr().out)
+    cfg = parse_config(["--config", shown])
+    assert (cfg.optim.lr, cfg.train.mixed_precision, cfg.data.image_size) == (1e-3, "no", 32)
+    with pytest.raises(SystemExit):
+        main([grid, "--prepare", str(tmp_path / "root"), "--point", "0"])
+    group, path = capsys.readouterr().out.splitlines()
+    assert group == os.environ.get("WANDB_RUN_GROUP", "root")
+    assert Path(path) == tmp_path / "root" / "lr=0.0003" / "sweep_point.yaml"
+    assert parse_config(["--config", path]).train.output_dir == str(tmp_path / "root" / "lr=0.0003")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lrr: [1e-3]\n", "unknown key 'lrr'"),
+    ("optim:\n  num_epochs: [1, 2]\n", "unknown key optim.num_epochs"),
+    ("lr: [1e-3, -1]\n", "--lr must be positive, got -1.0 (point 1: lr=-1)"),
+    ("freeze_until: [layer3, layer9]\n", "--freeze-until 'layer9': expected one of"),
+    ("num_epochs: [1, two]\n", "num_epochs must be int, got 'two'"),
+    ("lr: []\n", "lr is an empty list"),
+    ("output_dir: /x\n", "output_dir is set by the sweep"),
+    ("cache_frozen_features: true\nfreeze_until: [none, layer4]\n", "nothing is frozen (--freeze-until none)"),
+    ("- lr\n", "expected a mapping of settings"),
+    ("lr: [1e-3\n", "not valid YAML"),
+])
+def test_bad_grids_are_refused_by_key_before_anything(tmp_path, capsys, text, message):
+    grid = write(tmp_path / "g.yaml", text)
+    root = tmp_path / "root"
+    for action in (["--list"], ["--run", str(root)], ["--submit", str(root)]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([grid, *action])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err
+    assert not root.exists()
+
+
+def test_other_refusals(tmp_path, capsys):
+    grid = write(tmp_path / "g.yaml", GRID)
+    for argv, message in [([str(tmp_path / "none.yaml"), "--list"], "none.yaml: no such grid file"),
+                          ([grid, "--show", "2"], "point 2: the grid has points 0 to 1"),
+                          ([grid, "--prepare", str(tmp_path)], "pass --point I"),
+                          ([grid, "--submit", str(tmp_path), "--script", "/nope.sh"], "--script /nope.sh: no such")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.slow
+def test_run_trains_every_point_then_skips_them(test_env, tmp_path):
+    grid = write(tmp_path / "g.yaml", GRID)
+    root = tmp_path / "sweep"
+    proc = sweep(test_env, grid, "--run", root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "sweep: 2 of 2 points finished" in proc.stdout
+    rows = compare_rows(test_env, root)
+    assert set(rows) == {"lr=0.0003", "lr=0.001"} and all(r[2] == "finished" for r in rows.values())
+    again = sweep(test_env, grid, "--run", root)
+    assert again.returncode == 0 and again.stdout.count("finished already, skipped") == 2
+
+
+def array_states(cluster, job: int) -> list[dict]:
+    from slurm_cluster import parse_scontrol
+
+    out = subprocess.run(["scontrol", "show", "job", "-o", str(job)], env=cluster.subprocess_env(),
+                         capture_output=True, text=True, timeout=30, check=False).stdout
+    return [parse_scontrol(line) for line in out.splitlines() if line.strip()]
+
+
+@pytest.mark.slurm
+def test_slurm_job_array_sweep_with_a_preempted_point(slurm_cluster, test_env, tmp_path):
+    # A checkpoint every 3 steps: task 0 is told to stop once the first exists, mid-epoch, and must requeue.
+    grid = write(tmp_path / "g.yaml", GRID.replace("checkpoint_every_steps: 0", "checkpoint_every_steps: 3")
+                 + "tracker: wandb\n")
+    root = tmp_path / "sweep"
+    # The user's environment as sbatch passes it on; on this CPU cluster one process per point, no GPU, fp32.
+    env = {**test_env, **slurm_cluster.env, "PATH": f"{Path(sys.executable).parent}:{test_env['PATH']}",
+           "WANDB_MODE": "offline", "WANDB_SILENT": "true", "GPUS_PER_NODE": "1", "MIXED_PRECISION": "no"}
+    env.pop("WANDB_RUN_GROUP", None)
+    # slurm/sweep.sh asks for a GPU partition; these options make the same script fit the CPU test nodes.
+    proc = sweep(env, grid, "--submit", root, "--", "--partition=debug", "--gpus-per-node=0", "--cpus-per-task=1",
+                 f"--output={tmp_path}/task-%a.out", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    job = int(proc.stdout.split("job array ")[1].split(":")[0])
+    deadline = time.monotonic() + 600
+    first = root / "lr=0.0003" / "checkpoints" / "step-00000003"
+    while not first.exists():
+        assert time.monotonic() < deadline, (array_states(slurm_cluster, job), slurm_cluster.log_tail())
+        time.sleep(0.05)
+    task0 = next(s for s in array_states(slurm_cluster, job) if s.get("ArrayTaskId") == "0")
+    slurm_cluster.signal_batch(int(task0["JobId"]), "USR1")  # what --signal=B:USR1@180 does before the limit
+    while True:
+        states = sorted(array_states(slurm_cluster, job), key=lambda s: s.get("ArrayTaskId", ""))
+        if len(states) == 2 and all(s.get("JobState") in FINAL for s in states):
+            break
+        assert time.monotonic() < deadline, (states, slurm_cluster.log_tail())
+        time.sleep(0.5)
+    logs = {p.name: p.read_text() for p in tmp_path.glob("task-*.out")}
+    assert [(s["JobState"], s["Restarts"]) for s in states] == [("COMPLETED", "1"), ("COMPLETED", "0")], logs
+    assert "cifar_dist sweep: array task 0 -> " in logs["task-0.out"]
+    assert "requeueing (restart 1 of at most 3)" in logs["task-0.out"]
+    assert f"resuming from {root / 'lr=0.0003' / 'checkpoints'}" in logs["task-0.out"]
+    rows = compare_rows(test_env, root)
+    assert {name: r[2] for name, r in rows.items()} == {"lr=0.0003": "finished, resumed", "lr=0.001": "finished"}
+    # One W&B group for the sweep (the root's folder name), each point's runs named after it: the preempted
+    # point's two segments log to one run.
+    for point, segments in (("lr=0.0003", 2), ("lr=0.001", 1)):
+        files = sorted((root / point / "wandb").glob("offline-run-*/run-*.wandb"))
+        runs = [next(r.run for r in read_records(f) if r.WhichOneof("record_type") == "run") for f in files]
+        assert [(r.run_group, r.display_name) for r in runs] == [("sweep", point)] * segments
+        assert len({r.run_id for r in runs}) == 1
