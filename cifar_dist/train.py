@@ -42,8 +42,8 @@ from cifar_dist.data import build_dataloaders, build_splits
 from cifar_dist.feature_cache import build_feature_cache
 from cifar_dist.model import build_model, convert_sync_batchnorm, count_parameters
 from cifar_dist.preflight import preflight
-from cifar_dist.speed import (FastPath, build_optimizer, compile_for_training, ddp_kwargs, prepare_model_layout,
-                              resolve_fast_path)
+from cifar_dist.speed import (FastPath, adam_implementation, build_optimizer, compile_for_training, compile_summary,
+                              ddp_kwargs, match_optimizer_to_run, prepare_model_layout, resolve_fast_path)
 from cifar_dist.tracking import RunLog, git_commit, tracker_backend
 
 
@@ -76,8 +76,9 @@ def train_step(model, step_model, inputs, labels, optimizer, accelerator, input_
         loss = F.cross_entropy(logits, labels)  # autocast computes it in fp32 under bf16
         # Read before backward: a CUDA-graph replay may reuse the logits' memory once the step moves on.
         loss_d = loss.detach().double()
+        # full_like fills on the device; new_tensor(n) would copy a host scalar and wait for the device.
         stats = torch.stack([loss_d * labels.numel(), (logits.detach().argmax(1) == labels).sum().double(),
-                             loss_d.new_tensor(labels.numel()), (~torch.isfinite(loss_d)).double()])
+                             torch.full_like(loss_d, labels.numel()), (~torch.isfinite(loss_d)).double()])
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -89,7 +90,9 @@ def evaluate(model, loader, accelerator, class_names: list[str],
              input_name: str = "images") -> tuple[dict, list[tuple[str, float]]]:
     """Loss, top-1, top-5 and per-class accuracy over the whole test split.
 
-    gather_for_metrics drops the samples repeated to pad uneven shards, so every test image counts once.
+    gather_for_metrics drops the samples repeated to pad uneven shards, so every test image counts once. The loop
+    never waits for the device (per-class counts are index_add_ed into fixed-size tensors; bincount would read
+    the largest label back); the one wait is the final read.
     """
     model.eval()
     num_classes = len(class_names)
@@ -101,9 +104,8 @@ def evaluate(model, loader, accelerator, class_names: list[str],
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         losses, top1, top5, labels = accelerator.gather_for_metrics(
             (losses, top5[:, 0] == labels, (top5 == labels[:, None]).any(1), labels))
-        sums += torch.stack([losses.sum(), top1.sum(), top5.sum(), labels.new_tensor(losses.numel())]).double()
-        class_hits[0] += torch.bincount(labels, weights=top1.double(), minlength=num_classes)
-        class_hits[1] += torch.bincount(labels, minlength=num_classes)
+        sums += torch.stack([losses.sum(), top1.sum(), top5.sum(), losses.new_full((), losses.numel())]).double()
+        class_hits.index_add_(1, labels, torch.stack([top1.double(), torch.ones_like(top1, dtype=torch.float64)]))
     loss_sum, top1, top5, count = sums.tolist()
     per_class = [(name, hits / max(total, 1)) for name, hits, total in zip(class_names, *class_hits.tolist())]
     return ({"val_loss": loss_sum / count, "val_acc": top1 / count, "val_top5": top5 / count,
@@ -154,7 +156,7 @@ def run(cfg: Config, dtype: torch.dtype = torch.float32) -> list[dict]:
     log_with = tracker_backend(cfg.tracking)
     output_dir, resume_from = resolve_start(cfg)
     mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision)
-    fast = resolve_fast_path(cfg.speed, state.device, mixed_precision, state.num_processes)
+    fast = resolve_fast_path(cfg.speed, state.device, mixed_precision, state.num_processes, plan.grad_accum_steps)
     state.wait_for_everyone()  # every process has looked at the output dir before the main one changes it
     accelerator = Accelerator(
         cpu=cpu,
@@ -191,20 +193,22 @@ def run(cfg: Config, dtype: torch.dtype = torch.float32) -> list[dict]:
             cfg.speed.feature_cache_location))))
     train_loader, eval_loader = accelerator.prepare(
         *build_dataloaders(data, plan, cfg.train.eval_batch_size, seed=cfg.train.seed))
-    step_model = compile_for_training(model, fast)
+    step_model, fast = compile_for_training(model, fast, data.train, plan.per_device_batch_size, accelerator,
+                                            input_name)
 
     # Where to start: a checkpoint's position (the data order depends only on seed and epoch, so a position
     # in optimizer steps means the same images whatever the number of processes), or the beginning.
     position = {"epoch": 1, "steps_in_epoch": 0, "step": 0, "train_sums": [0.0, 0.0, 0.0], "records": []}
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
+        match_optimizer_to_run(optimizer)  # this run's Adam implementation and layouts, whatever the checkpoint's
         position.update({k: v for k, v in read_state(resume_from).items() if k in position})
     header = describe_run(cfg, plan, accelerator, counts, len(splits.train), len(splits.test), fast)
     accelerator.print(header)
     if resume_from is not None:
         accelerator.print(f"resuming from {resume_from} (epoch {position['epoch']}, step {position['step']})")
     run_log = RunLog(accelerator, output_dir, header, position["records"])
-    run_log.start(cfg.tracking, {**cfg.to_dict(), "run": run_facts(plan, accelerator, counts, fast)})
+    run_log.start(cfg.tracking, {**cfg.to_dict(), "run": run_facts(plan, accelerator, counts, fast, optimizer)})
 
     steps_per_epoch = len(train_loader) // plan.grad_accum_steps
     total_steps = steps_per_epoch * cfg.train.num_epochs
@@ -294,7 +298,7 @@ def run(cfg: Config, dtype: torch.dtype = torch.float32) -> list[dict]:
         best = max(records, key=lambda r: r["val_acc"])
         summary = {"final_val_acc": records[-1]["val_acc"], "final_val_top5": records[-1]["val_top5"],
                    "best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "steps": step,
-                   "total_time_s": round(time.perf_counter() - run_start, 1)}
+                   "total_time_s": round(time.perf_counter() - run_start, 1), **compile_summary(fast)}
         if resume_from is None or step > position["step"]:  # a finished run resumed has nothing new to report
             run_log.finish(summary, per_class_acc, sample_predictions(model, splits, accelerator),
                            output_dir / "model.safetensors" if cfg.tracking.log_model else None)
@@ -312,11 +316,12 @@ def sample_predictions(model, splits, accelerator, num_images: int = 16) -> list
     return [(img.cpu().numpy(), names[p], names[t]) for img, p, t in zip(images, predicted, labels.tolist())]
 
 
-def run_facts(plan: BatchPlan, accelerator, counts: dict, fast: FastPath) -> dict:
-    """What the tracker's config records beside the settings: topology, precision, hardware, provenance."""
+def run_facts(plan: BatchPlan, accelerator, counts: dict, fast: FastPath, optimizer) -> dict:
+    """What the tracker's config records beside the settings: topology, precision, the step as it runs (what
+    was compiled, graph breaks, CUDA-graph skips, Adam's implementation), hardware, provenance."""
     return {"num_processes": plan.num_processes, "per_device_batch_size": plan.per_device_batch_size,
             "grad_accum_steps": plan.grad_accum_steps, "mixed_precision": accelerator.mixed_precision,
-            "fast_path": fast.describe(),
+            **fast.facts(), "adam_implementation": adam_implementation(optimizer),
             "device": _device_name(accelerator), "torch": torch.__version__, "git_commit": git_commit(),
             **{f"params_{k}": v for k, v in counts.items()}}
 
