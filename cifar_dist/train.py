@@ -15,8 +15,9 @@ The global batch stays 32 on any number of processes: per-device batch x process
 Runs checkpoint to <output-dir>/checkpoints/ and resume by default: kill one at any moment and run the same
 command again. SIGTERM/SIGUSR1 make every process stop at a step boundary, save and exit with code 75.
 Metrics go to metrics.jsonl, results.md, curves.png and W&B (online when logged in, else offline).
-On CUDA the step is compiled with CUDA graphs, uses fused Adam and channels_last (cifar_dist/speed.py); none of
-that, nor the feature cache (cifar_dist/feature_cache.py), changes what is computed.
+On CUDA the step uses fused Adam and channels_last and, with one process and no accumulation, is compiled with
+CUDA graphs (cifar_dist/speed.py); none of that, nor the feature cache (cifar_dist/feature_cache.py), changes
+what is computed.
 """
 
 from __future__ import annotations

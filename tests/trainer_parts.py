@@ -45,7 +45,12 @@ def synthetic_splits(num_train: int, num_eval: int) -> CifarSplits:
 def build(splits: CifarSplits, image_size: int, *, speed: SpeedConfig | None = None, mixed_precision: str = "no",
           per_device_batch_size: int | None = None, lr: float = 1e-3, dtype=torch.float32, backbone: dict | None = None,
           cpu: bool | None = None, eval_batch_size: int = 256) -> Parts:
-    """The trainer's pieces for one process (the caller resets accelerate's state between builds: ``reset``)."""
+    """The trainer's pieces for one process.
+
+    accelerate's state is one per process and shared by every Accelerator (and refuses another precision), so it
+    is reset first: earlier Parts keep working only while the settings they were built with are the current ones.
+    """
+    reset()
     cpu = not torch.cuda.is_available() if cpu is None else cpu
     speed = speed or SpeedConfig()
     plan = plan_batches(TrainConfig(per_device_batch_size=per_device_batch_size), 1)
