@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             bench_json = scratch / "bench.json"
             check.run("bench", [py, "-m", "cifar_dist.bench", *shlex.split(args.bench_args), "--json",
                                 str(bench_json)], parse_bench(bench_json))
-        header = {"started": started, "host": platform.node(),
+        header = {"started": started, "host": platform.node(), "skipped_steps": args.skip,
                   "command": os.environ.get(COMMAND_ENV) or shlex.join(["python", "-m", "cifar_dist.gpu_check", *argv]),
                   **{k: env.get(k) for k in ("card", "cuda", "torch", "torchvision", "accelerate", "datasets",
                                              "python", "gpu_memory_gib")},
@@ -354,6 +354,8 @@ def render(report: dict) -> str:
     """gpu_check.md: card, versions, command, then a table per part."""
     steps = report["steps"]
     verdict = "passed" if report["ok"] else f"FAILED ({', '.join(report['failed_steps'])})"
+    if report.get("skipped_steps"):
+        verdict += f", not run by request: {', '.join(report['skipped_steps'])}"
     sizes = report["sizes"]
     lines = [f"# cifar_dist GPU check: {verdict}", "",
              (f"- card: {report.get('card')} ({_fmt(report.get('gpu_memory_gib'))} GiB), CUDA "
