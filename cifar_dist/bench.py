@@ -19,7 +19,8 @@ Variants (each in this one process, on the same card, warm-up excluded from timi
                   multi-process step (DDP + SyncBatchNorm) with torch's default DDP settings and with
                   cifar_dist's, against the same step with no communication; reports the communication share
 Reported: images/s, the ratio to straight_port, and compile time separately; the compute floor of the whole
-workload (FLOPs counted on the model, divided by a matmul rate measured on this device); with --end-to-end the
+workload (FLOPs counted on the model, divided by a matmul rate measured on this device); what one checkpoint
+costs (the trainer's save_checkpoint of the model and Adam state, timed in --checkpoint-dir); with --end-to-end the
 wall time of `python -m cifar_dist.train` from launch to its final report, with and without the feature cache.
 """
 
@@ -300,6 +301,33 @@ def matmul_rate(device, bf16: bool) -> float:
     return 2 * n**3 / best
 
 
+def checkpoint_cost(image_size: int, device, directory: str | None, saves: int = 3) -> dict:
+    """Seconds of the trainer's own save_checkpoint (model, Adam state, RNG states, trainer_state.json, written
+    atomically) for the recipe's model after one step, so that Adam's moments exist; the median of ``saves``."""
+    from accelerate import Accelerator
+
+    from cifar_dist.checkpoint import save_checkpoint
+
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    cuda = device.type == "cuda"
+    model = _model(image_size, device, channels_last=cuda)
+    optimizer = _optimizer(model, fused=cuda)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    images, labels = synthetic_images(2)
+    F.cross_entropy(model(images.to(device)), labels.to(device)).backward()
+    optimizer.step()
+    seconds = []
+    with tempfile.TemporaryDirectory(prefix="cifar-dist-bench-checkpoint-", dir=directory) as tmp:
+        for step in range(1, saves + 1):
+            _sync(device)
+            start = time.perf_counter()
+            path = save_checkpoint(accelerator, Path(tmp), {"step": step}, keep=2)
+            seconds.append(time.perf_counter() - start)
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return {"seconds": round(sorted(seconds)[len(seconds) // 2], 3), "megabytes": round(size / 1e6, 1),
+            "directory": directory or tempfile.gettempdir()}
+
+
 def end_to_end(args, cache: bool) -> dict:
     """Wall time of the real trainer, launch to final report, on synthetic data of CIFAR-100's size and format."""
     with tempfile.TemporaryDirectory(prefix="cifar-dist-e2e-") as tmp:
@@ -388,6 +416,8 @@ def run(args) -> dict:
         report["communication_share"] = round(1 - by_name["ddp_cifar_dist"] / by_name["no_communication"], 3)
     if args.floor and main_process:
         report["compute_floor"] = compute_floor(args.image_size, device, bf16)
+    if args.checkpoint and not dist.is_initialized():  # save_state with one process; under torchrun, skipped
+        report["checkpoint"] = checkpoint_cost(args.image_size, device, args.checkpoint_dir)
     if args.end_to_end and main_process:
         report["end_to_end"] = [end_to_end(args, cache) for cache in (False, True)]
     if dist.is_initialized():
@@ -411,6 +441,10 @@ def format_table(report: dict) -> str:
                      f"{floor['workload_pflop']} PFLOP / {floor['matmul_tflop_per_s']} TFLOP/s (measured matmul) = "
                      f"{floor['floor_s']} s; with the feature cache {floor['workload_cached_pflop']} PFLOP = "
                      f"{floor['floor_cached_s']} s")
+    checkpoint = report.get("checkpoint")
+    if checkpoint:
+        lines.append(f"checkpoint (the trainer's save_checkpoint: model + Adam state, {checkpoint['megabytes']:,} MB): "
+                     f"{checkpoint['seconds']} s per save into {checkpoint['directory']}")
     for e2e in report.get("end_to_end", []):
         lines.append(f"{e2e['variant']}: {e2e['wall_s']} s launch to report ({e2e['train_s']} s training, of "
                      f"which {e2e['first_epoch_extra_s']} s first-epoch extra; {e2e['eval_s']} s evaluation; "
@@ -434,6 +468,10 @@ def main(argv: list[str] | None = None) -> None:
                         "trainer's --ddp-bucket-mb default)")
     parser.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
                         help="count the workload's FLOPs and measure this device's matmul rate")
+    parser.add_argument("--checkpoint", action=argparse.BooleanOptionalAction, default=True,
+                        help="time the trainer's save_checkpoint of the model and Adam state (one process only)")
+    parser.add_argument("--checkpoint-dir", help="where to time it (default: the temp dir; give the filesystem "
+                        "your --output-dir is on)")
     parser.add_argument("--end-to-end", action="store_true",
                         help="also time `python -m cifar_dist.train` for the whole workload, without and with "
                              "--cache-frozen-features")

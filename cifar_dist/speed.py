@@ -10,21 +10,51 @@ gradient all-reduce, because a 32-image backward leaves little compute to hide c
 Each option is 'auto' (on where it is safe and supported: CUDA), 'yes' or 'no'; where one cannot run it falls
 back with one line saying so. Every option computes the same function: tests/test_speed.py trains with each
 and compares against the plain path.
+
+The compiled step is compiled and its CUDA graphs recorded before training, by a warm-up on a real batch whose
+effects (gradients, BatchNorm running statistics) are undone, so what a failed compile leaves behind is
+nothing: with 'auto' the run goes on eagerly and says why, with 'yes' it stops with one line. The run header
+and run facts say what was compiled (graphs, graph breaks, CUDA-graph skips); the end-of-run summary counts
+what happened after the warm-up (recompiles, graph breaks, skips), which in a steady run is nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import shutil
+import time
 import warnings
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
 
-from cifar_dist.config import SpeedConfig
+from cifar_dist.config import SpeedConfig, UserError
 
 # Triton, which torch.compile generates GPU kernels with, needs compute capability 7.0 (Volta) or newer.
 _MIN_COMPILE_CAPABILITY = (7, 0)
+# Calls of the compiled step in the warm-up: dynamo and inductor compile on the first, cudagraph trees run the
+# first eagerly, record on the second and replay from the third; a failure in any of them shows here.
+WARMUP_CALLS = 3
+# Where inductor says why it did not use a CUDA graph (a logger of torch's, silent unless a handler is added).
+_CUDAGRAPH_LOGGER = "torch._inductor.cudagraph_utils.__cudagraphs"
+# Optimizer group options that say how the update is computed, not what: this run's, never a checkpoint's.
+_IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
+
+
+@dataclass
+class CompileReport:
+    """What compiling the step did: the warm-up's time and torch's counters, then a baseline for later events."""
+
+    warmup_s: float = 0.0
+    graphs: int = 0
+    graph_breaks: int = 0
+    cudagraph_skips: int = 0
+    skip_reasons: list[str] = field(default_factory=list)
+    device_type: str = "cuda"
+    baseline: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -36,16 +66,45 @@ class FastPath:
     fused_adam: bool
     bf16_grad_reduce: bool
     notes: list[str] = field(default_factory=list)
+    compile_choice: str = "auto"  # what was asked for: a failed compile falls back under 'auto', stops under 'yes'
+    grad_accum_steps: int = 1
+    compiled: CompileReport | None = None  # set once the step is compiled and warmed up
 
     def describe(self) -> str:
-        on = [name for name, value in (("compiled step (torch.compile reduce-overhead)", self.compile_step),
-                                       ("channels_last", self.channels_last), ("fused Adam", self.fused_adam),
+        step = "compiled step (torch.compile reduce-overhead"
+        if self.compiled is not None:
+            report = self.compiled
+            step += (f"; compiled in {report.warmup_s:.1f} s: {report.graphs} graph{'s' * (report.graphs != 1)}, "
+                     f"{report.graph_breaks} graph break{'s' * (report.graph_breaks != 1)}, {_cuda_graphs(report)}")
+        on = [name for name, value in ((step + ")", self.compile_step), ("channels_last", self.channels_last),
+                                       ("fused Adam", self.fused_adam),
                                        ("bf16 gradient all-reduce", self.bf16_grad_reduce)) if value]
         return ", ".join(on) or "plain eager step"
 
+    def facts(self) -> dict:
+        """What the run records beside its settings (W&B config): the step as it actually runs."""
+        facts = {"fast_path": self.describe(), "compiled_step": self.compile_step, "channels_last": self.channels_last,
+                 "fused_adam": self.fused_adam, "bf16_grad_reduce": self.bf16_grad_reduce,
+                 "fast_path_notes": list(self.notes)}
+        if self.compiled is not None:
+            report = self.compiled
+            facts.update({"compile_warmup_s": round(report.warmup_s, 2), "compile_graphs": report.graphs,
+                          "compile_graph_breaks": report.graph_breaks, "cudagraph_skips": report.cudagraph_skips})
+        return facts
 
-def resolve_fast_path(cfg: SpeedConfig, device: torch.device, mixed_precision: str, num_processes: int) -> FastPath:
-    """Turn the 'auto'/'yes'/'no' settings into decisions for ``device``."""
+
+def _cuda_graphs(report: CompileReport) -> str:
+    if report.device_type != "cuda":
+        return f"no CUDA graphs on {report.device_type}"
+    if not report.cudagraph_skips:
+        return "CUDA graphs recorded"
+    reason = f": {report.skip_reasons[0]}" if report.skip_reasons else " (TORCH_LOGS=cudagraphs says why)"
+    return f"CUDA graphs skipped {report.cudagraph_skips}x{reason}"
+
+
+def resolve_fast_path(cfg: SpeedConfig, device: torch.device, mixed_precision: str, num_processes: int,
+                      grad_accum_steps: int = 1) -> FastPath:
+    """Turn the 'auto'/'yes'/'no' settings into decisions for ``device`` and this batch layout."""
     cuda = device.type == "cuda"
     notes = []
 
@@ -57,6 +116,16 @@ def resolve_fast_path(cfg: SpeedConfig, device: torch.device, mixed_precision: s
 
     compile_ok, compile_why = _compile_support(device)
     compile_step = decide("compile_step", cfg.compile_step, compile_ok, compile_why)
+    if compile_step and cfg.compile_step == "auto" and num_processes > 1:
+        # DDP + SyncBatchNorm inside a graph is reported to skip CUDA graphs ("mutated inputs", PyTorch #139207),
+        # leaving compile time and no gain; until measured on GPUs, several processes run the eager step.
+        compile_step = False
+        notes.append("--compile-step auto: off with several processes (DDP + SyncBatchNorm keep CUDA graphs from "
+                     "recording, PyTorch #139207; not yet measured against eager); on with 'yes'")
+    elif compile_step and cfg.compile_step == "auto" and grad_accum_steps > 1:
+        compile_step = False
+        notes.append("--compile-step auto: off with gradient accumulation (each micro-batch's graph replay would "
+                     "reuse the memory of the gradients being accumulated); on with 'yes', which keeps them apart")
     channels_last = decide("channels_last", cfg.channels_last, True, "")
     fused_adam = decide("fused_adam", cfg.fused_adam, True, "")
     auto_off = [f"--{name.replace('_', '-')}" for name in ("compile_step", "channels_last", "fused_adam")
@@ -65,7 +134,8 @@ def resolve_fast_path(cfg: SpeedConfig, device: torch.device, mixed_precision: s
         notes.append(f"{', '.join(auto_off)} auto: off on {device.type} (on with 'yes')")
     reduce = cfg.grad_reduce_dtype
     bf16_grad_reduce = num_processes > 1 and (reduce == "bf16" or (reduce == "auto" and mixed_precision == "bf16"))
-    return FastPath(compile_step, channels_last, fused_adam, bf16_grad_reduce, notes)
+    return FastPath(compile_step, channels_last, fused_adam, bf16_grad_reduce, notes, cfg.compile_step,
+                    grad_accum_steps)
 
 
 def _compile_support(device: torch.device) -> tuple[bool, str]:
@@ -102,15 +172,168 @@ def build_optimizer(params, cfg_optim, fast: FastPath) -> torch.optim.Adam:
                             eps=cfg_optim.adam_eps, fused=fast.fused_adam or None)
 
 
-def compile_for_training(model: torch.nn.Module, fast: FastPath) -> torch.nn.Module:
-    """The module the training step calls: ``model`` itself, or compiled with CUDA graphs.
+def match_optimizer_to_run(optimizer) -> None:
+    """After loading a checkpoint: this run's Adam implementation and parameter layouts, not the saved ones.
+
+    ``Optimizer.load_state_dict`` replaces each group's options with the saved ones, ``fused`` included (a
+    checkpoint of a non-fused run turns a fused optimizer into the foreach one), and keeps each state tensor in
+    the memory format it was saved with, while the fused kernels pair elements by memory position: a
+    channels_last checkpoint resumed with contiguous parameters (or the reverse) fails on a GPU and silently
+    mixes elements on the CPU. Here the options come back from the optimizer's own defaults (what this run
+    built it with), Adam's moments take each parameter's current layout, and the step counters go where the
+    implementation keeps them (on the parameter's device for fused/capturable, else on the CPU).
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+    for group in inner.param_groups:
+        for key in _IMPLEMENTATION_KEYS:
+            if key in inner.defaults:
+                group[key] = inner.defaults[key]
+        steps_on_device = bool(group.get("fused") or group.get("capturable"))
+        for param in group["params"]:
+            state = inner.state.get(param)
+            for name, value in (state or {}).items():
+                if not torch.is_tensor(value):
+                    continue
+                if name == "step":
+                    state[name] = (value.to(device=param.device, dtype=torch.float32) if steps_on_device
+                                   else value.to("cpu"))
+                elif value.shape == param.shape and value.stride() != param.stride():
+                    state[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
+def adam_implementation(optimizer) -> str:
+    """'fused', 'foreach' or 'for-loop': which of torch's Adam implementations the first group runs."""
+    group = getattr(optimizer, "optimizer", optimizer).param_groups[0]
+    if group.get("fused"):
+        return "fused"
+    if group.get("foreach") or (group.get("foreach") is None and all(p.is_cuda for p in group["params"])):
+        return "foreach"  # torch's default for CUDA tensors
+    return "for-loop"
+
+
+class CompiledStep:
+    """The training step's model call, compiled: every call starts a new CUDA-graph step.
+
+    cudagraph trees give each replay's outputs the memory of the previous replay's, gradients included, which
+    autograd adopts as ``.grad`` when a parameter has none. That is fine when the optimizer consumes them before
+    the next call, but under gradient accumulation the next micro-batch's replay would overwrite gradients
+    still being summed (PyTorch #169545). So when accumulating, missing gradients are allocated before the
+    call: autograd then adds each replay's gradients into memory of their own instead of adopting the graph's.
+    """
+
+    def __init__(self, model: torch.nn.Module, compiled: torch.nn.Module, grad_accum_steps: int):
+        self.model = model
+        self.compiled = compiled
+        self.trainable = [p for p in model.parameters() if p.requires_grad] if grad_accum_steps > 1 else []
+
+    def __call__(self, *args, **kwargs):
+        for param in self.trainable:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+        torch.compiler.cudagraph_mark_step_begin()
+        return self.compiled(*args, **kwargs)
+
+
+def compile_for_training(model: torch.nn.Module, fast: FastPath, train_data, batch_size: int, accelerator,
+                         input_name: str = "images") -> tuple[torch.nn.Module | CompiledStep, FastPath]:
+    """(what the training step calls, the fast path as it turned out): ``model``, or it compiled and warmed up.
 
     Only the training step is compiled: evaluation runs the same parameters eagerly at a large batch, where
-    launches are amortised, instead of recording a graph per eval batch shape. Train batches all have one
-    shape (the sampler cuts epochs to whole global batches), so the step is recorded once. A part dynamo cannot
-    compile runs eagerly rather than failing the run (suppress_errors).
+    launches are amortised, instead of recording a graph per eval batch shape. Train batches all have one shape
+    (the sampler cuts epochs to whole global batches), so the step is recorded once, here, on the first
+    ``batch_size`` examples of ``train_data``; the warm-up leaves parameters, gradients and BatchNorm
+    statistics as it found them. A compile that fails runs eagerly with a note under 'auto' and stops the
+    run with one line (UserError) under 'yes'.
     """
     if not fast.compile_step:
-        return model
-    torch._dynamo.config.suppress_errors = True
-    return torch.compile(model, mode="reduce-overhead")
+        return model, fast
+    _watch_cudagraph_skips()
+    inputs, labels = (t.to(accelerator.device) for t in train_data.__getitems__(list(range(batch_size))))
+    step = CompiledStep(model, torch.compile(model, mode="reduce-overhead"), fast.grad_accum_steps)
+    before, first_skip = _counters(), len(_SKIPS.messages)
+    _sync(accelerator.device)
+    start = time.perf_counter()
+    try:
+        _warm_up(step, model, inputs, labels, accelerator, input_name)
+        _sync(accelerator.device)
+    except Exception as exc:  # dynamo, inductor, triton and CUDA graphs raise many types
+        reason = _first_line(exc)
+        if fast.compile_choice == "yes" or accelerator.num_processes > 1:
+            raise UserError(f"--compile-step {fast.compile_choice}: torch.compile failed ({reason}); "
+                            f"use --compile-step no") from exc
+        torch._dynamo.reset()
+        return model, dataclasses.replace(fast, compile_step=False, notes=[
+            *fast.notes, f"--compile-step auto: off, torch.compile failed ({reason}); the eager step runs instead"])
+    after = _counters()
+    report = CompileReport(warmup_s=time.perf_counter() - start, graphs=after["graphs"] - before["graphs"],
+                           graph_breaks=after["graph_breaks"] - before["graph_breaks"],
+                           cudagraph_skips=after["cudagraph_skips"] - before["cudagraph_skips"],
+                           skip_reasons=list(dict.fromkeys(_SKIPS.messages[first_skip:])),
+                           device_type=accelerator.device.type, baseline=after)
+    return step, dataclasses.replace(fast, compiled=report)
+
+
+def _warm_up(step: CompiledStep, model: torch.nn.Module, inputs, labels, accelerator, input_name: str) -> None:
+    """Forward and backward through the compiled step, then undo their effects: gradients and buffers."""
+    model.train()  # the mode the step runs in (frozen stages in eval mode), which the graphs are recorded for
+    buffers = list(model.buffers())
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        for _ in range(WARMUP_CALLS):
+            accelerator.backward(F.cross_entropy(step(**{input_name: inputs}), labels))
+            for param in model.parameters():
+                param.grad = None
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)  # in place: the graphs hold these addresses
+        for param in model.parameters():
+            param.grad = None
+
+
+def compile_summary(fast: FastPath) -> dict:
+    """For the end-of-run summary: what dynamo and inductor did after the warm-up (all zero in a steady run)."""
+    if fast.compiled is None:
+        return {}
+    now, base = _counters(), fast.compiled.baseline
+    return {f"{name}_after_warmup": now[key] - base[key] for name, key in (
+        ("recompiles", "frames"), ("graph_breaks", "graph_breaks"), ("cudagraph_skips", "cudagraph_skips"))}
+
+
+def _counters() -> dict[str, int]:
+    from torch._dynamo.utils import counters
+
+    # Dynamo converts a frame only when no compiled version of it fits: after the warm-up, each is a recompile.
+    return {"graphs": counters["stats"]["unique_graphs"], "frames": counters["frames"]["total"],
+            "graph_breaks": sum(counters["graph_break"].values()),
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+
+
+class _SkipLog(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(_first_line(record.getMessage()).removeprefix("skipping cudagraphs due to "))
+
+
+_SKIPS = _SkipLog()
+
+
+def _watch_cudagraph_skips() -> None:
+    logger = logging.getLogger(_CUDAGRAPH_LOGGER)
+    if _SKIPS not in logger.handlers:
+        logger.addHandler(_SKIPS)
+
+
+def _first_line(what) -> str:
+    if isinstance(what, BaseException):
+        text = str(what).strip().splitlines()
+        return f"{type(what).__name__}: {text[0]}" if text else type(what).__name__
+    return (str(what).strip().splitlines() or [""])[0]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -15,8 +15,9 @@ The global batch stays 32 on any number of processes: per-device batch x process
 Runs checkpoint to <output-dir>/checkpoints/ and resume by default: kill one at any moment and run the same
 command again. SIGTERM/SIGUSR1 make every process stop at a step boundary, save and exit with code 75.
 Metrics go to metrics.jsonl, results.md, curves.png and W&B (online when logged in, else offline).
-On CUDA the step is compiled with CUDA graphs, uses fused Adam and channels_last (cifar_dist/speed.py); none of
-that, nor the feature cache (cifar_dist/feature_cache.py), changes what is computed.
+On CUDA the step uses fused Adam and channels_last and, with one process and no accumulation, is compiled with
+CUDA graphs (cifar_dist/speed.py); none of that, nor the feature cache (cifar_dist/feature_cache.py), changes
+what is computed.
 """
 
 from __future__ import annotations
@@ -47,9 +48,12 @@ from cifar_dist.preflight import preflight
 from cifar_dist.rundir import CHECKPOINTS, Claim, claim_output_dir
 from cifar_dist.speed import (
     FastPath,
+    adam_implementation,
     build_optimizer,
     compile_for_training,
+    compile_summary,
     ddp_kwargs,
+    match_optimizer_to_run,
     prepare_model_layout,
     resolve_fast_path,
 )
@@ -86,8 +90,9 @@ def train_step(model, step_model, inputs, labels, optimizer, accelerator, input_
         loss = F.cross_entropy(logits, labels)  # autocast computes it in fp32 under bf16
         # Read before backward: a CUDA-graph replay may reuse the logits' memory once the step moves on.
         loss_d = loss.detach().double()
+        # full_like fills on the device; new_tensor(n) would copy a host scalar and wait for the device.
         stats = torch.stack([loss_d * labels.numel(), (logits.detach().argmax(1) == labels).sum().double(),
-                             loss_d.new_tensor(labels.numel()), (~torch.isfinite(loss_d)).double()])
+                             torch.full_like(loss_d, labels.numel()), (~torch.isfinite(loss_d)).double()])
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -99,7 +104,9 @@ def evaluate(model, loader, accelerator, class_names: list[str],
              input_name: str = "images") -> tuple[dict, list[tuple[str, float]]]:
     """Loss, top-1, top-5 and per-class accuracy over the whole test split.
 
-    gather_for_metrics drops the samples repeated to pad uneven shards, so every test image counts once.
+    gather_for_metrics drops the samples repeated to pad uneven shards, so every test image counts once. The loop
+    never waits for the device (per-class counts are index_add_ed into fixed-size tensors; bincount would read
+    the largest label back); the one wait is the final read.
     """
     model.eval()
     num_classes = len(class_names)
@@ -111,9 +118,8 @@ def evaluate(model, loader, accelerator, class_names: list[str],
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         losses, top1, top5, labels = accelerator.gather_for_metrics(
             (losses, top5[:, 0] == labels, (top5 == labels[:, None]).any(1), labels))
-        sums += torch.stack([losses.sum(), top1.sum(), top5.sum(), labels.new_tensor(losses.numel())]).double()
-        class_hits[0] += torch.bincount(labels, weights=top1.double(), minlength=num_classes)
-        class_hits[1] += torch.bincount(labels, minlength=num_classes)
+        sums += torch.stack([losses.sum(), top1.sum(), top5.sum(), losses.new_full((), losses.numel())]).double()
+        class_hits.index_add_(1, labels, torch.stack([top1.double(), torch.ones_like(top1, dtype=torch.float64)]))
     loss_sum, top1, top5, count = sums.tolist()
     per_class = [(name, hits / max(total, 1)) for name, hits, total in zip(class_names, *class_hits.tolist())]
     return ({"val_loss": loss_sum / count, "val_acc": top1 / count, "val_top5": top5 / count,
@@ -181,6 +187,7 @@ class Run:
     plan: BatchPlan
     accelerator: Accelerator
     claim: Claim
+    fast: FastPath
     model: torch.nn.Module
     step_model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -259,7 +266,8 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
     """Data, model, optimizer and loaders on the accelerator, restored from the checkpoint if resuming; the
     output dir is written to only once all of them have loaded."""
     mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision)
-    fast = resolve_fast_path(cfg.speed, PartialState().device, mixed_precision, plan.num_processes)
+    fast = resolve_fast_path(cfg.speed, PartialState().device, mixed_precision, plan.num_processes,
+                             plan.grad_accum_steps)
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any matmul
     accelerator = Accelerator(
@@ -293,6 +301,8 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
             cfg.speed.feature_cache_location))))
     train_loader, eval_loader = accelerator.prepare(
         *build_dataloaders(data, plan, cfg.train.eval_batch_size, seed=cfg.train.seed))
+    step_model, fast = compile_for_training(model, fast, data.train, plan.per_device_batch_size, accelerator,
+                                            input_name)
 
     # Where to start: a checkpoint's position (the data order depends only on seed and epoch, so a position
     # in optimizer steps means the same images whatever the number of processes), or the beginning.
@@ -302,6 +312,7 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
         # Checkpoints are taken between optimizer steps, but load_state restores the saved micro-batch counter,
         # which is wrong under another accumulation layout and missing on ranks the checkpoint did not have.
         accelerator.step = 0
+        match_optimizer_to_run(optimizer)  # this run's Adam implementation and layouts, whatever the checkpoint's
         position.update({k: v for k, v in read_state(claim.resume_from).items() if k in position})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -313,13 +324,13 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
         accelerator.print(f"resuming from {claim.resume_from} (epoch {position['epoch']}, step {position['step']})")
     run_log = RunLog(accelerator, claim.output_dir, header, position["records"], plot_title(cfg, claim.output_dir),
                      compares_to_seed(cfg))
-    run_log.start(cfg.tracking, {**cfg.to_dict(), "run": run_facts(plan, accelerator, counts, fast)})
+    run_log.start(cfg.tracking, {**cfg.to_dict(), "run": run_facts(plan, accelerator, counts, fast, optimizer)})
 
     steps_per_epoch = len(train_loader) // plan.grad_accum_steps
     total_steps = steps_per_epoch * cfg.train.num_epochs
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
-    return Run(cfg, plan, accelerator, claim, model, compile_for_training(model, fast), optimizer, splits,
+    return Run(cfg, plan, accelerator, claim, fast, model, step_model, optimizer, splits,
                train_loader, eval_loader, input_name, run_log,
                SaveSchedule(cfg.train.checkpoint_every_steps, cfg.train.checkpoint_every_minutes), position,
                steps_per_epoch, total_steps, step=position["step"])
@@ -448,8 +459,8 @@ def finish(r: Run) -> None:
         best = max(records, key=lambda rec: rec["val_acc"])
         summary = {"final_val_acc": records[-1]["val_acc"], "final_val_top5": records[-1]["val_top5"],
                    "best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "steps": r.step,
-                   "total_time_s": round(time.perf_counter() - r.started, 1)}
-        if r.claim.resume_from is None or r.step > r.position["step"]:
+                   "total_time_s": round(time.perf_counter() - r.started, 1), **compile_summary(r.fast)}
+        if r.claim.resume_from is None or r.step > r.position["step"]:  # a finished run started again: nothing new
             r.run_log.finish(summary, r.per_class_acc,
                              sample_predictions(r.model, r.splits, accelerator),
                              r.output_dir / "model.safetensors" if r.cfg.tracking.log_model else None)
@@ -466,11 +477,12 @@ def sample_predictions(model, splits, accelerator, num_images: int = 16) -> list
     return [(img.cpu().numpy(), names[p], names[t]) for img, p, t in zip(images, predicted, labels.tolist())]
 
 
-def run_facts(plan: BatchPlan, accelerator, counts: dict, fast: FastPath) -> dict:
-    """What the tracker's config records beside the settings: topology, precision, hardware, provenance."""
+def run_facts(plan: BatchPlan, accelerator, counts: dict, fast: FastPath, optimizer) -> dict:
+    """What the tracker's config records beside the settings: topology, precision, the step as it runs (what
+    was compiled, graph breaks, CUDA-graph skips, Adam's implementation), hardware, provenance."""
     return {"num_processes": plan.num_processes, "per_device_batch_size": plan.per_device_batch_size,
             "grad_accum_steps": plan.grad_accum_steps, "mixed_precision": accelerator.mixed_precision,
-            "fast_path": fast.describe(),
+            **fast.facts(), "adam_implementation": adam_implementation(optimizer),
             "device": _device_name(accelerator), "torch": torch.__version__, "git_commit": git_commit(),
             **{f"params_{k}": v for k, v in counts.items()}}
 

@@ -39,6 +39,10 @@ def test_bench_reports_every_cpu_variant_the_floor_and_the_end_to_end_runs(tmp_p
     assert floor["floor_s"] > floor["floor_cached_s"] > 0
     assert "compute floor of 10 epochs x (50,000 + 10,000) images" in proc.stdout
 
+    # One checkpoint of the recipe's model: ~103 MB of weights + ~137 MB of Adam moments (layer4 + head).
+    assert report["checkpoint"]["seconds"] > 0 and 200 < report["checkpoint"]["megabytes"] < 300
+    assert "checkpoint (the trainer's save_checkpoint: model + Adam state" in proc.stdout
+
     e2e = {r["variant"]: r for r in report["end_to_end"]}
     assert set(e2e) == {"end_to_end", "end_to_end_cached"}
     assert all(r["epochs"] == 2 and r["wall_s"] > 0 and r["train_images_per_s"] > 0 for r in e2e.values())

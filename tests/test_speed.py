@@ -7,16 +7,21 @@ the function shows up far above 1e-9. A float32 run with every option on is comp
 and accuracy, to the tolerance float32 allows.
 """
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import conftest
+import trainer_parts
 from cifar_dist.config import ModelConfig, SpeedConfig, UserError
 from cifar_dist.feature_cache import DEVICE_HEADROOM_BYTES, check_cacheable, choose_location
 from cifar_dist.model import ResNet50Classifier
-from cifar_dist.speed import resolve_fast_path
+from cifar_dist.speed import adam_implementation, compile_for_training, match_optimizer_to_run, resolve_fast_path
+from cifar_dist.train import evaluate, train_step
 from conftest import FLOAT64, TINY, records, run_train
 
 STEPS = [*TINY, "--num-epochs", "1", "--eval-batch-size", "48"]
@@ -58,7 +63,9 @@ def test_the_run_header_says_what_the_step_uses(float64_runs):
     _, procs = float64_runs
     assert "- step: plain eager step; --compile-step, --channels-last, --fused-adam auto: off on cpu" \
         in procs["plain"].stdout
-    assert "- step: compiled step (torch.compile reduce-overhead)" in procs["compiled"].stdout
+    # Compiled before training, by a warm-up whose effects are undone (the weights still match the plain path's).
+    assert re.search(r"- step: compiled step \(torch.compile reduce-overhead; compiled in \d+\.\d s: 1 graph, 0 graph "
+                     r"breaks, no CUDA graphs on cpu\); ", procs["compiled"].stdout), procs["compiled"].stdout
     assert "- step: plain eager step; frozen-stage features cached" in procs["cache"].stdout
     # 256 train + 100 test images, layer3's output at 32 px (1024 x 2 x 2) in float64.
     assert "feature cache: 256 train + 100 test images -> 1024x2x2 float64 per image" in procs["cache"].stdout
@@ -124,6 +131,50 @@ def test_bf16_gradient_all_reduce_moves_the_result_by_less_than_float32_rounding
     assert 1e-7 < difference < 1e-4
     assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
     assert abs(b["val_acc"] - a["val_acc"]) <= 0.01 + 1e-9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("saved, resumed", [("yes", "no"), ("no", "yes")])
+def test_a_checkpoint_resumes_exactly_under_the_other_memory_format(float64_runs, initial_weights, test_env, tmp_path,
+                                                                     saved, resumed):
+    # Adam's moments are saved in the layout of their parameters; fused Adam pairs elements by memory position,
+    # so without re-laying them out a channels_last checkpoint resumed contiguous (or the reverse) would mix
+    # elements: about one learning-rate step of error, far above float64's 1e-9.
+    root, _ = float64_runs
+    out = tmp_path / "out"
+    run_train(test_env, [*STEPS, "--max-steps", "4", "--checkpoint-every-steps", "4", "--fused-adam", "yes",
+                         "--channels-last", saved, "--output-dir", str(out)], script=FLOAT64)
+    proc = run_train(test_env, [*STEPS, "--fused-adam", "yes", "--channels-last", resumed, "--output-dir", str(out)],
+                     script=FLOAT64)
+    assert "resuming from" in proc.stdout and "step-00000004" in proc.stdout
+    assert records(out)[-1]["step"] == 8
+    assert update_difference(root / "plain", out, initial_weights) < 1e-9
+
+
+@pytest.mark.parametrize("saved, resumed", [(("yes", "no"), ("no", "yes")), (("no", "yes"), ("yes", "no"))])
+def test_a_resumed_optimizer_runs_this_runs_adam_in_this_runs_layout(tmp_path, saved, resumed):
+    # (channels_last, fused_adam) of the run that saved and of the run that resumes, through accelerate's real
+    # save_state / load_state.
+    splits = trainer_parts.synthetic_splits(96, 8)
+    parts = trainer_parts.build(splits, 32, speed=SpeedConfig(channels_last=saved[0], fused_adam=saved[1]))
+    trainer_parts.train(parts, 2)
+    parts.accelerator.save_state(str(tmp_path / "checkpoint"))
+    trainer_parts.reset()
+    parts = trainer_parts.build(splits, 32, speed=SpeedConfig(channels_last=resumed[0], fused_adam=resumed[1]))
+    parts.accelerator.load_state(str(tmp_path / "checkpoint"))
+    adam = parts.optimizer.optimizer
+    assert adam.param_groups[0]["fused"] == (saved[1] == "yes" or None)  # what load_state_dict leaves
+    match_optimizer_to_run(parts.optimizer)
+    assert adam.param_groups[0]["fused"] == (resumed[1] == "yes" or None)
+    assert adam_implementation(parts.optimizer) == ("fused" if resumed[1] == "yes" else "for-loop")
+    for param in adam.param_groups[0]["params"]:
+        state = adam.state[param]
+        assert state["exp_avg"].stride() == state["exp_avg_sq"].stride() == param.stride()
+        assert state["step"].item() == 2 and state["step"].dtype == torch.float32
+    assert any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) != p.is_contiguous()
+               for p in adam.param_groups[0]["params"])  # the layouts really differ
+    trainer_parts.train(parts, 1, epoch=2)  # and the step runs
+    trainer_parts.reset()
 
 
 @pytest.mark.slow
@@ -216,6 +267,61 @@ def test_fast_path_is_on_for_cuda_and_off_on_cpu_by_default():
     assert forced.compile_step and forced.channels_last and forced.fused_adam and not forced.notes
 
 
+def test_compile_auto_is_off_with_several_processes_or_gradient_accumulation(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    cuda = torch.device("cuda")
+    assert resolve_fast_path(SpeedConfig(), cuda, "bf16", 1).compile_step
+    several = resolve_fast_path(SpeedConfig(), cuda, "bf16", 2)
+    assert not several.compile_step and several.channels_last and several.fused_adam
+    assert several.notes == [("--compile-step auto: off with several processes (DDP + SyncBatchNorm keep CUDA graphs "
+                              "from recording, PyTorch #139207; not yet measured against eager); on with 'yes'")]
+    accumulating = resolve_fast_path(SpeedConfig(), cuda, "bf16", 1, grad_accum_steps=2)
+    assert not accumulating.compile_step
+    assert accumulating.notes == [("--compile-step auto: off with gradient accumulation (each micro-batch's graph "
+                                   "replay would reuse the memory of the gradients being accumulated); on with "
+                                   "'yes', which keeps them apart")]
+    forced = resolve_fast_path(SpeedConfig(compile_step="yes"), cuda, "bf16", 2, grad_accum_steps=2)
+    assert forced.compile_step and not forced.notes and forced.grad_accum_steps == 2
+
+
+@pytest.fixture
+def failing_compiler(monkeypatch):
+    # A real compile failure: inductor's CPU code generation finds no working C++ compiler (caches off, so that
+    # nothing compiled earlier is reused).
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/bin/false",))
+    monkeypatch.setattr(inductor_config, "force_disable_caches", True)
+    yield
+    torch._dynamo.reset()
+
+
+def test_a_failed_compile_under_auto_runs_the_eager_step_and_says_why(failing_compiler):
+    parts = trainer_parts.build(trainer_parts.synthetic_splits(64, 8), 32)
+    model, before = parts.model, {k: v.clone() for k, v in parts.model.state_dict().items()}
+    fast = dataclasses.replace(parts.fast, compile_step=True, compile_choice="auto")
+    step_model, fast = compile_for_training(model, fast, parts.train_loader.dataset, 32, parts.accelerator)
+    trainer_parts.reset()
+    assert step_model is model and not fast.compile_step and fast.compiled is None
+    assert fast.notes[-1].startswith("--compile-step auto: off, torch.compile failed (InductorError: "
+                                     "InvalidCxxCompiler: No working C++ compiler found")
+    assert fast.notes[-1].endswith("; the eager step runs instead")
+    assert fast.describe() == "plain eager step"
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_a_failed_compile_under_yes_stops_the_run_with_one_line(test_env, tmp_path):
+    env = {**test_env, "CXX": "/bin/false", "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
+    proc = run_train(env, [*STEPS, "--compile-step", "yes", "--output-dir", str(tmp_path / "o")], check=False)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("cifar_dist.train: error: --compile-step yes: torch.compile failed (InductorError: "
+                           "InvalidCxxCompiler: No working C++ compiler found")
+    assert last.endswith("; use --compile-step no")
+
+
 def test_compile_falls_back_on_a_gpu_too_old_for_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
     fast = resolve_fast_path(SpeedConfig(), torch.device("cuda"), "fp16", 1)
@@ -230,3 +336,74 @@ def test_compile_falls_back_on_a_gpu_too_old_for_it(monkeypatch):
 def test_bf16_gradient_all_reduce(choice, precision, processes, expected):
     fast = resolve_fast_path(SpeedConfig(grad_reduce_dtype=choice), torch.device("cpu"), precision, processes)
     assert fast.bf16_grad_reduce is expected
+
+
+# -- a step that never waits for the device
+
+
+class HostWaits(TorchDispatchMode):
+    """Records the operations that, on a GPU, make the host wait for the device: reading a value back (item,
+    tolist, bool), copying to the host, a tensor made from host data (a blocking copy from pageable memory), and
+    operations whose output size depends on the data (bincount, nonzero, boolean indexing...). On the CPU
+    nothing waits, but the same operations run, so a step that shows none here shows none on a GPU;
+    tests/test_gpu.py checks that with torch.cuda.set_sync_debug_mode."""
+
+    WAITING = frozenset({"_local_scalar_dense", "lift_fresh", "lift_fresh_copy", "bincount", "nonzero",
+                         "nonzero_static", "masked_select", "unique_dim", "_unique", "_unique2", "unique_consecutive",
+                         "histc", "equal", "is_nonzero", "argwhere", "masked_scatter"})
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if (name in self.WAITING or (name == "_to_copy" and str(kwargs.get("device", "")) == "cpu")
+                or (name == "repeat_interleave" and kwargs.get("output_size") is None)
+                or (name in ("index", "index_put", "index_put_") and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None))):
+            self.found.append(str(func))
+        return func(*args, **kwargs)
+
+
+def test_a_steady_training_step_and_the_evaluation_loop_never_wait_for_the_device():
+    # The GPU's fast path (channels_last, fused Adam), eager: the compiled graph is checked on a GPU.
+    parts = trainer_parts.build(trainer_parts.synthetic_splits(160, 40), 32, eval_batch_size=16,
+                                speed=SpeedConfig(channels_last="yes", fused_adam="yes"))
+    parts.model.train()
+    batches = [batch for batch, _ in zip(parts.train_loader, range(4))]  # the loader is checked on a GPU
+    train_step(parts.model, parts.step_model, *batches[0], parts.optimizer, parts.accelerator)  # creates Adam's state
+    with HostWaits() as waits:
+        sums = sum(train_step(parts.model, parts.step_model, *batch, parts.optimizer, parts.accelerator)
+                   for batch in batches[1:])
+    assert waits.found == []
+    assert sums[2].item() == 3 * 32 and sums[3].item() == 0  # [loss sum, correct, count, non-finite]
+
+    batches = list(parts.eval_loader)
+    assert len(batches) == 3
+    with HostWaits() as waits:
+        metrics, per_class = evaluate(parts.model, batches, parts.accelerator, parts.class_names)
+    assert waits.found == []  # its final .tolist() dispatches nothing on the CPU; on a GPU it is the one wait
+    assert metrics["val_num_samples"] == 40
+    # The per-class accuracies (counted with index_add_) agree with counting on the host.
+    predicted = torch.cat([parts.model(images).argmax(1) for images, _ in batches])
+    labels = torch.cat([labels for _, labels in batches])
+    for k, (name, accuracy) in enumerate(per_class):
+        assert name == parts.class_names[k]
+        hits = (predicted[labels == k] == k).double()
+        assert accuracy == pytest.approx(hits.mean().item() if len(hits) else 0.0)
+    trainer_parts.reset()
+
+
+def test_host_waits_are_seen():
+    # The detector itself: what the step used to do (a host scalar into a device tensor, bincount) is caught.
+    x = torch.zeros(4)
+    with HostWaits() as waits:
+        x.new_tensor(4)
+        torch.bincount(torch.zeros(3, dtype=torch.long), minlength=5)
+        x.sum().item()
+        x[x > 0]
+        torch.full_like(x[0], 4)
+        torch.zeros(5).index_add_(0, torch.zeros(4, dtype=torch.long), x)
+    assert [op.split(".")[1] for op in waits.found] == ["lift_fresh", "bincount", "_local_scalar_dense", "index"]

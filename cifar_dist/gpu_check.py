@@ -1,0 +1,416 @@
+"""The GPU acceptance run: GPU tests, the trainer on full-size synthetic data with default flags and with the
+feature cache, and the benchmark at reduced steps; one JSON and one markdown table of what was measured.
+
+    scripts/gpu_check.sh                                   # on a GPU machine: installs carried wheels, runs this
+    python -m cifar_dist.gpu_check --out DIR               # the same, wheels already importable
+    python -m cifar_dist.gpu_check --out DIR --image-size 32 --train-images 256 --eval-images 64 --max-steps 4 \\
+        --checkpoint-every-steps 2 --bench-args="--image-size 32 --steps 2 --warmup 1 --workers 0"   # CPU smoke
+
+Each step runs in its own process under a time limit, within an overall budget. A step that fails (exit code,
+time limit, a figure it should have produced missing) is recorded with the end of its output, the next step
+runs, and the exit status is 1 if any failed. In DIR: ``gpu_check.json`` (everything measured, per step),
+``gpu_check.md`` (the tables, with card, torch version and command) and ``gpu_check.log`` (every step's output).
+Scratch files (the dataset, run outputs, checkpoints, compiled-kernel cache) go to a temporary folder that is
+removed at the end.
+
+The trainer runs are the real CLI (``python -m cifar_dist.train``) inside a thin wrapper (``train`` below) that
+times each ``save_checkpoint`` and the first steps, and reads the peak device memory and what the compiled step
+did at the end. The compiled-kernel cache starts empty, so the default run's compile time is a first run's on
+that machine; later steps reuse what it compiled, as a user's second run would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# Steps and their own time limits (seconds); each also stops where the overall budget ends.
+STEP_LIMITS = {"environment": 60, "data": 120, "train_default": 180, "train_cache": 150, "gpu_tests": 240,
+               "bench": 200}
+FIRST_STEPS = 20  # "time to the first steps": launch until this many optimizer steps have run
+TAIL_LINES = 25
+FACTS_ENV = "CIFAR_DIST_GPU_CHECK_FACTS"
+LAUNCHED_ENV = "CIFAR_DIST_GPU_CHECK_LAUNCHED"
+COMMAND_ENV = "CIFAR_DIST_GPU_CHECK_COMMAND"  # how the check was started, for the report (scripts/gpu_check.sh)
+
+
+# -- the instrumented trainer (``python -m cifar_dist.gpu_check train -- FLAGS``)
+
+
+def train(argv: list[str]) -> int:
+    """Run cifar_dist.train's main with ``argv``, timing checkpoints and the first steps; write the facts file."""
+    import torch
+
+    import cifar_dist.train as trainer
+    from cifar_dist import speed
+
+    launched = float(os.environ.get(LAUNCHED_ENV, time.time()))
+    facts: dict = {"checkpoint_s": [], "missing": []}
+    state = {"steps": 0, "fast": None}
+    cuda = torch.cuda.is_available()
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def wrap(name, make):
+        if hasattr(trainer, name):
+            setattr(trainer, name, make(getattr(trainer, name)))
+        else:  # the trainer changed shape: the figure is reported missing, the run still runs
+            facts["missing"].append(f"cifar_dist.train.{name}")
+
+    def timed_save(save):
+        def inner(*args, **kwargs):
+            sync()
+            start = time.perf_counter()
+            path = save(*args, **kwargs)
+            facts["checkpoint_s"].append(round(time.perf_counter() - start, 3))
+            facts["checkpoint_mb"] = round(sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6,
+                                           1)
+            return path
+        return inner
+
+    def timed_step(step):
+        def inner(*args, **kwargs):
+            if state["steps"] == 0:
+                facts["launch_to_first_step_s"] = round(time.time() - launched, 2)
+            out = step(*args, **kwargs)
+            state["steps"] += 1
+            if state["steps"] == FIRST_STEPS:
+                sync()
+                facts[f"launch_to_step_{FIRST_STEPS}_s"] = round(time.time() - launched, 2)
+            return out
+        return inner
+
+    def kept_fast(compile_for_training):
+        def inner(*args, **kwargs):
+            model, fast = compile_for_training(*args, **kwargs)
+            state["fast"] = fast
+            return model, fast
+        return inner
+
+    wrap("save_checkpoint", timed_save)
+    wrap("train_step", timed_step)
+    wrap("compile_for_training", kept_fast)
+    code = 0
+    try:
+        trainer.main(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        facts["micro_batches"] = state["steps"]
+        if cuda:
+            facts["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            facts["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+        facts["peak_host_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+        if state["fast"] is not None:
+            facts["step"] = {**state["fast"].facts(), **speed.compile_summary(state["fast"])}
+        facts["exit_code"] = code
+        if os.environ.get(FACTS_ENV):
+            Path(os.environ[FACTS_ENV]).write_text(json.dumps(facts, indent=1))
+        else:
+            print(json.dumps(facts))
+    return code
+
+
+# -- the orchestration
+
+
+class Check:
+    """Runs the steps, records each, writes the report."""
+
+    def __init__(self, out: Path, scratch: Path, budget_s: float, python: str = sys.executable):
+        self.out, self.scratch, self.python = out, scratch, python
+        self.deadline = time.monotonic() + budget_s
+        self.steps: dict[str, dict] = {}
+        self.log = (out / "gpu_check.log").open("w")
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "WANDB_MODE": "disabled",
+                    "HF_DATASETS_CACHE": str(scratch / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+                    "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor"), "TRITON_CACHE_DIR": str(scratch / "triton"),
+                    "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+
+    def run(self, name: str, cmd: list[str], parse=None, env: dict | None = None) -> dict:
+        """Run one step; ``parse(result)`` adds its figures and raises (AssertionError, KeyError...) if one is
+        missing. Never raises: what went wrong is in the step's record."""
+        limit = min(STEP_LIMITS[name], self.deadline - time.monotonic())
+        record: dict = {"command": shlex.join(cmd), "ok": False}
+        self.steps[name] = record
+        if limit < 5:
+            record["error"] = "not run: the overall time budget was spent"
+            return record
+        self.log.write(f"\n===== {name}: {record['command']}\n")
+        self.log.flush()
+        start = time.monotonic()
+        # A session of its own, so that a step out of time goes with everything it started (compile workers,
+        # DataLoader workers), which would otherwise keep its output open.
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**self.env, **(env or {}), LAUNCHED_ENV: str(time.time())},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                                start_new_session=True)
+        try:
+            output, _ = proc.communicate(timeout=limit)
+            record["exit_code"] = proc.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+            record["error"] = f"timed out after {limit:.0f} s"
+        record["seconds"] = round(time.monotonic() - start, 1)
+        self.log.write(output)
+        self.log.flush()
+        record["output_tail"] = output.splitlines()[-TAIL_LINES:]
+        if "error" not in record and record["exit_code"] != 0:
+            record["error"] = f"exit code {record['exit_code']}"
+        if "error" not in record and parse is not None:
+            try:
+                parse(record, output)
+            except Exception as exc:  # noqa: BLE001 - a figure missing or malformed: the step failed its job
+                record["error"] = f"could not read its results: {type(exc).__name__}: {exc}"
+        record["ok"] = "error" not in record
+        return record
+
+    def finish(self, header: dict) -> int:
+        self.log.close()
+        failed = [name for name, record in self.steps.items() if not record["ok"]]
+        report = {**header, "ok": not failed, "failed_steps": failed, "steps": self.steps}
+        (self.out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+        (self.out / "gpu_check.md").write_text(render(report))
+        return 1 if failed else 0
+
+
+def parse_environment(record: dict, output: str) -> None:
+    record.update(json.loads(output.strip().splitlines()[-1]))
+    if record["datasets"].startswith("missing"):
+        raise AssertionError(f"datasets does not import ({record['datasets']}); carry its wheels, see "
+                             f"scripts/gpu_check.sh")
+
+
+# Synthetic data of CIFAR-100's size and format, saved once so that both trainer runs load it as they would the
+# real dataset (as the benchmark's --end-to-end does).
+MAKE_DATA = ("import sys; from cifar_dist.config import DataConfig; from cifar_dist.data import load_cifar100; "
+             "load_cifar100(DataConfig(data_source='synthetic', synthetic_train_samples=int(sys.argv[1]), "
+             "synthetic_eval_samples=int(sys.argv[2]))).save_to_disk(sys.argv[3])")
+# Versions and the card, and whether the packages the package needs import (the trainer needs datasets).
+ENVIRONMENT = """
+import json, platform, torch, accelerate, torchvision
+try:
+    import datasets
+    datasets_version = datasets.__version__
+except Exception as exc:
+    datasets_version = f"missing: {type(exc).__name__}: {exc}"
+cuda = torch.cuda.is_available()
+print(json.dumps({"card": torch.cuda.get_device_name() if cuda else (platform.processor() or "cpu"),
+                  "cuda": torch.version.cuda if cuda else None, "torch": torch.__version__,
+                  "torchvision": torchvision.__version__, "accelerate": accelerate.__version__,
+                  "datasets": datasets_version, "python": platform.python_version(),
+                  "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda
+                  else None}))
+"""
+
+
+def parse_train(facts_path: Path, output_dir: Path):
+    def parse(record: dict, output: str) -> None:
+        facts = json.loads(facts_path.read_text())
+        epochs = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+        header = [line for line in output.splitlines() if line.startswith("- step: ")]
+        record.update({
+            "step_line": header[0].removeprefix("- step: ") if header else None,
+            "optimizer_steps": epochs[-1]["step"],
+            "train_images_per_s": epochs[0]["train_images_per_s"],
+            "train_s": epochs[0]["train_time_s"],
+            "eval_s": epochs[0]["eval_time_s"],
+            "eval_images_per_s": round(epochs[0]["val_num_samples"] / epochs[0]["eval_time_s"], 1),
+            "val_acc": epochs[-1]["val_acc"],
+            **{k: v for k, v in facts.items() if k != "exit_code"},
+        })
+        cache = [line for line in output.splitlines() if line.startswith("feature cache: ")]
+        if cache:
+            record["feature_cache_line"] = cache[0]
+        checkpoints = facts["checkpoint_s"]
+        record["checkpoints"] = len(checkpoints)
+        record["checkpoint_mean_s"] = round(sum(checkpoints) / len(checkpoints), 3) if checkpoints else None
+        missing = facts["missing"] + [k for k in ("launch_to_first_step_s", "checkpoint_mean_s")
+                                      if record.get(k) is None]
+        if missing:
+            raise KeyError(f"not measured: {', '.join(missing)}")
+    return parse
+
+
+def parse_tests(junit: Path):
+    def parse(record: dict, output: str) -> None:
+        suite = ET.parse(junit).getroot()
+        suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+        cases = []
+        for case in suite.iter("testcase"):
+            outcome = "passed"
+            for tag in ("failure", "error", "skipped"):
+                found = case.find(tag)
+                if found is not None:
+                    outcome = {"failure": "failed", "error": "error", "skipped": "skipped"}[tag]
+                    cases.append({"test": case.get("name"), "outcome": outcome, "seconds": float(case.get("time", 0)),
+                                  "message": (found.get("message") or "").splitlines()[0][:300]
+                                  if found.get("message") else ""})
+                    break
+            else:
+                cases.append({"test": case.get("name"), "outcome": outcome, "seconds": float(case.get("time", 0))})
+        counts = {f"{k}s" if k == "error" else k: sum(c["outcome"] == k for c in cases)
+                  for k in ("passed", "failed", "error", "skipped")}
+        record.update({"tests": cases, **counts,
+                       "printed": [line for line in output.splitlines() if line.strip() and ":" in line and any(
+                           word in line for word in ("difference", "compiled step", "accumulation"))][:40]})
+        if counts["passed"] == 0:
+            reason = cases[0].get("message", "") if cases else "no tests collected"
+            raise AssertionError(f"no GPU test ran ({counts['skipped']} skipped: {reason})")
+    return parse
+
+
+def parse_bench(path: Path):
+    def parse(record: dict, output: str) -> None:
+        record["report"] = json.loads(path.read_text())
+        if not record["report"]["results"]:
+            raise AssertionError("no variant reported")
+    return parse
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        return train(argv[2:] if argv[1:2] == ["--"] else argv[1:])
+    parser = argparse.ArgumentParser(prog="cifar_dist.gpu_check", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="gpu_check_out", help="where gpu_check.json, .md and .log go")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--train-images", type=int, default=50_000)
+    parser.add_argument("--eval-images", type=int, default=10_000)
+    parser.add_argument("--max-steps", type=int, default=500, help="optimizer steps of each trainer run")
+    parser.add_argument("--checkpoint-every-steps", type=int, default=100)
+    parser.add_argument("--budget-s", type=float, default=390, help="overall time limit of the steps")
+    parser.add_argument("--tests", default="tests/test_gpu.py", help="what pytest runs")
+    parser.add_argument("--bench-args", default="--steps 20 --warmup 5 --workers 8",
+                        help="flags of python -m cifar_dist.bench (one string)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=[s for s in STEP_LIMITS if s != "environment"])
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="cifar-dist-gpu-check-"))
+    check = Check(out, scratch, args.budget_s)
+    py = check.python
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    try:
+        env = check.run("environment", [py, "-c", ENVIRONMENT], parse_environment)
+        data = scratch / "data"
+        if "data" not in args.skip:
+            check.run("data", [py, "-c", MAKE_DATA, str(args.train_images), str(args.eval_images), str(data)])
+        for name, extra in (("train_default", []), ("train_cache", ["--cache-frozen-features"])):
+            if name in args.skip:
+                continue
+            facts, output_dir = scratch / f"{name}.json", scratch / name
+            flags = ["--data-source", str(data), "--weights", "none", "--image-size", str(args.image_size),
+                     "--num-epochs", "1", "--max-steps", str(args.max_steps), "--checkpoint-every-steps",
+                     str(args.checkpoint_every_steps), "--tracker", "none", "--output-dir", str(output_dir), *extra]
+            check.run(name, [py, "-m", "cifar_dist.gpu_check", "train", "--", *flags],
+                      parse_train(facts, output_dir), env={FACTS_ENV: str(facts)})
+        if "gpu_tests" not in args.skip:
+            junit = scratch / "junit.xml"
+            check.run("gpu_tests", [py, "-m", "pytest", args.tests, "-m", "gpu", "-q", "-rA", "-p", "no:cacheprovider",
+                                    f"--junitxml={junit}"], parse_tests(junit))
+        if "bench" not in args.skip:
+            bench_json = scratch / "bench.json"
+            check.run("bench", [py, "-m", "cifar_dist.bench", *shlex.split(args.bench_args), "--json",
+                                str(bench_json)], parse_bench(bench_json))
+        header = {"started": started, "host": platform.node(), "skipped_steps": args.skip,
+                  "command": os.environ.get(COMMAND_ENV) or shlex.join(["python", "-m", "cifar_dist.gpu_check", *argv]),
+                  **{k: env.get(k) for k in ("card", "cuda", "torch", "torchvision", "accelerate", "datasets",
+                                             "python", "gpu_memory_gib")},
+                  "sizes": {"image_size": args.image_size, "train_images": args.train_images,
+                            "eval_images": args.eval_images, "max_steps": args.max_steps,
+                            "checkpoint_every_steps": args.checkpoint_every_steps, "bench_args": args.bench_args}}
+        return check.finish(header)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+# -- the report
+
+
+def _fmt(value, spec: str = "") -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) if spec else str(value)
+
+
+def render(report: dict) -> str:
+    """gpu_check.md: card, versions, command, then a table per part."""
+    steps = report["steps"]
+    verdict = "passed" if report["ok"] else f"FAILED ({', '.join(report['failed_steps'])})"
+    if report.get("skipped_steps"):
+        verdict += f", not run by request: {', '.join(report['skipped_steps'])}"
+    sizes = report["sizes"]
+    lines = [f"# cifar_dist GPU check: {verdict}", "",
+             (f"- card: {report.get('card')} ({_fmt(report.get('gpu_memory_gib'))} GiB), CUDA "
+              f"{_fmt(report.get('cuda'))}"),
+             (f"- torch {report.get('torch')}, torchvision {report.get('torchvision')}, accelerate "
+              f"{report.get('accelerate')}, datasets {report.get('datasets')}, Python {report.get('python')}"),
+             f"- command: `{report['command']}` ({report['started']})",
+             (f"- sizes: {sizes['image_size']} px, synthetic {sizes['train_images']:,} + {sizes['eval_images']:,} "
+              f"images, {sizes['max_steps']} steps per trainer run, checkpoint every "
+              f"{sizes['checkpoint_every_steps']} steps"),
+             "", "| step | result | seconds |", "| --- | --- | ---: |"]
+    for name, record in steps.items():
+        lines.append(f"| {name} | {'ok' if record['ok'] else 'FAILED: ' + record.get('error', '')} | "
+                     f"{_fmt(record.get('seconds'))} |")
+    runs = [(name, steps[name]) for name in ("train_default", "train_cache") if name in steps]
+    if any("train_images_per_s" in r for _, r in runs):
+        lines += ["", "## Trainer (`python -m cifar_dist.train`, batch 32)", "",
+                  ("| run | train images/s | eval images/s | launch to first step s | compile warm-up s | "
+                   f"launch to step {FIRST_STEPS} s | checkpoint s (mean x count, MB) | peak GPU memory GiB "
+                   "(reserved) | after warm-up: recompiles / graph breaks / CUDA-graph skips |"),
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for name, r in runs:
+            if "train_images_per_s" not in r:
+                continue
+            step = r.get("step") or {}
+            after = "/".join(_fmt(step.get(f"{k}_after_warmup")) for k in ("recompiles", "graph_breaks",
+                                                                           "cudagraph_skips"))
+            lines.append(
+                f"| {name.removeprefix('train_')} | {r['train_images_per_s']:,.0f} | {r['eval_images_per_s']:,.0f} | "
+                f"{_fmt(r.get('launch_to_first_step_s'))} | {_fmt(step.get('compile_warmup_s'))} | "
+                f"{_fmt(r.get(f'launch_to_step_{FIRST_STEPS}_s'))} | {_fmt(r.get('checkpoint_mean_s'))} x "
+                f"{r.get('checkpoints')}, {_fmt(r.get('checkpoint_mb'))} | {_fmt(r.get('peak_gpu_memory_gib'))} "
+                f"({_fmt(r.get('peak_gpu_reserved_gib'))}) | {after} |")
+        for name, r in runs:
+            if r.get("step_line"):
+                lines.append(f"\n{name.removeprefix('train_')}: `{r['step_line']}`")
+            if r.get("feature_cache_line"):
+                lines.append(f"\n{r['feature_cache_line']}")
+    tests = steps.get("gpu_tests", {})
+    if tests.get("tests"):
+        lines += ["", f"## GPU tests (`{tests['command']}`)", "",
+                  (f"{tests['passed']} passed, {tests['failed']} failed, {tests['errors']} errors, "
+                   f"{tests['skipped']} skipped in {tests['seconds']} s"), "", "| test | outcome | seconds |",
+                  "| --- | --- | ---: |"]
+        lines += [f"| {c['test']} | {c['outcome']}{': ' + c['message'] if c.get('message') else ''} | "
+                  f"{c['seconds']:.1f} |" for c in tests["tests"]]
+        if tests.get("printed"):
+            lines += ["", "```", *tests["printed"], "```"]
+    bench = steps.get("bench", {})
+    if bench.get("report"):
+        from cifar_dist.bench import format_table
+
+        lines += ["", f"## Benchmark (`{bench['command']}`)", "", format_table(bench["report"])]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU acceptance run of cifar_dist, one command, about 6 minutes on one H100 or H200:
+#   - the GPU tests (tests/test_gpu.py: compiled vs eager, accumulation, no host syncs, feature cache, BatchNorm
+#     counters, resume under other speed options);
+#   - the trainer with default flags and with --cache-frozen-features on synthetic data of CIFAR-100's size
+#     (50,000 + 10,000 images) at 224 px, 500 steps each: images/s, time to the first steps (compile),
+#     checkpoint seconds, peak GPU memory, what was compiled;
+#   - the benchmark at reduced steps (python -m cifar_dist.bench --steps 20 --warmup 5).
+# Writes gpu_check.json, gpu_check.md (the tables, with card, torch version and command) and gpu_check.log into
+# $OUT when it is set, else ./gpu_check_out. A step that fails is recorded and the next one runs; the exit status
+# is 1 if any failed. Extra arguments go to `python -m cifar_dist.gpu_check` (see its --help).
+#
+# Run it from anywhere inside the checkout: it runs the package from the checkout (PYTHONPATH), not an install.
+# It needs torch with CUDA, torchvision and accelerate (preinstalled on the lent GPU machines; their torch, 2.11,
+# is older than pyproject.toml's pin, which is why nothing is pip-installed) and `datasets`, which is not there
+# and has no network to come from. Bring it as wheels in .whl/ at the repository root, made where pip works:
+#
+#     scripts/gpu_wheels.sh       # datasets, dill, multiprocess, fsspec, pyarrow for CPython 3.12 (.gitignore'd)
+#
+# and carry .whl with the checkout (57 MB, 55 of them pyarrow; --without-pyarrow where the machine's is 24+).
+# This script installs them with `pip --no-index --no-deps` into a private folder ahead of the system's
+# packages. W&B is not needed: the runs use --tracker none.
+set -u
+cd "$(dirname "$0")/.."
+SITE=${GPU_CHECK_SITE:-/tmp/cifar_dist_site}
+PYTHON=${PYTHON:-python3}
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+    || echo "gpu_check: installing the wheels in .whl failed; going on with what imports" >&2
+  export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+else
+  echo "gpu_check: no wheels in .whl (see this script's header); going on with what imports" >&2
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONUNBUFFERED=1 CIFAR_DIST_GPU_CHECK_COMMAND="scripts/gpu_check.sh${*:+ $*}"
+exec "$PYTHON" -m cifar_dist.gpu_check --out "${OUT:-gpu_check_out}" "$@"

@@ -1,0 +1,101 @@
+"""The GPU acceptance run's machinery, on the CPU with the CPU's own figures: every step runs for real at a tiny
+size, so only what needs a GPU (the GPU tests themselves, CUDA figures) is left unchecked here."""
+
+import json
+import sys
+
+import pytest
+
+from cifar_dist.gpu_check import Check, render
+
+TINY_CHECK = ["--image-size", "32", "--train-images", "256", "--eval-images", "64", "--max-steps", "4",
+              "--checkpoint-every-steps", "2", "--budget-s", "900",
+              ("--bench-args=--image-size 32 --steps 2 --warmup 1 --workers 0 --eval-batch-size 64 --no-floor "
+               "--variants straight_port eager")]
+
+
+@pytest.mark.slow
+def test_the_whole_check_on_the_cpu_reports_every_step_and_fails_for_want_of_a_gpu(test_env, tmp_path):
+    import subprocess
+
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "cifar_dist.gpu_check", "--out", str(out), *TINY_CHECK],
+                          env=test_env, capture_output=True, text=True, timeout=900, check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # the GPU tests were all skipped: that is a failure here
+    report = json.loads((out / "gpu_check.json").read_text())
+    steps = report["steps"]
+    assert list(steps) == ["environment", "data", "train_default", "train_cache", "gpu_tests", "bench"]
+    assert report["failed_steps"] == ["gpu_tests"] and not report["ok"]
+    assert steps["gpu_tests"]["error"].startswith("could not read its results: AssertionError: no GPU test ran (")
+    assert steps["gpu_tests"]["skipped"] > 0 and steps["gpu_tests"]["passed"] == steps["gpu_tests"]["errors"] == 0
+    assert report["torch"] and report["datasets"] and report["card"] and report["cuda"] is None
+
+    for name in ("train_default", "train_cache"):
+        run = steps[name]
+        assert run["ok"] and run["optimizer_steps"] == 4 and run["train_images_per_s"] > 0
+        # Checkpoints at steps 2 and 4 (mid-epoch), then the epoch end: each timed, with its size.
+        assert run["checkpoints"] == 3 and run["checkpoint_mean_s"] > 0 and run["checkpoint_mb"] > 200
+        assert 0 < run["launch_to_first_step_s"] < run["seconds"] and run["peak_host_rss_gib"] > 0
+        assert "peak_gpu_memory_gib" not in run and run["missing"] == []
+        assert run["step"]["fast_path"] == "plain eager step" and run["step"]["compiled_step"] is False
+    assert steps["train_cache"]["feature_cache_line"].startswith("feature cache: 256 train + 64 test images")
+    bench = steps["bench"]["report"]
+    assert [r["variant"] for r in bench["results"]] == ["straight_port", "eager"] and bench["checkpoint"]["seconds"] > 0
+
+    md = (out / "gpu_check.md").read_text()
+    assert md.startswith("# cifar_dist GPU check: FAILED (gpu_tests)")
+    assert "| gpu_tests | FAILED: could not read its results: AssertionError: no GPU test ran" in md
+    assert "| default | " in md and "| cache | " in md and "| straight_port |" in md
+    assert "checkpoint (the trainer's save_checkpoint" in md
+    assert "0 passed, 0 failed, 0 errors, " in md
+    assert "===== train_default: " in (out / "gpu_check.log").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]
+
+
+@pytest.mark.slow
+def test_a_failing_step_is_recorded_and_the_next_one_runs(tmp_path):
+    check = Check(tmp_path, tmp_path, budget_s=60)
+    failed = check.run("data", [sys.executable, "-c", "print('half done'); raise SystemExit(3)"])
+    unreadable = check.run("bench", [sys.executable, "-c", "print('no figures')"],
+                           parse=lambda record, output: record.update(figure=json.loads(output)))
+    fine = check.run("train_default", [sys.executable, "-c", "print('{\"x\": 1}')"],
+                     parse=lambda record, output: record.update(json.loads(output)))
+    assert failed["error"] == "exit code 3" and failed["output_tail"] == ["half done"] and not failed["ok"]
+    assert unreadable["error"].startswith("could not read its results: JSONDecodeError")
+    assert fine["ok"] and fine["x"] == 1
+    assert check.finish({"command": "test", "started": "now", "sizes": SIZES}) == 1
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["failed_steps"] == ["data", "bench"]
+
+
+@pytest.mark.slow
+def test_steps_past_the_time_budget_are_not_run_and_say_so(tmp_path):
+    check = Check(tmp_path, tmp_path, budget_s=7)
+    slow = check.run("data", [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(30)"])
+    assert slow["error"] == "timed out after 7 s" and slow["output_tail"] == ["started"]
+    later = check.run("bench", [sys.executable, "-c", "pass"])
+    assert later["error"] == "not run: the overall time budget was spent"
+
+
+SIZES = {"image_size": 224, "train_images": 50_000, "eval_images": 10_000, "max_steps": 500,
+         "checkpoint_every_steps": 100, "bench_args": ""}
+
+
+def test_the_report_table_of_a_gpu_run():
+    # The shape a GPU run's figures take in gpu_check.md (the numbers here are made up for the layout only).
+    report = {"ok": True, "failed_steps": [], "command": "scripts/gpu_check.sh", "started": "2026-01-01",
+              "card": "NVIDIA H100 80GB HBM3", "gpu_memory_gib": 79.2, "cuda": "13.0", "torch": "2.11.0",
+              "torchvision": "0.26.0", "accelerate": "1.15.0", "datasets": "5.2.0", "python": "3.12.3",
+              "sizes": SIZES,
+              "steps": {"train_default": {"ok": True, "seconds": 60.0, "train_images_per_s": 12000.0,
+                                          "eval_images_per_s": 15000.0, "launch_to_first_step_s": 40.0,
+                                          "launch_to_step_20_s": 41.0, "checkpoint_mean_s": 0.5, "checkpoints": 6,
+                                          "checkpoint_mb": 240.0, "peak_gpu_memory_gib": 5.0,
+                                          "peak_gpu_reserved_gib": 6.0, "step_line": "compiled step (...)",
+                                          "step": {"compile_warmup_s": 30.0, "recompiles_after_warmup": 0,
+                                                   "graph_breaks_after_warmup": 0,
+                                                   "cudagraph_skips_after_warmup": 0}}}}
+    md = render(report)
+    assert md.startswith("# cifar_dist GPU check: passed\n")
+    assert "- card: NVIDIA H100 80GB HBM3 (79.2 GiB), CUDA 13.0" in md
+    assert "| default | 12,000 | 15,000 | 40.0 | 30.0 | 41.0 | 0.5 x 6, 240.0 | 5.0 (6.0) | 0/0/0 |" in md

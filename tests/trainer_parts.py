@@ -1,0 +1,109 @@
+"""The trainer's step, assembled in the test process from the functions cifar_dist.train.run assembles it from.
+
+Tests that look inside a step (which operations it runs, its per-step losses, its gradients, what it leaves in
+BatchNorm) cannot do so through a trainer subprocess; this builds the same pieces, in the same order, with the
+same package functions (speed decisions, layout, optimizer, accelerate's prepare, loaders, feature cache,
+compilation), and ``train`` drives them through the trainer's own ``train_step``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+
+from cifar_dist.config import DataConfig, ModelConfig, OptimConfig, SpeedConfig, TrainConfig, plan_batches
+from cifar_dist.data import CifarSplits, build_dataloaders, build_splits
+from cifar_dist.feature_cache import build_feature_cache
+from cifar_dist.model import ResNet50Classifier
+from cifar_dist.speed import build_optimizer, compile_for_training, prepare_model_layout, resolve_fast_path
+from cifar_dist.train import train_step
+
+
+@dataclass
+class Parts:
+    accelerator: Accelerator
+    model: torch.nn.Module
+    step_model: object
+    optimizer: object
+    fast: object
+    train_loader: object
+    eval_loader: object
+    input_name: str
+    class_names: list[str]
+    grad_accum_steps: int
+
+
+def synthetic_splits(num_train: int, num_eval: int) -> CifarSplits:
+    return build_splits(DataConfig(data_source="synthetic", synthetic_train_samples=num_train,
+                                   synthetic_eval_samples=num_eval), seed=0)
+
+
+def build(splits: CifarSplits, image_size: int, *, speed: SpeedConfig | None = None, mixed_precision: str = "no",
+          per_device_batch_size: int | None = None, lr: float = 1e-3, dtype=torch.float32, backbone: dict | None = None,
+          cpu: bool | None = None, eval_batch_size: int = 256) -> Parts:
+    """The trainer's pieces for one process.
+
+    accelerate's state is one per process and shared by every Accelerator (and refuses another precision), so it
+    is reset first: earlier Parts keep working only while the settings they were built with are the current ones.
+    """
+    reset()
+    cpu = not torch.cuda.is_available() if cpu is None else cpu
+    speed = speed or SpeedConfig()
+    plan = plan_batches(TrainConfig(per_device_batch_size=per_device_batch_size), 1)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision,
+                              gradient_accumulation_steps=plan.grad_accum_steps)
+    fast = resolve_fast_path(speed, accelerator.device, mixed_precision, 1, plan.grad_accum_steps)
+    torch.manual_seed(0)  # the head's initialisation, as set_seed does in the trainer
+    model = ResNet50Classifier(ModelConfig(weights="none"), image_size)
+    if backbone is not None:
+        model.load_state_dict({k: v for k, v in backbone.items() if not k.startswith("fc.")}, strict=False)
+    model = prepare_model_layout(model.to(dtype), fast)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], OptimConfig(lr=lr), fast)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if accelerator.device.type == "cuda":
+        splits = splits.to(accelerator.device)
+    input_name, data = "images", splits
+    if speed.cache_frozen_features:
+        input_name = "features"
+        data = dataclasses.replace(splits, **dict(zip(("train", "test"), build_feature_cache(
+            accelerator.unwrap_model(model), splits, accelerator, eval_batch_size, speed.feature_cache_location))))
+    train_loader, eval_loader = accelerator.prepare(*build_dataloaders(data, plan, eval_batch_size, seed=0))
+    step_model, fast = compile_for_training(model, fast, data.train, plan.per_device_batch_size, accelerator,
+                                            input_name)
+    return Parts(accelerator, model, step_model, optimizer, fast, train_loader, eval_loader, input_name,
+                 splits.class_names, plan.grad_accum_steps)
+
+
+def reset() -> None:
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def train(parts: Parts, num_steps: int, epoch: int = 1, between_steps=None) -> list[torch.Tensor]:
+    """``num_steps`` optimizer steps through the trainer's train_step; each step's [loss sum, correct, count,
+    non-finite] summed over its micro-batches, left on the device. ``between_steps(step)`` runs before each."""
+    parts.train_loader.set_epoch(epoch)
+    parts.model.train()
+    stats, step_sums = [], None
+    for inputs, labels in parts.train_loader:
+        if step_sums is None and between_steps is not None:
+            between_steps(len(stats))
+        out = train_step(parts.model, parts.step_model, inputs, labels, parts.optimizer, parts.accelerator,
+                         parts.input_name)
+        step_sums = out if step_sums is None else step_sums + out
+        if parts.accelerator.sync_gradients:
+            stats.append(step_sums)
+            step_sums = None
+            if len(stats) == num_steps:
+                break
+    assert len(stats) == num_steps, f"the loader ran out after {len(stats)} steps"
+    return stats
+
+
+def losses(stats: list[torch.Tensor]) -> list[float]:
+    """Each step's mean loss (one read of the device, at the end)."""
+    table = torch.stack(stats).tolist()
+    return [loss_sum / count for loss_sum, _, count, _ in table]
