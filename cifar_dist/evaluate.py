@@ -244,8 +244,8 @@ def evaluate_model(found: TrainedModel, args):
     from accelerate import Accelerator
 
     from cifar_dist.data import build_splits
-    from cifar_dist.speed import prepare_model_layout, resolve_fast_path
-    from cifar_dist.train import _device_name, evaluate, resolve_mixed_precision
+    from cifar_dist.speed import device_name, prepare_model_layout, resolve_fast_path, resolve_mixed_precision
+    from cifar_dist.steps import evaluate
 
     cfg = found.config
     model = load_model(found)  # before any data: a wrong model is refused first
@@ -277,7 +277,7 @@ def evaluate_model(found: TrainedModel, args):
               "top5": metrics["val_top5"], "ece": figures["ece"], "class_names": splits.class_names,
               "per_class_accuracy": dict(per_class), "superclasses": figures["superclasses"],
               "most_confused": figures["most_confused"], "calibration_bins": figures["calibration_bins"],
-              "num_processes": accelerator.num_processes, "device": _device_name(accelerator),
+              "num_processes": accelerator.num_processes, "device": device_name(accelerator),
               "mixed_precision": accelerator.mixed_precision, "eval_batch_size": eval_batch_size,
               "eval_time_s": round(seconds, 3), "images_per_s": round(count / seconds, 1)}
     same_setup = (args.split == "test" and data_cfg == cfg.data and eval_batch_size == cfg.train.eval_batch_size)

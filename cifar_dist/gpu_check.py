@@ -54,8 +54,9 @@ def train(argv: list[str]) -> int:
     """Run cifar_dist.train's main with ``argv``, timing checkpoints and the first steps; write the facts file."""
     import torch
 
-    import cifar_dist.train as trainer
+    import cifar_dist.trainer as trainer
     from cifar_dist import speed
+    from cifar_dist.train import main
 
     launched = float(os.environ.get(LAUNCHED_ENV, time.time()))
     facts: dict = {"checkpoint_s": [], "missing": []}
@@ -70,7 +71,7 @@ def train(argv: list[str]) -> int:
         if hasattr(trainer, name):
             setattr(trainer, name, make(getattr(trainer, name)))
         else:  # the trainer changed shape: the figure is reported missing, the run still runs
-            facts["missing"].append(f"cifar_dist.train.{name}")
+            facts["missing"].append(f"cifar_dist.trainer.{name}")
 
     def timed_save(save):
         def inner(*args, **kwargs):
@@ -107,7 +108,7 @@ def train(argv: list[str]) -> int:
     wrap("compile_for_training", kept_fast)
     code = 0
     try:
-        trainer.main(argv)
+        main(argv)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     finally:

@@ -174,7 +174,7 @@ def build_accelerator(device: str, mixed_precision: str):
     """One process on the GPU when there is one (or ``device`` says), in the run's precision, as evaluate does."""
     from accelerate import Accelerator
 
-    from cifar_dist.train import resolve_mixed_precision
+    from cifar_dist.speed import resolve_mixed_precision
 
     cpu = device == "cpu" or not torch.accelerator.is_available()
     if device == "cuda" and cpu:

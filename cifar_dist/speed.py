@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import platform
 import shutil
 import time
 import warnings
@@ -337,3 +339,20 @@ def _first_line(what) -> str:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def resolve_mixed_precision(choice: str) -> str:
+    """'auto' -> the accelerate config's bf16/fp16 if it asks for one, else bf16 on a GPU that has it, else fp32."""
+    if choice != "auto":
+        return choice
+    launched_with = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launched_with != "no":
+        return launched_with
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def device_name(accelerator) -> str:
+    """The accelerator's name (the GPU model), or the CPU's."""
+    if accelerator.device.type == "cuda":
+        return torch.cuda.get_device_name()
+    return platform.processor() or accelerator.device.type

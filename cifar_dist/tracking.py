@@ -15,8 +15,11 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
+import torch
+
 from cifar_dist.atomic import atomic_write_bytes, atomic_write_text
-from cifar_dist.config import Config, TrackingConfig, UserError
+from cifar_dist.config import BatchPlan, Config, TrackingConfig, UserError
+from cifar_dist.speed import FastPath, adam_implementation, device_name
 
 # The seed notebook's reported table (Keras, one GPU): epoch -> (train acc, val acc, train loss, val loss).
 SEED_RESULTS = {1: (0.498, 0.691, 1.92, 1.02), 5: (0.942, 0.728, 0.17, 1.40), 10: (0.980, 0.749, 0.06, 1.52)}
@@ -327,3 +330,49 @@ def plot_curves(records: list[dict], title: str = "", seed_reference: bool = Tru
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight")
     return buffer.getvalue()
+
+
+# -- what the run reports about itself: header, tracker facts, sample predictions
+
+
+def sample_predictions(model, splits, accelerator, num_images: int = 16) -> list[tuple]:
+    """(image, predicted class, true class) for the first test images, for a look at what the model does."""
+    images, labels = splits.test.images[:num_images], splits.test.labels[:num_images]
+    model = accelerator.unwrap_model(model).eval()
+    with torch.no_grad(), accelerator.autocast():
+        predicted = model(images.to(accelerator.device)).argmax(1).tolist()
+    names = splits.class_names
+    return [(img.cpu().numpy(), names[p], names[t]) for img, p, t in zip(images, predicted, labels.tolist())]
+
+
+def run_facts(plan: BatchPlan, accelerator, counts: dict, fast: FastPath, optimizer) -> dict:
+    """What the tracker's config records beside the settings: topology, precision, the step as it runs (what
+    was compiled, graph breaks, CUDA-graph skips, Adam's implementation), hardware, provenance."""
+    return {"num_processes": plan.num_processes, "per_device_batch_size": plan.per_device_batch_size,
+            "grad_accum_steps": plan.grad_accum_steps, "mixed_precision": accelerator.mixed_precision,
+            **fast.facts(), "adam_implementation": adam_implementation(optimizer),
+            "device": device_name(accelerator), "torch": torch.__version__, "git_commit": git_commit(),
+            **{f"params_{k}": v for k, v in counts.items()}}
+
+
+def describe_run(cfg: Config, plan: BatchPlan, accelerator, counts: dict, num_train: int, num_test: int,
+                 fast: FastPath) -> str:
+    device = device_name(accelerator)
+    return "\n".join([
+        "# cifar_dist run",
+        "",
+        f"- data: {cfg.data.data_source}, {num_train} train / {num_test} test images, resized to "
+        f"{cfg.data.image_size}px on the device",
+        f"- model: ResNet50 ({cfg.model.weights}) + {cfg.model.head_hidden_dim}-ReLU-{cfg.model.num_classes} head, "
+        f"frozen before {cfg.model.freeze_until}; parameters {counts['total']:,} total, {counts['trainable']:,} "
+        f"trainable, {counts['frozen']:,} frozen; {counts['bn_running_stats']:,} BN running-stat values",
+        f"- batch: global {plan.global_batch_size} = {plan.per_device_batch_size} per device x "
+        f"{plan.num_processes} processes x {plan.grad_accum_steps} accumulation steps",
+        f"- optimizer: Adam lr {cfg.optim.lr:g}, eps {cfg.optim.adam_eps:g}; {cfg.train.num_epochs} epochs, "
+        f"seed {cfg.train.seed}",
+        f"- device: {accelerator.num_processes} x {accelerator.device.type} ({device}), mixed precision "
+        f"{accelerator.mixed_precision}, torch {torch.__version__}"
+        f"{'; deterministic algorithms only' if cfg.train.deterministic else ''}",
+        f"- step: {fast.describe()}{'; frozen-stage features cached' if cfg.speed.cache_frozen_features else ''}"
+        + "".join(f"; {note}" for note in fast.notes),
+    ])

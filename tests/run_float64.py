@@ -8,7 +8,7 @@ import sys
 import torch
 
 from cifar_dist.config import parse_config
-from cifar_dist.train import run
+from cifar_dist.trainer import run
 
 if __name__ == "__main__":
     run(parse_config(sys.argv[1:]), dtype=torch.float64)

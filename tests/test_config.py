@@ -270,3 +270,16 @@ def test_the_settings_a_resume_must_keep_are_marked_on_the_fields():
         "data_source", "image_size", "max_train_samples", "synthetic_train_samples", "weights", "freeze_until",
         "num_classes", "head_hidden_dim", "bn_momentum", "lr", "adam_beta1", "adam_beta2", "adam_eps",
         "global_batch_size", "seed"}
+
+
+def test_help_and_flag_errors_answer_before_torch_is_imported():
+    """The CLI parses before it imports the training stack: --help and a typo answer at once."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom cifar_dist.train import main\nfor argv in (['--help'], ['--num-epoch', '3']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('torch', 'accelerate', 'datasets', 'wandb') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "usage: cifar_dist.train" in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == "[]"

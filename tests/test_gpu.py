@@ -26,7 +26,7 @@ import trainer_parts
 from cifar_dist.config import SpeedConfig
 from cifar_dist.model import Preprocess
 from cifar_dist.speed import adam_implementation, compile_summary, match_optimizer_to_run
-from cifar_dist.train import evaluate
+from cifar_dist.steps import evaluate
 from trainer_parts import losses, train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -149,7 +149,7 @@ def test_steady_steps_and_the_eval_loop_never_wait_for_the_device(compiled_run):
     parts.train_loader.set_epoch(2)
     parts.model.train()
     stats, batches = [], iter(parts.train_loader)
-    from cifar_dist.train import train_step
+    from cifar_dist.steps import train_step
 
     def step():
         inputs, labels = next(batches)

@@ -189,8 +189,9 @@ def test_resume_on_another_layout_trains_exactly_the_remaining_images(test_env, 
 
 def test_time_based_checkpoints_land_on_a_health_check(test_env, tmp_path):
     out = tmp_path / "out"
-    run_train(test_env, [*TINY, "--num-epochs", "2", "--checkpoint-every-minutes", "0.0001",
-                         "--keep-checkpoints", "5", "--output-dir", str(out)])
+    proc = run_train(test_env, [*TINY, "--num-epochs", "2", "--checkpoint-every-minutes", "0.0001",
+                                "--keep-checkpoints", "5", "--output-dir", str(out)])
+    assert "| ETA " in proc.stdout.split("epoch 1: train loss")[1].splitlines()[0]  # the run's time left
     # Due at every check (each 10 steps) by then: step 10 mid-epoch, plus the epoch ends 8 and 16.
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         "step-00000008", "step-00000010", "step-00000016"]

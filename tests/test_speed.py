@@ -21,7 +21,7 @@ from cifar_dist.config import ModelConfig, SpeedConfig, UserError
 from cifar_dist.feature_cache import DEVICE_HEADROOM_BYTES, check_cacheable, choose_location
 from cifar_dist.model import ResNet50Classifier
 from cifar_dist.speed import adam_implementation, compile_for_training, match_optimizer_to_run, resolve_fast_path
-from cifar_dist.train import evaluate, train_step
+from cifar_dist.steps import evaluate, train_step
 from conftest import FLOAT64, TINY, records, run_train
 
 STEPS = [*TINY, "--num-epochs", "1", "--eval-batch-size", "48"]

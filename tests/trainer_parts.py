@@ -20,7 +20,7 @@ from cifar_dist.data import CifarSplits, build_dataloaders, build_splits
 from cifar_dist.feature_cache import build_feature_cache
 from cifar_dist.model import ResNet50Classifier
 from cifar_dist.speed import build_optimizer, compile_for_training, prepare_model_layout, resolve_fast_path
-from cifar_dist.train import train_step
+from cifar_dist.steps import train_step
 
 
 @dataclass

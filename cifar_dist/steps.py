@@ -1,0 +1,62 @@
+"""What one training step and one evaluation pass compute: the trainer's, the benchmark's and the GPU tests'.
+
+Both keep their running figures on the device, so neither waits for it until its caller reads them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+def train_step(model, step_model, inputs, labels, optimizer, accelerator, input_name: str = "images") -> torch.Tensor:
+    """Forward, backward and (on the last micro-batch of an accumulation) the optimizer step.
+
+    ``step_model`` is ``model`` or its compiled form; ``inputs`` are images, or cached trunk features when
+    ``input_name`` is "features". Returns this micro-batch's [loss sum, correct, count, non-finite loss] for the
+    epoch's running totals, left on the device so the step never waits for it.
+    """
+    with accelerator.accumulate(model):
+        logits = step_model(**{input_name: inputs})
+        loss = F.cross_entropy(logits, labels)  # autocast computes it in fp32 under bf16
+        # Read before backward: a CUDA-graph replay may reuse the logits' memory once the step moves on.
+        loss_d = loss.detach().double()
+        # full_like fills on the device; new_tensor(n) would copy a host scalar and wait for the device.
+        stats = torch.stack([loss_d * labels.numel(), (logits.detach().argmax(1) == labels).sum().double(),
+                             torch.full_like(loss_d, labels.numel()), (~torch.isfinite(loss_d)).double()])
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return stats
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator, class_names: list[str],
+             input_name: str = "images") -> tuple[dict, list[tuple[str, float]]]:
+    """Loss, top-1, top-5 and per-class accuracy over the whole test split.
+
+    gather_for_metrics drops the samples repeated to pad uneven shards, so every test image counts once. The loop
+    never waits for the device (per-class counts are index_add_ed into fixed-size tensors; bincount would read
+    the largest label back); the one wait is the final read.
+    """
+    model.eval()
+    num_classes = len(class_names)
+    sums = torch.zeros(4, device=accelerator.device, dtype=torch.float64)
+    class_hits = torch.zeros(2, num_classes, device=accelerator.device, dtype=torch.float64)
+    progress = tqdm(loader, desc="eval", unit="batch", leave=False, file=sys.stdout,
+                    disable=not accelerator.is_main_process)
+    for inputs, labels in progress:
+        logits = model(**{input_name: inputs})
+        losses = F.cross_entropy(logits, labels, reduction="none")
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        losses, top1, top5, labels = accelerator.gather_for_metrics(
+            (losses, top5[:, 0] == labels, (top5 == labels[:, None]).any(1), labels))
+        sums += torch.stack([losses.sum(), top1.sum(), top5.sum(), losses.new_full((), losses.numel())]).double()
+        class_hits.index_add_(1, labels, torch.stack([top1.double(), torch.ones_like(top1, dtype=torch.float64)]))
+    loss_sum, top1, top5, count = sums.tolist()
+    per_class = [(name, hits / max(total, 1)) for name, hits, total in zip(class_names, *class_hits.tolist())]
+    return ({"val_loss": loss_sum / count, "val_acc": top1 / count, "val_top5": top5 / count,
+             "val_num_samples": int(count)}, per_class)

@@ -1,0 +1,435 @@
+"""The training loop behind ``python -m cifar_dist.train`` (see cifar_dist/train.py for the commands).
+
+``run(cfg)`` claims the output dir (rundir.py), sets up data, model and optimizer on the accelerator
+(``setup``), trains epoch by epoch (``train_one_epoch``: the step, logging, health checks, checkpoints) and
+writes the final weights and report (``finish``). The global batch stays 32 on any number of processes; runs
+checkpoint and resume exactly; SIGTERM/SIGUSR1 or a first Ctrl-C stop at a step boundary with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import broadcast_object_list, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from cifar_dist.checkpoint import SaveSchedule, find_latest, read_state, save_checkpoint, save_model
+from cifar_dist.config import BatchPlan, Config, UserError, plan_batches, save_config
+from cifar_dist.data import CifarSplits, build_dataloaders, build_splits
+from cifar_dist.feature_cache import build_feature_cache
+from cifar_dist.model import build_model, convert_sync_batchnorm, count_parameters
+from cifar_dist.preflight import preflight
+from cifar_dist.rundir import CHECKPOINTS, Claim, claim_output_dir
+from cifar_dist.speed import (
+    FastPath,
+    build_optimizer,
+    compile_for_training,
+    compile_summary,
+    ddp_kwargs,
+    match_optimizer_to_run,
+    prepare_model_layout,
+    resolve_fast_path,
+    resolve_mixed_precision,
+)
+from cifar_dist.steps import evaluate, train_step
+from cifar_dist.tracking import (
+    RunLog,
+    compares_to_seed,
+    describe_run,
+    plot_title,
+    run_facts,
+    sample_predictions,
+    tracker_backend,
+)
+from cifar_dist.train import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_STOPPED
+
+# How often (optimizer steps) the processes agree on whether to stop. Each check is one tiny all-reduce and
+# one wait for the device, so not every step; a signal is acted on within this many steps.
+CHECK_EVERY_STEPS = 10
+
+
+class TrainingStopped(Exception):
+    """Raised on every process when the run stops early; ``exit_code`` is what the CLI exits with."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopSignals:
+    """Turns SIGTERM / SIGUSR1 (what SLURM sends before a time limit or preemption) and a first Ctrl-C into a
+    flag; a second Ctrl-C stops at once.
+
+    The handler only sets the flag: saving from inside a signal handler can interleave with a half-done step.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self.received == "SIGINT":
+                raise KeyboardInterrupt
+            os.write(2, b"cifar_dist.train: Ctrl-C: stopping at the next step boundary with a checkpoint; "
+                        b"press it again to stop at once\n")
+        self.received = signal.Signals(signum).name
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Totals:
+    """An epoch's running training totals, summed on the device so that adding a step never waits for it."""
+
+    NAMES = ("loss_sum", "correct", "count", "nonfinite")
+
+    def __init__(self, device, saved: list[float] | None = None):
+        """``saved``: the global loss sum, correct and count before a checkpoint (one process holds them)."""
+        self.sums = torch.zeros(len(self.NAMES), device=device, dtype=torch.float64)
+        if saved:
+            self.sums[:3] = torch.tensor(saved, dtype=torch.float64)
+
+    def add(self, stats: torch.Tensor) -> None:
+        self.sums += stats
+
+    def global_values(self, accelerator) -> dict[str, float]:
+        """Summed over all processes (a collective: every process calls it at the same step)."""
+        return dict(zip(self.NAMES, accelerator.reduce(self.sums.clone(), reduction="sum").tolist()))
+
+
+@dataclass
+class Run:
+    """Everything a run needs once set up; built by ``setup``."""
+
+    cfg: Config
+    plan: BatchPlan
+    accelerator: Accelerator
+    claim: Claim
+    fast: FastPath
+    model: torch.nn.Module
+    step_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    splits: CifarSplits
+    train_loader: DataLoader
+    eval_loader: DataLoader
+    input_name: str
+    run_log: RunLog
+    schedule: SaveSchedule
+    position: dict
+    steps_per_epoch: int
+    total_steps: int
+    step: int = 0
+    per_class_acc: list = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def output_dir(self) -> Path:
+        return self.claim.output_dir
+
+
+def run(cfg: Config, dtype: torch.dtype = torch.float32) -> list[dict]:
+    """Train and evaluate as ``cfg`` says; returns the per-epoch records written to metrics.jsonl.
+
+    ``dtype`` is the parameters' dtype; tests use float64 to compare runs far below float32 rounding.
+    Raises TrainingStopped when a signal or a non-finite loss ends the run early.
+    """
+    # Cheap checks first: nothing is loaded or built until the batch plan, tracker and output dir are good.
+    # With no accelerator, several launched processes run on the CPU over gloo (accelerate would otherwise
+    # treat each as a lone process, since its GPU launcher does not pass the config's use_cpu on).
+    state = PartialState(cpu=not torch.accelerator.is_available())
+    plan = plan_batches(cfg.train, state.num_processes)
+    state.print(preflight(state.num_processes, int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))))
+    log_with = tracker_backend(cfg.tracking)
+    claim = claim_on_main(state, cfg)
+    stop = StopSignals()  # from here on a first Ctrl-C or SIGTERM waits for the next step boundary
+    try:
+        r = setup(cfg, plan, claim, log_with, dtype)
+        if stop.received:  # setup's end is the first boundary; there is nothing to save yet
+            raise stopped(r, stop, "before training began", None)
+        for epoch in range(r.position["epoch"], cfg.train.num_epochs + 1):
+            if r.step >= r.total_steps:
+                break
+            train_one_epoch(r, epoch, stop)
+        finish(r)
+    except BaseException:
+        claim.abandon()  # a new run that never reached its first checkpoint leaves the dir as it found it
+        raise
+    finally:
+        stop.restore()
+        claim.release()
+    return r.run_log.records
+
+
+def claim_on_main(state: PartialState, cfg: Config) -> Claim:
+    """The main process locks the output dir and decides where to start; every process learns the outcome, or
+    exits with the main process's error (which only the main process prints)."""
+    claim, outcome = Claim(Path(cfg.train.output_dir)), [None, None]
+    if state.is_main_process:
+        try:
+            claim = claim_output_dir(cfg)
+            outcome[0] = claim.resume_from
+        except UserError as exc:
+            outcome[1] = str(exc)
+    if state.num_processes > 1:
+        broadcast_object_list(outcome)
+    if outcome[1] is not None:
+        if state.is_main_process:
+            raise UserError(outcome[1])
+        raise SystemExit(2)
+    claim.resume_from = outcome[0]
+    return claim
+
+
+def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtype: torch.dtype) -> Run:
+    """Data, model, optimizer and loaders on the accelerator, restored from the checkpoint if resuming; the
+    output dir is written to only once all of them have loaded."""
+    mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision)
+    fast = resolve_fast_path(cfg.speed, PartialState().device, mixed_precision, plan.num_processes,
+                             plan.grad_accum_steps)
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any matmul
+    accelerator = Accelerator(
+        cpu=not torch.accelerator.is_available(),
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=plan.grad_accum_steps,
+        log_with=log_with,
+        project_dir=str(claim.output_dir),
+        kwargs_handlers=[ddp_kwargs(cfg.speed, fast)],
+    )
+    set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)
+
+    # Rank 0 decodes the dataset into datasets' cache and fetches the weights; the others then reuse both.
+    with accelerator.main_process_first():
+        splits = build_splits(cfg.data, seed=cfg.train.seed)
+        model = build_model(cfg.model, cfg.data.image_size).to(dtype)
+    if accelerator.device.type == "cuda":
+        splits = splits.to(accelerator.device)
+    if accelerator.num_processes > 1:
+        model = convert_sync_batchnorm(model)  # trainable BN must see the whole global batch
+    counts = count_parameters(model)
+    model = prepare_model_layout(model, fast)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim, fast)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # With the cache the loaders serve the frozen stages' output instead of images, in the same order.
+    input_name, data = "images", splits
+    if cfg.speed.cache_frozen_features:
+        input_name = "features"
+        data = dataclasses.replace(splits, **dict(zip(("train", "test"), build_feature_cache(
+            accelerator.unwrap_model(model), splits, accelerator, cfg.train.eval_batch_size,
+            cfg.speed.feature_cache_location))))
+    train_loader, eval_loader = accelerator.prepare(
+        *build_dataloaders(data, plan, cfg.train.eval_batch_size, seed=cfg.train.seed))
+    step_model, fast = compile_for_training(model, fast, data.train, plan.per_device_batch_size, accelerator,
+                                            input_name)
+
+    # Where to start: a checkpoint's position (the data order depends only on seed and epoch, so a position
+    # in optimizer steps means the same images whatever the number of processes), or the beginning.
+    position = {"epoch": 1, "steps_in_epoch": 0, "step": 0, "train_sums": [0.0, 0.0, 0.0], "records": []}
+    if claim.resume_from is not None:
+        accelerator.load_state(str(claim.resume_from))
+        # Checkpoints are taken between optimizer steps, but load_state restores the saved micro-batch counter,
+        # which is wrong under another accumulation layout and missing on ranks the checkpoint did not have.
+        accelerator.step = 0
+        match_optimizer_to_run(optimizer)  # this run's Adam implementation and layouts, whatever the checkpoint's
+        position.update({k: v for k, v in read_state(claim.resume_from).items() if k in position})
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        claim.begin(cfg.train.overwrite)  # every input has loaded: only now is the output dir changed
+        save_config(cfg, claim.output_dir / "config.yaml")
+    header = describe_run(cfg, plan, accelerator, counts, len(splits.train), len(splits.test), fast)
+    accelerator.print(header)
+    if claim.resume_from is not None:
+        accelerator.print(f"resuming from {claim.resume_from} (epoch {position['epoch']}, step {position['step']})")
+    run_log = RunLog(accelerator, claim.output_dir, header, position["records"], plot_title(cfg, claim.output_dir),
+                     compares_to_seed(cfg))
+    run_log.start(cfg.tracking, {**cfg.to_dict(), "run": run_facts(plan, accelerator, counts, fast, optimizer)})
+
+    steps_per_epoch = len(train_loader) // plan.grad_accum_steps
+    total_steps = steps_per_epoch * cfg.train.num_epochs
+    if cfg.train.max_steps is not None:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    return Run(cfg, plan, accelerator, claim, fast, model, step_model, optimizer, splits,
+               train_loader, eval_loader, input_name, run_log,
+               SaveSchedule(cfg.train.checkpoint_every_steps, cfg.train.checkpoint_every_minutes), position,
+               steps_per_epoch, total_steps, step=position["step"])
+
+
+def train_one_epoch(r: Run, epoch: int, stop: StopSignals) -> None:
+    """Train ``epoch`` from where the run stands, evaluate, log and checkpoint; raises TrainingStopped."""
+    accelerator, cfg, plan = r.accelerator, r.cfg, r.plan
+    done = r.position["steps_in_epoch"] if epoch == r.position["epoch"] else 0
+    r.train_loader.set_epoch(epoch)  # before skip_first_batches, whose wrapper cannot pass it on
+    loader = r.train_loader
+    if done:  # resuming mid-epoch: skip exactly the micro-batches already trained on, in this layout's units
+        loader = accelerator.skip_first_batches(r.train_loader, done * plan.grad_accum_steps)
+    # The global totals of the steps before a mid-epoch checkpoint go to one process, so sums stay global.
+    totals = Totals(accelerator.device, r.position["train_sums"] if done and accelerator.is_main_process else None)
+    epoch_start, first_done = time.perf_counter(), done
+    meter = StepMeter(epoch_start)
+    r.model.train()
+    with tqdm(total=r.steps_per_epoch, initial=done, desc=f"epoch {epoch}/{cfg.train.num_epochs}", unit="step",
+              disable=not accelerator.is_main_process, file=sys.stdout) as progress:
+        for inputs, labels in loader:
+            meter.batch_arrived()
+            totals.add(train_step(r.model, r.step_model, inputs, labels, r.optimizer, accelerator, r.input_name))
+            meter.batch_requested()
+            if not accelerator.sync_gradients:
+                continue
+            r.step, done = r.step + 1, done + 1
+            progress.update(1)
+            if r.step % cfg.train.log_every_steps == 0:
+                log_step(r, totals, meter, progress, epoch - 1 + done / r.steps_per_epoch)
+            mid_epoch = done < r.steps_per_epoch
+            save_due, stopping = mid_epoch and r.schedule.due_at(r.step), False
+            if save_due or r.step % CHECK_EVERY_STEPS == 0:
+                stopping, time_due = check_health(r, totals, stop)
+                save_due = save_due or (mid_epoch and time_due)
+            if save_due or stopping:
+                path = save(r, epoch, done, totals)
+            if stopping:
+                raise stopped(r, stop, f"at step {r.step}", path)
+            if r.step >= r.total_steps:
+                break
+    stopping, _ = check_health(r, totals, stop)
+    train_time = time.perf_counter() - epoch_start
+    record = end_of_epoch_record(r, epoch, totals, train_time, (done - first_done) * plan.global_batch_size)
+    record["epoch_time_s"] = round(time.perf_counter() - epoch_start, 3)
+    if r.claim.resume_from is not None:  # lets compare show the run as resumed
+        record["resumed_from_step"] = r.position["step"]
+    r.run_log.log_epoch(record, step=r.step)
+    accelerator.print(
+        f"epoch {epoch}: train loss {record['train_loss']:.4f} acc {100 * record['train_acc']:.2f}% | "
+        f"val loss {record['val_loss']:.4f} acc {100 * record['val_acc']:.2f}% top5 "
+        f"{100 * record['val_top5']:.2f}% | {record['train_images_per_s']:.0f} img/s"
+        + eta(r, record["train_time_s"] / max(done - first_done, 1), record["eval_time_s"]))
+    finished = done == r.steps_per_epoch
+    path = save(r, epoch + 1, 0, None) if finished else save(r, epoch, done, totals)
+    if stopping:
+        raise stopped(r, stop, f"at the end of epoch {epoch}", path)
+
+
+def eta(r: Run, seconds_per_step: float, eval_seconds: float) -> str:
+    """" | ETA 12m 30s" for the steps and evaluations still to come at this epoch's pace, or "" at the end."""
+    steps_left = r.total_steps - r.step
+    if steps_left <= 0:
+        return ""
+    seconds = steps_left * seconds_per_step + -(-steps_left // r.steps_per_epoch) * eval_seconds
+    minutes, secs = divmod(round(seconds), 60)
+    return f" | ETA {minutes}m {secs:02d}s" if minutes else f" | ETA {secs}s"
+
+
+class StepMeter:
+    """Images/s and the share of time spent waiting for data, over the steps since the last log."""
+
+    def __init__(self, start: float):
+        self.window_start, self.requested, self.data_wait = start, start, 0.0
+
+    def batch_arrived(self) -> None:
+        self.data_wait += time.perf_counter() - self.requested
+
+    def batch_requested(self) -> None:
+        self.requested = time.perf_counter()
+
+    def read_and_reset(self) -> tuple[float, float]:
+        """(seconds, data-wait fraction) of the window since the last call."""
+        elapsed = time.perf_counter() - self.window_start
+        wait_frac = self.data_wait / elapsed
+        self.window_start, self.data_wait = time.perf_counter(), 0.0
+        return elapsed, wait_frac
+
+
+def log_step(r: Run, totals: Totals, meter: StepMeter, progress, epoch_progress: float) -> None:
+    """Progress bar and tracker, every --log-every-steps: the epoch's running loss and accuracy over all
+    processes (a collective, and a wait for the device, which is why not every step)."""
+    elapsed, wait_frac = meter.read_and_reset()
+    images_per_s = r.cfg.train.log_every_steps * r.plan.global_batch_size / elapsed
+    sums = totals.global_values(r.accelerator)
+    progress.set_postfix(loss=f"{sums['loss_sum'] / sums['count']:.3f}", img_s=f"{images_per_s:.0f}")
+    r.run_log.log_step({"train/loss": sums["loss_sum"] / sums["count"], "train/acc": sums["correct"] / sums["count"],
+                        "train/images_per_s": images_per_s, "train/data_wait_frac": wait_frac,
+                        "lr": r.optimizer.param_groups[0]["lr"], "epoch": epoch_progress}, step=r.step)
+
+
+def end_of_epoch_record(r: Run, epoch: int, totals: Totals, train_time: float, images_trained: int) -> dict:
+    """The epoch's line of metrics.jsonl: global training totals and a full evaluation."""
+    sums = totals.global_values(r.accelerator)
+    eval_start = time.perf_counter()
+    metrics, r.per_class_acc = evaluate(r.model, r.eval_loader, r.accelerator, r.splits.class_names, r.input_name)
+    return {"epoch": epoch, "step": r.step, "train_loss": sums["loss_sum"] / sums["count"],
+            "train_acc": sums["correct"] / sums["count"], **metrics, "train_time_s": round(train_time, 3),
+            "eval_time_s": round(time.perf_counter() - eval_start, 3),
+            "train_images_per_s": round(images_trained / train_time, 1)}
+
+
+def save(r: Run, epoch: int, steps_in_epoch: int, totals: Totals | None) -> Path:
+    """A checkpoint at the current step that resumes at (epoch, steps_in_epoch); the first makes a new run
+    permanent."""
+    train_sums = [0.0, 0.0, 0.0]
+    if totals is not None:
+        sums = totals.global_values(r.accelerator)
+        train_sums = [sums["loss_sum"], sums["correct"], sums["count"]]
+    state = {"epoch": epoch, "steps_in_epoch": steps_in_epoch, "step": r.step, "train_sums": train_sums,
+             "records": r.run_log.records, "config": r.cfg.to_dict(),
+             "num_processes": r.accelerator.num_processes}
+    path = save_checkpoint(r.accelerator, r.output_dir, state, r.cfg.train.keep_checkpoints)
+    r.schedule.saved()
+    if r.accelerator.is_main_process:
+        r.claim.commit()
+    return path
+
+
+def finish(r: Run) -> None:
+    """Final weights and the end-of-run report (not again for a finished run that was started again)."""
+    accelerator = r.accelerator
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(r.model), r.output_dir / "model.safetensors")
+        records = r.run_log.records
+        best = max(records, key=lambda rec: rec["val_acc"])
+        summary = {"final_val_acc": records[-1]["val_acc"], "final_val_top5": records[-1]["val_top5"],
+                   "best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "steps": r.step,
+                   "total_time_s": round(time.perf_counter() - r.started, 1), **compile_summary(r.fast)}
+        if r.claim.resume_from is None or r.step > r.position["step"]:  # a finished run started again: nothing new
+            r.run_log.finish(summary, r.per_class_acc,
+                             sample_predictions(r.model, r.splits, accelerator),
+                             r.output_dir / "model.safetensors" if r.cfg.tracking.log_model else None)
+    accelerator.end_training()
+
+
+def stopped(r: Run, stop: StopSignals, where: str, checkpoint: Path | None) -> TrainingStopped:
+    """The exception that ends a run stopped by a signal, once its checkpoint is complete; marks the stop."""
+    interrupted = stop.received == "SIGINT"
+    if r.cfg.train.stop_marker and r.accelerator.is_main_process and not interrupted:
+        Path(r.cfg.train.stop_marker).write_text(f"{checkpoint}\n")  # job scripts requeue on it; not on Ctrl-C
+    saved = f"saved {checkpoint}" if checkpoint else "nothing to save yet"
+    return TrainingStopped(f"stopped by {stop.received or 'a signal to another process'} {where}; {saved}; "
+                           "run the same command to resume", EXIT_INTERRUPTED if interrupted else EXIT_STOPPED)
+
+
+def check_health(r: Run, totals: Totals, stop: StopSignals) -> tuple[bool, bool]:
+    """All processes agree whether the loss went non-finite (raises), whether to stop (a signal arrived
+    somewhere) and whether a time-based checkpoint is due (any process's clock says so)."""
+    flags = r.accelerator.reduce(torch.stack([
+        totals.sums[3].clamp(max=1), totals.sums.new_tensor(stop.received is not None),
+        totals.sums.new_tensor(r.schedule.time_vote())]), reduction="sum").tolist()
+    if flags[0]:
+        latest = find_latest(r.output_dir / CHECKPOINTS)
+        raise TrainingStopped(f"training loss became NaN or inf by step {r.step}; nothing was saved after it "
+                              f"(last good checkpoint: {latest or 'none'}); lower --lr or check the data",
+                              EXIT_DIVERGED)
+    return bool(flags[1]), bool(flags[2])
+
+
