@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cifar_dist.checkpoint import CHECKPOINTS, atomic_write_bytes, atomic_write_text, find_latest
-from cifar_dist.config import Config, UserError, _Parser
+from cifar_dist.cli import OneLineParser
+from cifar_dist.config import Config, UserError
 from cifar_dist.runs import (
     CONFIG_FILE,
     SWEEP_POINT_FILE,
@@ -177,7 +178,7 @@ def compare(dirs: list[str]) -> list[RunRow]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = _Parser(prog="cifar_dist.compare", allow_abbrev=False, description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="cifar_dist.compare", allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="folders to search for runs")
     parser.add_argument("--output-dir", help="where compare.md and compare.png go (default: the first DIR)")
     args = parser.parse_args(argv)

@@ -1,18 +1,15 @@
-"""One typed config for a run: defaults < YAML file (``--config``) < command-line flags.
+"""One typed config for a run: a dataclass per section, each setting checked once, in its section.
 
-Every field is a flag of the same name in kebab case (``num_epochs`` -> ``--num-epochs``); field names are
-unique across sections so a YAML file may be written flat (``num_epochs: 5``) or by section
+Every field is a flag of the same name in kebab case (``num_epochs`` -> ``--num-epochs``, see cli.py); field
+names are unique across sections so a YAML file may be written flat (``num_epochs: 5``) or by section
 (``train: {num_epochs: 5}``), which is the shape of the ``config.yaml`` every run writes.
 Topology (processes, machines) is not here: it belongs to ``accelerate launch`` and ``accelerate_configs/``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import difflib
 import math
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -276,138 +273,6 @@ def _coerce(name: str, value, where: str):
     if not isinstance(value, typ) or (isinstance(value, bool) and typ is not bool):
         raise UserError(f"{where}: {name} must be {typ.__name__}{' or null' if nullable else ''}, got {value!r}")
     return value
-
-
-def _unknown_key(key: str, path: str, section: str | None = None) -> UserError:
-    """The error for a key that is no setting of ``section`` (or none at all), saying where it belongs."""
-    shown = f"{section}.{key}" if section else repr(key)
-    if section and key in _OWNER:
-        return UserError(f"{path}: unknown key {shown}: {key} belongs under {_OWNER[key]}")
-    close = difflib.get_close_matches(str(key), list(_OWNER) + list(_SECTION_TYPES), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return UserError(f"{path}: unknown key {shown}{hint} (see --help for the settings)")
-
-
-def _flatten_yaml(data, path: str) -> dict:
-    """YAML mapping (flat or by section) -> {field name: value}, rejecting unknown keys."""
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
-    flat = {}
-    for key, value in data.items():
-        if key in _SECTION_TYPES:
-            if not isinstance(value, dict):
-                raise UserError(f"{path}: section {key!r} must be a mapping")
-            for sub_key, sub_value in value.items():
-                if _OWNER.get(sub_key) != key:
-                    raise _unknown_key(sub_key, path, section=key)
-                flat[sub_key] = sub_value
-        elif key in _OWNER:
-            flat[key] = value
-        else:
-            raise _unknown_key(key, path)
-    if "overwrite" in flat:
-        _drop_overwrite(flat.pop("overwrite"), path)
-    return {name: _coerce(name, value, path) for name, value in flat.items()}
-
-
-def _drop_overwrite(value, path: str) -> None:
-    """``overwrite`` is an action on one start, not a setting: a file that carries it would wipe the run again
-    on every replay. ``false`` (written by older versions into every config.yaml) is dropped with a note."""
-    if value is False:
-        print(f"cifar_dist: warning: {path}: ignoring 'overwrite: false' (not a setting; pass --overwrite on the "
-              f"command line to start over)", file=sys.stderr)
-        return
-    raise UserError(f"{path}: overwrite is not read from a config file (replaying the file would delete the run "
-                    f"again); remove it and pass --overwrite on the command line")
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, but a key given twice in one mapping is an error instead of the last one winning."""
-
-    def construct_mapping(self, node, deep=False):
-        first_line: dict = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden by design
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                seen = first_line.get(key)
-            except TypeError:  # unhashable key: SafeLoader reports it
-                continue
-            line = key_node.start_mark.line + 1
-            if seen is not None:
-                raise UserError(f"duplicate key {key!r} on line {line} (first on line {seen}); keep one")
-            first_line[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-def _load_yaml(path: Path, shown: str):
-    try:
-        return yaml.load(path.read_text(), Loader=_StrictLoader)  # a SafeLoader: builds plain data only
-    except UserError as exc:
-        raise UserError(f"--config {shown}: {exc}") from None
-    except yaml.MarkedYAMLError as exc:
-        where = f" on line {exc.problem_mark.line + 1}" if exc.problem_mark else ""
-        raise UserError(f"--config {shown}: not valid YAML ({exc.problem or exc.context}{where})") from None
-    except yaml.YAMLError as exc:
-        raise UserError(f"--config {shown}: not valid YAML ({str(exc).splitlines()[0]})") from None
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def build_parser(prog: str = "cifar_dist.train") -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog=prog,
-        description="Fine-tune ImageNet ResNet50 on CIFAR-100 (the seed recipe), on one CPU or many GPU nodes.",
-        argument_default=argparse.SUPPRESS,  # only flags actually given override the YAML file
-        allow_abbrev=False,  # --num-epoch must not quietly mean --num-epochs
-    )
-    parser.add_argument("--config", help="YAML file of settings (flat or by section); flags override it")
-    for section, cls in _SECTION_TYPES.items():
-        group = parser.add_argument_group(section)
-        for f in dataclasses.fields(cls):
-            typ, nullable = _base_type(cls, f.name)
-            default = f.default
-            if typ is bool:
-                group.add_argument(f"--{_flag(f.name)}", dest=f.name, action=argparse.BooleanOptionalAction,
-                                   help=f"{f.metadata['help']} (default: {default})")
-                continue
-            group.add_argument(
-                f"--{_flag(f.name)}",
-                dest=f.name,
-                type=_nullable(typ) if nullable else typ,
-                choices=_choices(cls, f.name),
-                metavar=None if _choices(cls, f.name) else typ.__name__.upper(),
-                help=f"{f.metadata['help']} (default: {default})",
-            )
-    return parser
-
-
-def _nullable(typ):
-    def parse(text: str):
-        return None if text.lower() in ("none", "null") else typ(text)
-
-    parse.__name__ = typ.__name__
-    return parse
-
-
-def parse_config(argv: list[str] | None = None) -> Config:
-    """Build the run's config from defaults, the ``--config`` YAML file and flags; raises UserError."""
-    args = vars(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
-    values = {}
-    config_path = args.pop("config", None)
-    if config_path is not None:
-        path = Path(config_path)
-        if not path.is_file():
-            raise UserError(f"--config {config_path}: no such file")
-        values.update(_flatten_yaml(_load_yaml(path, config_path), f"--config {config_path}"))
-    values.update(args)
-    return make_config(**values)
 
 
 def make_config(**values) -> Config:

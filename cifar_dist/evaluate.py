@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 from cifar_dist.checkpoint import atomic_write_bytes, atomic_write_text
-from cifar_dist.config import UserError, _Parser, plan_batches
+from cifar_dist.cli import OneLineParser
+from cifar_dist.config import UserError, plan_batches
 from cifar_dist.runs import TrainedModel, check_image_size, load_model, read_records, resolve_model
 
 SPLITS = ("test", "train")
@@ -328,7 +329,7 @@ def report_to_wandb(found: TrainedModel, report: dict, confusion_png: Path) -> s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="cifar_dist.evaluate", allow_abbrev=False,
+    parser = OneLineParser(prog="cifar_dist.evaluate", allow_abbrev=False,
                      description="Evaluate a trained cifar_dist model on a whole split (exactly as the trainer does).")
     parser.add_argument("run", metavar="RUN", help="a run's output dir, a checkpoint dir or a model.safetensors")
     parser.add_argument("--config", help="the run's config.yaml, for a model.safetensors without one beside it")

@@ -222,9 +222,9 @@ def class_names_for(found, data_source: str | None = None) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cifar_dist.config import _Parser
+    from cifar_dist.cli import OneLineParser
 
-    parser = _Parser(prog="cifar_dist.predict", allow_abbrev=False,
+    parser = OneLineParser(prog="cifar_dist.predict", allow_abbrev=False,
                      description="Top-k CIFAR-100 classes for image files, with a trained cifar_dist model.")
     parser.add_argument("paths", nargs="*", metavar="RUN IMAGES", help="the model (a run's output dir, a checkpoint "
                         "dir or a model.safetensors), then image files or folders")

@@ -19,7 +19,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from cifar_dist.checkpoint import CHECKPOINTS, STATE_FILE, checkpoint_problem, find_latest, read_state
-from cifar_dist.config import Config, UserError, make_config, parse_config
+from cifar_dist.cli import parse_config
+from cifar_dist.config import Config, UserError, make_config
 from cifar_dist.model import ResNet50Classifier, build_model
 
 CONFIG_FILE = "config.yaml"

@@ -36,7 +36,8 @@ from pathlib import Path
 
 import yaml
 
-from cifar_dist.config import _OWNER, _SECTION_TYPES, Config, UserError, _base_type, _coerce, _Parser, make_config
+from cifar_dist.cli import OneLineParser
+from cifar_dist.config import _OWNER, _SECTION_TYPES, Config, UserError, _base_type, _coerce, make_config
 from cifar_dist.config import save_config as write_config
 from cifar_dist.runs import CONFIG_FILE, SWEEP_POINT_FILE, is_finished, load_config, read_records
 
@@ -191,7 +192,7 @@ def submit(grid: str, root: Path, count: int, script: Path, sbatch_args: list[st
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="cifar_dist.sweep", allow_abbrev=False, description=__doc__.splitlines()[0],
+    parser = OneLineParser(prog="cifar_dist.sweep", allow_abbrev=False, description=__doc__.splitlines()[0],
                      epilog="Arguments after -- go to sbatch with --submit, e.g. -- --partition=gpu --time=2:00:00")
     parser.add_argument("grid", metavar="GRID.yaml")
     action = parser.add_mutually_exclusive_group(required=True)

@@ -25,7 +25,8 @@ from __future__ import annotations
 import errno
 import sys
 
-from cifar_dist.config import UserError, parse_config
+from cifar_dist.cli import parse_config
+from cifar_dist.config import UserError
 
 # Exit codes (the README's table).
 EXIT_USER_ERROR = 2  # bad input or a busy output dir; nothing was changed

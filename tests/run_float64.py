@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from cifar_dist.config import parse_config
+from cifar_dist.cli import parse_config
 from cifar_dist.trainer import run
 
 if __name__ == "__main__":

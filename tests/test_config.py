@@ -1,16 +1,8 @@
 import pytest
 import yaml
 
-from cifar_dist.config import (
-    Config,
-    TrainConfig,
-    UserError,
-    build_parser,
-    make_config,
-    parse_config,
-    plan_batches,
-    save_config,
-)
+from cifar_dist.cli import build_parser, parse_config
+from cifar_dist.config import Config, TrainConfig, UserError, make_config, plan_batches, save_config
 
 
 def test_defaults_are_the_seed_recipe():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cifar_dist.config import parse_config
+from cifar_dist.cli import parse_config
 from cifar_dist.sweep import main, read_grid
 from conftest import REPO
 from wandb_log import read_records

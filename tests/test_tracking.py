@@ -155,7 +155,7 @@ def test_run_id_is_stable_per_output_dir(tmp_path, monkeypatch):
 
 
 def test_the_seed_is_shown_only_beside_the_recipe(tmp_path):
-    from cifar_dist.config import parse_config
+    from cifar_dist.cli import parse_config
     from cifar_dist.tracking import compares_to_seed, plot_title, render_results
 
     assert compares_to_seed(parse_config([]))

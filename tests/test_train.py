@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cifar_dist.config import parse_config
+from cifar_dist.cli import parse_config
 from conftest import TINY, V1_FILE, run_train
 
 pytestmark = pytest.mark.slow
