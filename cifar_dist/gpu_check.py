@@ -297,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, default=500, help="optimizer steps of each trainer run")
     parser.add_argument("--checkpoint-every-steps", type=int, default=100)
     parser.add_argument("--budget-s", type=float, default=390, help="overall time limit of the steps")
-    parser.add_argument("--tests", default="tests/test_gpu.py", help="what pytest runs")
+    parser.add_argument("--tests", nargs="+", default=["tests/test_gpu.py", "tests/test_gpu_resume.py"],
+                        help="the test files pytest runs (their gpu-marked tests)")
     parser.add_argument("--bench-args", default="--steps 20 --warmup 5 --workers 8",
                         help="flags of python -m cifar_dist.bench (one string)")
     parser.add_argument("--skip", nargs="*", default=[], choices=[s for s in STEP_LIMITS if s != "environment"])
@@ -324,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                       parse_train(facts, output_dir), env={FACTS_ENV: str(facts)})
         if "gpu_tests" not in args.skip:
             junit = scratch / "junit.xml"
-            check.run("gpu_tests", [py, "-m", "pytest", args.tests, "-m", "gpu", "-q", "-rA", "-p", "no:cacheprovider",
+            check.run("gpu_tests", [py, "-m", "pytest", *args.tests, "-m", "gpu", "-q", "-rA", "-p", "no:cacheprovider",
                                     f"--junitxml={junit}"], parse_tests(junit))
         if "bench" not in args.skip:
             bench_json = scratch / "bench.json"
