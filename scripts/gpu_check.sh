@@ -21,7 +21,7 @@
 # This script installs them with `pip --no-index --no-deps` into a private folder ahead of the system's
 # packages. W&B is not needed: the runs use --tracker none.
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit
 SITE=${GPU_CHECK_SITE:-/tmp/cifar_dist_site}
 PYTHON=${PYTHON:-python3}
 if compgen -G ".whl/*.whl" > /dev/null; then

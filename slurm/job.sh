@@ -33,7 +33,10 @@ echo "cifar_dist job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $NNODES 
 
 # Preflight: every node answers and shows its GPUs within a minute, or the job says which did not.
 expected=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sort | tr '\n' ' ')
-answered=$(timeout 60 srun --ntasks-per-node=1 bash -c \
+# Every srun here says --export=ALL: under `sbatch --export=NONE` a step would otherwise follow the
+# SLURM_EXPORT_ENV=NONE it inherits and start without even a PATH. Single quotes: each node reports its own.
+# shellcheck disable=SC2016
+answered=$(timeout 60 srun --export=ALL --ntasks-per-node=1 bash -c \
     'echo "$SLURMD_NODENAME $(nvidia-smi -L 2>/dev/null | wc -l)"' | sort)
 echo "$answered" | while read -r node gpus; do echo "preflight: $node sees $gpus GPU(s)"; done
 missing=$(comm -23 <(echo "$expected" | tr ' ' '\n' | sed '/^$/d') <(echo "$answered" | cut -d' ' -f1))
@@ -44,6 +47,7 @@ fi
 
 STOP_MARKER="${TMPDIR:-/tmp}/cifar_dist-stopped-$SLURM_JOB_ID"   # written by rank 0, which runs on this node
 rm -f "$STOP_MARKER"
+# shellcheck disable=SC2317  # called by the traps below
 forward() {
     echo "cifar_dist job: got SIG$1, asking training to checkpoint and stop"
     scancel --signal="$1" "$SLURM_JOB_ID"          # every process of the job's steps, not this shell
@@ -51,14 +55,19 @@ forward() {
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 
-MULTI=""
-[ "$NUM_PROCESSES" -gt 1 ] && MULTI="--multi_gpu"
-# Single quotes: each node expands its own SLURM_NODEID (expanded here, every node would be rank 0).
-srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c '
-    exec accelerate launch '"$MULTI"' --num_machines '"$NNODES"' --num_processes '"$NUM_PROCESSES"' \
-        --machine_rank "$SLURM_NODEID" --main_process_ip '"$HEAD_ADDR"' --main_process_port '"$PORT"' \
-        --rdzv_backend static --same_network --mixed_precision '"$MIXED_PRECISION"' \
-        -m cifar_dist.train "$@"' bash "$@" --stop-marker "$STOP_MARKER" &
+# The launch settings travel to every node as environment variables, and the body below is one single-quoted
+# script that each node expands itself: its own SLURM_NODEID as the machine rank (expanded here, in the batch
+# shell, every node would be rank 0). The training flags follow it as arguments, "$@" there, word for word.
+export NNODES NUM_PROCESSES HEAD_ADDR PORT MIXED_PRECISION
+# shellcheck disable=SC2016
+srun --export=ALL --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c '
+    multi_gpu=()
+    [ "$NUM_PROCESSES" -gt 1 ] && multi_gpu=(--multi_gpu)
+    exec accelerate launch "${multi_gpu[@]}" --num_machines "$NNODES" --num_processes "$NUM_PROCESSES" \
+        --machine_rank "$SLURM_NODEID" --main_process_ip "$HEAD_ADDR" --main_process_port "$PORT" \
+        --rdzv_backend static --same_network --mixed_precision "$MIXED_PRECISION" \
+        -m cifar_dist.train "$@"
+' bash "$@" --stop-marker "$STOP_MARKER" &
 SRUN=$!
 # A trapped signal interrupts `wait`; keep waiting until srun itself has ended.
 while :; do

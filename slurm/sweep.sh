@@ -20,8 +20,9 @@
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@180
 set -euo pipefail
-GRID=${1:?usage: sbatch --array=0-N slurm/sweep.sh GRID.yaml ROOT [cifar_dist.train flags]}
-ROOT=${2:?usage: sbatch --array=0-N slurm/sweep.sh GRID.yaml ROOT [cifar_dist.train flags]}
+usage="usage: sbatch --array=0-N slurm/sweep.sh GRID.yaml ROOT [cifar_dist.train flags]"
+GRID=${1:?$usage}
+ROOT=${2:?$usage}
 shift 2
 : "${SLURM_ARRAY_TASK_ID:?not an array job: submit with sbatch --array=0-N}"
 DIR="${CIFAR_DIST_DIR:-$SLURM_SUBMIT_DIR}"

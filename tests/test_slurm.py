@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cifar_dist.runs import load_config
 from conftest import REPO, TINY, run_train
-from wandb_log import run_id
+from wandb_log import config, run_id, run_record
 
 pytestmark = pytest.mark.slurm
 
@@ -45,12 +46,23 @@ def records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_node_job_trains_to_completion(slurm_cluster, job_env, tmp_path):
+# A flag value that any re-splitting, re-quoting, expansion or globbing on its way through sbatch, the batch
+# shell and each node's shell would change: two spaces, both quotes, a variable each node has, a glob that
+# matches job.out in the job's directory.
+RUN_NAME = """a  b's "run" $SLURM_NODEID *"""
+
+
+def test_two_node_job_trains_to_completion_with_flags_word_for_word(slurm_cluster, job_env, tmp_path):
     out = tmp_path / "out"
-    job, log = submit(slurm_cluster, job_env, tmp_path, [*TINY, "--num-epochs", "1", "--output-dir", str(out)])
+    job, log = submit(slurm_cluster, job_env, tmp_path, [*TINY, "--num-epochs", "1", "--output-dir", str(out),
+                                                         "--tracker", "wandb", "--run-name", RUN_NAME])
     state = slurm_cluster.wait_for_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=300)
     text = log.read_text()
     assert state["JobState"] == "COMPLETED", text[-3000:]
+    assert load_config(out / "config.yaml").tracking.run_name == RUN_NAME
+    [segment] = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    assert run_record(segment).display_name == RUN_NAME
+    assert config(segment)["tracking"]["run_name"] == RUN_NAME
     assert "2 node(s)" in text and "x 1 process(es) = 2" in text
     assert "preflight: n1 sees" in text and "preflight: n2 sees" in text
     assert "preflight: 2 processes on 2 node(s) (n1: 1, n2: 1)" in text

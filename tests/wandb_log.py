@@ -65,5 +65,10 @@ def config(path: Path) -> dict:
     return out
 
 
+def run_record(path: Path) -> wandb_internal_pb2.RunRecord:
+    """The run's identity: run_id, display_name, run_group, ..."""
+    return next(r.run for r in read_records(path) if r.WhichOneof("record_type") == "run")
+
+
 def run_id(path: Path) -> str:
-    return next(r.run.run_id for r in read_records(path) if r.WhichOneof("record_type") == "run")
+    return run_record(path).run_id
