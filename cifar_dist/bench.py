@@ -6,27 +6,33 @@
     torchrun --nproc_per_node 2 -m cifar_dist.bench --variants ddp    # communication cost per world size
     python -m cifar_dist.bench --image-size 32 --steps 3 --warmup 1    # a quick look on a CPU
 
-Variants (each in this one process, on the same card, warm-up excluded from timings):
+Every variant but straight_port is the trainer's own step: cifar_dist/trainer_parts.py builds it with the
+functions cifar_dist.train.setup uses (fast path, layout, optimizer, loaders, feature cache, compilation) and
+drives it through cifar_dist.train.train_step (eval: its evaluate). In one process, warm-up not timed:
   straight_port   the plain PyTorch port: PIL resize to the image size in DataLoader workers, float32, eager
-  eager           cifar_dist's step: uint8 batches on the device, resize + normalise in the model, autocast
-  channels_last   eager + channels_last memory format + fused Adam
-  compiled        channels_last + torch.compile(mode="reduce-overhead") (CUDA graphs); GPU only by default
-  cached_trunk    the frozen trunk (conv1..layer3) run once over the data at the eval batch size, then
-                  layer4 + head trained from its output (what --cache-frozen-features does)
-  cached_compiled cached_trunk with the layer4 + head step compiled (reduce-overhead); GPU only by default
-  eval            forward only at the eval batch size
+  eager           the trainer with --compile-step no --channels-last no --fused-adam no: uint8 batches on the
+                  device, resize + normalise in the model, autocast under bf16
+  channels_last   eager + --channels-last yes --fused-adam yes
+  compiled        channels_last + --compile-step yes (CUDA graphs; compile s: the trainer's warm-up); GPU only
+  cached_trunk    eager + --cache-frozen-features (the frozen trunk once per image at the eval batch, then
+                  layer4 + head steps from its output); images/s of that whole pass
+  cached_compiled cached_trunk + channels_last, fused Adam and --compile-step yes; GPU only
+  eval            the trainer's evaluate over --steps batches of --eval-batch-size (its default layout)
   ddp             under torchrun with N processes (global batch kept at --batch-size): the trainer's
-                  multi-process step (DDP + SyncBatchNorm) with torch's default DDP settings and with
-                  cifar_dist's, against the same step with no communication; reports the communication share
-Reported: images/s, the ratio to straight_port, and compile time separately; the compute floor of the whole
-workload (FLOPs counted on the model, divided by a matmul rate measured on this device); what one checkpoint
-costs (the trainer's save_checkpoint of the model and Adam state, timed in --checkpoint-dir); with --end-to-end the
-wall time of `python -m cifar_dist.train` from launch to its final report, with and without the feature cache.
+                  multi-process step (DDP + SyncBatchNorm) with cifar_dist's DDP settings and with torch's
+                  defaults, against the same step with no communication; reports the communication share
+("GPU only": left out on a CPU unless named.) Reported: images/s, the ratio to straight_port, and compile time
+separately; the compute floor of the whole workload (FLOPs counted on the model, divided by a matmul rate
+measured on this device); what one checkpoint costs (the trainer's save_checkpoint of the trainer's model and
+Adam state, timed in --checkpoint-dir); with --end-to-end the wall time of `python -m cifar_dist.train` from
+launch to its final report, with and without the feature cache.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -35,19 +41,34 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from accelerate import PartialState
 from torch.utils.data import DataLoader, Dataset
 
-from cifar_dist.config import ModelConfig
+from cifar_dist import trainer_parts
+from cifar_dist.checkpoint import save_checkpoint
+from cifar_dist.config import ModelConfig, SpeedConfig, UserError
+from cifar_dist.data import ImageTensorDataset
 from cifar_dist.model import IMAGENET_MEAN, IMAGENET_STD, ResNet50Classifier
+from cifar_dist.speed import resolve_mixed_precision
+from cifar_dist.steps import evaluate
 
 VARIANTS = ("straight_port", "eager", "channels_last", "compiled", "cached_trunk", "cached_compiled", "eval", "ddp")
 GPU_ONLY = ("compiled", "cached_compiled")  # CUDA graphs; on a CPU only when named
 # The workload the targets are about: the recipe's 10 epochs over CIFAR-100's 50,000 + 10,000 images.
 EPOCHS, TRAIN_IMAGES, EVAL_IMAGES = 10, 50_000, 10_000
+# The trainer's speed options (--compile-step, --channels-last, --fused-adam, --cache-frozen-features) each
+# variant is built with; 'yes' rather than 'auto', so that a variant that cannot run as named stops.
+OFF, FAST = ({"compile_step": "no", "channels_last": v, "fused_adam": v} for v in ("no", "yes"))
+STEP_SPEED = {"eager": OFF, "channels_last": FAST, "compiled": {**FAST, "compile_step": "yes"},
+              "cached_trunk": {**OFF, "cache_frozen_features": True},
+              "cached_compiled": {**FAST, "compile_step": "yes", "cache_frozen_features": True},
+              "eval": {"compile_step": "no"}}  # evaluation runs on the model as the trainer lays it out
 
 
 @dataclass
@@ -82,178 +103,105 @@ class _PilDataset(Dataset):
         return self.transform(self.images[i].permute(2, 0, 1)), self.labels[i]
 
 
-def _model(image_size: int, device, channels_last: bool = False) -> ResNet50Classifier:
-    model = ResNet50Classifier(ModelConfig(weights="none"), image_size).to(device).train()
-    return model.to(memory_format=torch.channels_last) if channels_last else model
-
-
-def _optimizer(model, fused: bool = False):
-    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3, eps=1e-7,
-                            fused=fused or None)
-
-
-def _timed(step, batches, warmup: int, device) -> tuple[float, float]:
-    """(seconds per batch after warm-up, seconds spent in warm-up) for ``step`` over ``batches``."""
-    start = time.perf_counter()
-    for batch in batches[:warmup]:
-        step(*batch)
-    _sync(device)
-    warm = time.perf_counter() - start
-    start = time.perf_counter()
-    for batch in batches[warmup:]:
-        step(*batch)
-    _sync(device)
-    return (time.perf_counter() - start) / max(len(batches) - warmup, 1), warm
-
-
 def _sync(device):
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
+
+
+def _slowest(seconds: float, device) -> float:
+    """The largest of every process's ``seconds``: a step ends when the slowest process ends it."""
+    if not dist.is_initialized():
+        return seconds
+    value = torch.tensor([seconds], dtype=torch.float64, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value.item()
 
 
 def bench_straight_port(images, labels, args, device) -> Result:
-    model = _model(args.image_size, device)
+    """The plain PyTorch port, deliberately naive: its own model, Adam and loop, PIL resize in the workers."""
+    model = ResNet50Classifier(ModelConfig(weights="none"), args.image_size).to(device).train()
     model.preprocess = torch.nn.Identity()  # the port resizes and normalises on the CPU instead
-    opt = _optimizer(model)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3, eps=1e-7)
     loader = DataLoader(_PilDataset(images, labels, args.image_size), batch_size=args.batch_size, shuffle=True,
                         num_workers=args.workers, drop_last=True, pin_memory=device.type == "cuda")
-    batches_needed = args.warmup + args.steps
     it = iter(loader)
 
-    def step():
-        x, y = next(it)
-        loss = F.cross_entropy(model(x.to(device, non_blocking=True)), y.to(device, non_blocking=True))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def steps(count: int) -> None:
+        for _ in range(count):
+            x, y = next(it)
+            F.cross_entropy(model(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
-    seconds, _ = _timed(lambda: step(), [()] * batches_needed, args.warmup, device)
-    return Result("straight_port", args.batch_size / seconds)
-
-
-def _train_step(model, opt, autocast):
-    def step(x, y):
-        with autocast():
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
+    return Result("straight_port", args.batch_size / _timed(steps, args, device))
 
 
-def bench_device_step(variant: str, images, labels, args, device, autocast) -> Result:
-    channels_last = variant in ("channels_last", "compiled")
-    model = _model(args.image_size, device, channels_last)
-    opt = _optimizer(model, fused=channels_last)
-    forward = model
-    compile_s = 0.0
-    if variant == "compiled":
-        forward = torch.compile(model, mode="reduce-overhead")
-    batches = _device_batches(images, labels, args.batch_size, args.warmup + args.steps, device)
-    step = _train_step(forward, opt, autocast)
-    seconds, warm = _timed(step, batches, args.warmup, device)
-    if variant == "compiled":
-        compile_s = warm
-    return Result(variant, args.batch_size / seconds, compile_s)
+def _build(splits, args, mixed_precision: str, speed: SpeedConfig, **kw) -> trainer_parts.Parts:
+    return trainer_parts.build(splits, args.image_size, speed=speed, mixed_precision=mixed_precision,
+                               global_batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, **kw)
 
 
-def bench_cached_trunk(images, labels, args, device, autocast, compiled: bool = False) -> Result:
-    """Trunk once over every image at the eval batch, then layer4 + head steps from the cached output."""
-    model = _model(args.image_size, device, channels_last=compiled)
-    opt = _optimizer(model, fused=compiled)
-    num = args.batch_size * (args.warmup + args.steps)
-    x_all, y_all = images[:num].to(device), labels[:num].to(device)
-    start = time.perf_counter()
-    with torch.no_grad(), autocast():
-        feats = torch.cat([model.trunk(x_all[i:i + args.eval_batch_size]) for i in range(0, num, args.eval_batch_size)])
+def _timed(steps, args, device) -> float:
+    """Seconds per step of ``steps(args.steps)`` after an untimed ``steps(args.warmup)``; the slowest process's.
+    For the trainer's parts each call of ``trainer_parts.train`` starts the epoch's order again."""
+    if args.warmup:
+        steps(args.warmup)
     _sync(device)
-    trunk_s = time.perf_counter() - start
-    forward = torch.compile(model, mode="reduce-overhead") if compiled else model
-
-    def step(f, y):
-        with autocast():
-            loss = F.cross_entropy(forward(features=f), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    batches = [(feats[i:i + args.batch_size], y_all[i:i + args.batch_size]) for i in range(0, num, args.batch_size)]
-    seconds, warm = _timed(step, batches, args.warmup, device)
-    # One pass over the data costs the trunk once plus the head steps; report images/s of that whole pass.
-    per_image = trunk_s / num + seconds / args.batch_size
-    return Result("cached_compiled" if compiled else "cached_trunk", 1.0 / per_image, warm if compiled else 0.0)
+    start = time.perf_counter()
+    steps(args.steps)
+    _sync(device)
+    return _slowest((time.perf_counter() - start) / args.steps, device)
 
 
-def bench_eval(images, labels, args, device, autocast) -> Result:
-    model = _model(args.image_size, device).eval()
-    batches = _device_batches(images, labels, args.eval_batch_size, args.warmup + args.steps, device)
-
-    def step(x, y):
-        with torch.no_grad(), autocast():
-            model(x)
-
-    seconds, _ = _timed(step, batches, args.warmup, device)
-    return Result("eval", args.eval_batch_size / seconds)
-
-
-def _device_batches(images, labels, batch_size, count, device):
-    n = len(images) // batch_size
-    return [(images[(i % n) * batch_size:(i % n + 1) * batch_size].to(device),
-             labels[(i % n) * batch_size:(i % n + 1) * batch_size].to(device)) for i in range(count)]
+def bench_trainer_step(variant: str, splits, args, mixed_precision: str) -> Result:
+    """The trainer's step as ``variant``'s speed options build it; for the cached variants, images/s of a whole
+    pass: the trainer's feature cache (trunk once per image, at the eval batch), then layer4 + head steps."""
+    parts = _build(splits, args, mixed_precision, SpeedConfig(**STEP_SPEED[variant]))
+    if STEP_SPEED[variant]["compile_step"] == "yes" and parts.fast.compiled is None:
+        raise UserError(f"{variant}: the step could not be compiled ({'; '.join(parts.fast.notes)})")
+    device = parts.accelerator.device
+    per_image = _timed(partial(trainer_parts.train, parts), args, device) / args.batch_size
+    if parts.feature_cache_s:  # the cache covers both splits
+        per_image += _slowest(parts.feature_cache_s, device) / (len(splits.train) + len(splits.test))
+    compile_s = parts.fast.compiled.warmup_s if parts.fast.compiled else 0.0
+    return Result(variant, 1.0 / per_image, compile_s)
 
 
-def bench_ddp(images, labels, args, device, autocast) -> list[Result]:
+def bench_eval(splits, args, mixed_precision: str) -> Result:
+    """The trainer's evaluate (loss, top-1/5, per-class counts, gather_for_metrics) over ``args.steps`` batches."""
+    parts = _build(splits, args, mixed_precision, SpeedConfig(**STEP_SPEED["eval"]))
+    device = parts.accelerator.device
+
+    def evaluate_over(loader):
+        evaluate(parts.model, loader, parts.accelerator, parts.class_names, parts.input_name)
+
+    if args.warmup:
+        evaluate_over(itertools.islice(parts.eval_loader, args.warmup))
+    _sync(device)
+    start = time.perf_counter()
+    evaluate_over(parts.eval_loader)
+    return Result("eval", len(splits.test) / _slowest(time.perf_counter() - start, device))
+
+
+def bench_ddp(splits, args, mixed_precision: str) -> list[Result]:
     """The trainer's multi-process step under torchrun: global batch ``args.batch_size`` over the processes.
 
-    ddp_torch_defaults: DDP with torch's settings (25 MB buckets, fp32 all-reduce); ddp_cifar_dist: the
-    trainer's settings (--ddp-bucket-mb, gradients as bucket views, bf16 all-reduce when training in bf16);
-    no_communication: the same step with neither gradient all-reduce nor SyncBatchNorm, each process alone.
-    Images/s are global (all processes); the communication share is 1 - no_communication / ddp step time.
+    ddp_cifar_dist: the trainer's parts as they are (SyncBatchNorm, DDP with --ddp-bucket-mb, gradients as
+    bucket views, bf16 all-reduce when training in bf16); ddp_torch_defaults: the same with DDP's defaults (25 MB
+    buckets, fp32 all-reduce); no_communication: the same step with neither DDP nor SyncBatchNorm, each process
+    alone on its share. All three eager (the trainer's 'auto' with several processes). Images/s are global; the
+    communication share is 1 - no_communication / ddp step time. With one process the trainer never wraps the
+    model, so the three are the same step.
     """
-    import torch.distributed as dist
-    from accelerate.utils import DDPCommunicationHookType
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-    from torch.nn.parallel import DistributedDataParallel
-
-    from cifar_dist.config import SpeedConfig
-    from cifar_dist.model import convert_sync_batchnorm
-    from cifar_dist.speed import ddp_kwargs, resolve_fast_path
-
-    world, rank = dist.get_world_size(), dist.get_rank()
-    if args.batch_size % world:
-        raise SystemExit(f"cifar_dist.bench: error: --batch-size {args.batch_size} cannot be split over {world} "
-                         f"processes")
-    per_process = args.batch_size // world
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    speed = SpeedConfig(ddp_bucket_mb=args.ddp_bucket_mb or SpeedConfig().ddp_bucket_mb)
-    fast = resolve_fast_path(speed, device, "bf16" if bf16 else "no", world)
-    ours = ddp_kwargs(speed, fast)
-    device_ids = [device.index or 0] if device.type == "cuda" else None
+    speed = SpeedConfig(compile_step="no", ddp_bucket_mb=args.ddp_bucket_mb or SpeedConfig().ddp_bucket_mb)
     results = []
-    for name in ("no_communication", "ddp_torch_defaults", "ddp_cifar_dist"):
-        torch.manual_seed(0)
-        model = _model(args.image_size, device)
-        if name != "no_communication":
-            model = convert_sync_batchnorm(model) if world > 1 else model
-            settings = {"bucket_cap_mb": ours.bucket_cap_mb, "gradient_as_bucket_view": ours.gradient_as_bucket_view}
-            model = DistributedDataParallel(model, device_ids=device_ids,
-                                            **(settings if name == "ddp_cifar_dist" else {}))
-            if name == "ddp_cifar_dist" and ours.comm_hook == DDPCommunicationHookType.BF16:
-                model.register_comm_hook(None, default_hooks.bf16_compress_hook)
-        opt = _optimizer(model)
-        shard = images[rank::world], labels[rank::world]
-        batches = _device_batches(*shard, per_process, args.warmup + args.steps, device)
-        dist.barrier()
-        seconds, _ = _timed(_train_step(model, opt, autocast), batches, args.warmup, device)
-        seconds = max(_all(seconds, dist))  # the step ends when the slowest process ends it
-        results.append(Result(f"{name} (x{world})", args.batch_size / seconds))
+    for name, ddp in (("no_communication", "none"), ("ddp_torch_defaults", "torch_defaults"),
+                      ("ddp_cifar_dist", "cifar_dist")):
+        parts = _build(splits, args, mixed_precision, speed, ddp=ddp)
+        parts.accelerator.wait_for_everyone()
+        seconds = _timed(partial(trainer_parts.train, parts), args, parts.accelerator.device)
+        results.append(Result(f"{name} (x{parts.accelerator.num_processes})", args.batch_size / seconds))
     return results
-
-
-def _all(value: float, dist) -> list[float]:
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
 
 
 def compute_floor(image_size: int, device, bf16: bool) -> dict:
@@ -264,7 +212,7 @@ def compute_floor(image_size: int, device, bf16: bool) -> dict:
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = _model(image_size, torch.device("cpu"))
+    model = ResNet50Classifier(ModelConfig(weights="none"), image_size).train()
     images, labels = synthetic_images(2)  # two: training BatchNorm needs more than one value per channel
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
@@ -301,31 +249,22 @@ def matmul_rate(device, bf16: bool) -> float:
     return 2 * n**3 / best
 
 
-def checkpoint_cost(image_size: int, device, directory: str | None, saves: int = 3) -> dict:
+def checkpoint_cost(args, mixed_precision: str, saves: int = 3) -> dict:
     """Seconds of the trainer's own save_checkpoint (model, Adam state, RNG states, trainer_state.json, written
-    atomically) for the recipe's model after one step, so that Adam's moments exist; the median of ``saves``."""
-    from accelerate import Accelerator
-
-    from cifar_dist.checkpoint import save_checkpoint
-
-    accelerator = Accelerator(cpu=device.type == "cpu")
-    cuda = device.type == "cuda"
-    model = _model(image_size, device, channels_last=cuda)
-    optimizer = _optimizer(model, fused=cuda)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    images, labels = synthetic_images(2)
-    F.cross_entropy(model(images.to(device)), labels.to(device)).backward()
-    optimizer.step()
+    atomically) of the trainer's parts after one step, so that Adam's moments exist; the median of ``saves``."""
+    parts = trainer_parts.build(trainer_parts.synthetic_splits(2, 1), args.image_size, global_batch_size=2,
+                                speed=SpeedConfig(compile_step="no"), mixed_precision=mixed_precision)
+    trainer_parts.train(parts, 1)  # batch 2: training BatchNorm needs more than one value per channel
     seconds = []
-    with tempfile.TemporaryDirectory(prefix="cifar-dist-bench-checkpoint-", dir=directory) as tmp:
+    with tempfile.TemporaryDirectory(prefix="cifar-dist-bench-checkpoint-", dir=args.checkpoint_dir) as tmp:
         for step in range(1, saves + 1):
-            _sync(device)
+            _sync(parts.accelerator.device)
             start = time.perf_counter()
-            path = save_checkpoint(accelerator, Path(tmp), {"step": step}, keep=2)
+            path = save_checkpoint(parts.accelerator, Path(tmp), {"step": step}, keep=2)
             seconds.append(time.perf_counter() - start)
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return {"seconds": round(sorted(seconds)[len(seconds) // 2], 3), "megabytes": round(size / 1e6, 1),
-            "directory": directory or tempfile.gettempdir()}
+            "directory": args.checkpoint_dir or tempfile.gettempdir()}
 
 
 def end_to_end(args, cache: bool) -> dict:
@@ -363,50 +302,35 @@ def end_to_end(args, cache: bool) -> dict:
 
 
 def run(args) -> dict:
-    import torch.distributed as dist
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "ddp" in (args.variants or [])
-    if distributed and not dist.is_initialized():
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        if "WORLD_SIZE" not in os.environ:  # one process, not under torchrun
-            os.environ.update({"WORLD_SIZE": "1", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"})
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
-                                if device.type == "cuda" else None)
-    main_process = not dist.is_initialized() or dist.get_rank() == 0
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
+    state = PartialState(cpu=not torch.cuda.is_available())  # under torchrun: joins the process group
+    device, main_process, world_size = state.device, state.is_main_process, state.num_processes
+    mixed_precision = resolve_mixed_precision("auto")
     variants = args.variants or [v for v in VARIANTS if (device.type == "cuda" or v not in GPU_ONLY) and v != "ddp"]
-    pool = max(args.batch_size, args.eval_batch_size) * (args.warmup + args.steps)
-    images, labels = synthetic_images(pool)
+    num_train = args.batch_size * (args.warmup + args.steps)
+    splits = trainer_parts.synthetic_splits(num_train, args.eval_batch_size * args.steps)
+    # The training variants' test split is one eval batch: only the feature cache reads it.
+    train_splits = dataclasses.replace(splits, test=ImageTensorDataset(
+        splits.test.images[:args.eval_batch_size], splits.test.labels[:args.eval_batch_size]))
     results = []
     for variant in variants:
-        torch.manual_seed(0)
         if variant == "straight_port":
-            found = [bench_straight_port(images, labels, args, device)]
-        elif variant in ("cached_trunk", "cached_compiled"):
-            found = [bench_cached_trunk(images, labels, args, device, autocast, compiled=variant == "cached_compiled")]
+            torch.manual_seed(0)
+            found = [bench_straight_port(*synthetic_images(num_train), args, device)]
         elif variant == "eval":
-            found = [bench_eval(images, labels, args, device, autocast)]
+            found = [bench_eval(splits, args, mixed_precision)]
         elif variant == "ddp":
-            found = bench_ddp(images, labels, args, device, autocast)
+            found = bench_ddp(train_splits, args, mixed_precision)
         else:
-            found = [bench_device_step(variant, images, labels, args, device, autocast)]
-        for result in found:
-            if main_process:
-                print(f"  {result.variant}: {result.images_per_s:,.0f} img/s", file=sys.stderr)
+            found = [bench_trainer_step(variant, train_splits, args, mixed_precision)]
+        for result in found if main_process else []:
+            print(f"  {result.variant}: {result.images_per_s:,.0f} img/s", file=sys.stderr)
         results += found
     base = next((r.images_per_s for r in results if r.variant == "straight_port"), None)
     report = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "precision": "bf16" if bf16 else "fp32", "image_size": args.image_size,
-        "batch_size": args.batch_size, "eval_batch_size": args.eval_batch_size, "steps": args.steps,
-        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "torch": torch.__version__, "precision": {"no": "fp32"}.get(mixed_precision, mixed_precision),
+        "image_size": args.image_size, "batch_size": args.batch_size, "eval_batch_size": args.eval_batch_size,
+        "steps": args.steps, "world_size": world_size,
         "results": [{"variant": r.variant, "images_per_s": round(r.images_per_s, 1),
                      "vs_straight_port": round(r.images_per_s / base, 2) if base else None,
                      "compile_s": round(r.compile_s, 1)} for r in results],
@@ -415,9 +339,9 @@ def run(args) -> dict:
     if "ddp_cifar_dist" in by_name and report["world_size"] > 1:
         report["communication_share"] = round(1 - by_name["ddp_cifar_dist"] / by_name["no_communication"], 3)
     if args.floor and main_process:
-        report["compute_floor"] = compute_floor(args.image_size, device, bf16)
-    if args.checkpoint and not dist.is_initialized():  # save_state with one process; under torchrun, skipped
-        report["checkpoint"] = checkpoint_cost(args.image_size, device, args.checkpoint_dir)
+        report["compute_floor"] = compute_floor(args.image_size, device, mixed_precision == "bf16")
+    if args.checkpoint and world_size == 1:  # save_state with one process; under torchrun, skipped
+        report["checkpoint"] = checkpoint_cost(args, mixed_precision)
     if args.end_to_end and main_process:
         report["end_to_end"] = [end_to_end(args, cache) for cache in (False, True)]
     if dist.is_initialized():
@@ -460,7 +384,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="training batch (the recipe's global batch)")
     parser.add_argument("--eval-batch-size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=50, help="timed batches per variant")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed batches first (compilation happens here)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed batches first (after the trainer's "
+                        "compile warm-up in the compiled variants)")
     parser.add_argument("--workers", type=int, default=8, help="DataLoader workers of the straight port")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS,
                         help="default: all that run on this device, except ddp (run that one under torchrun)")
@@ -488,7 +413,10 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
-    report = run(args)
+    try:
+        report = run(args)
+    except UserError as exc:
+        parser.exit(2, f"cifar_dist.bench: error: {exc}\n")
     if not report:
         return  # not the main process
     print(format_table(report))

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 
@@ -46,6 +47,37 @@ def test_bench_reports_every_cpu_variant_the_floor_and_the_end_to_end_runs(tmp_p
     e2e = {r["variant"]: r for r in report["end_to_end"]}
     assert set(e2e) == {"end_to_end", "end_to_end_cached"}
     assert all(r["epochs"] == 2 and r["wall_s"] > 0 and r["train_images_per_s"] > 0 for r in e2e.values())
+
+
+def test_bench_times_the_trainers_own_step_optimizer_cache_and_evaluate(monkeypatch):
+    """In-process, counting calls: every variant but the straight port is built by trainer_parts (the trainer's
+    optimizer builder, feature cache and compile path) and driven through the trainer's train_step and evaluate
+    (cifar_dist.steps); nothing in the benchmark steps a model itself."""
+    from cifar_dist import bench, steps, trainer, trainer_parts
+
+    assert trainer_parts.train_step is steps.train_step is trainer.train_step
+    assert bench.evaluate is steps.evaluate is trainer.evaluate
+    calls = Counter()
+
+    def counted(module, name):
+        original = getattr(module, name)
+
+        def inner(*args, **kwargs):
+            calls[name] += 1
+            return original(*args, **kwargs)
+        monkeypatch.setattr(module, name, inner)
+
+    for name in ("train_step", "build_optimizer", "build_feature_cache", "compile_for_training",
+                 "prepare_model_layout"):
+        counted(trainer_parts, name)
+    counted(bench, "evaluate")
+    try:
+        bench.main([*TINY_BENCH, "--variants", "eager", "cached_trunk", "eval", "--no-floor", "--no-checkpoint"])
+    finally:
+        trainer_parts.reset()
+    # eager and cached_trunk: 1 warm-up + 2 timed steps each; eval: a warm-up pass and the timed pass.
+    assert calls == {"train_step": 6, "build_optimizer": 3, "build_feature_cache": 1, "compile_for_training": 3,
+                     "prepare_model_layout": 3, "evaluate": 2}
 
 
 def test_bench_measures_communication_under_torchrun(tmp_path, test_env):

@@ -1,7 +1,7 @@
 """The fast path on a CUDA GPU: compiled step, bf16, fused Adam, channels_last, the feature cache.
 
 Skipped without CUDA (never in CI); scripts/gpu_check.sh runs them. Everything here goes through the trainer's
-own pieces (tests/trainer_parts.py: the package functions cifar_dist.train.run assembles, and its train_step
+own pieces (cifar_dist/trainer_parts.py: the package functions cifar_dist.train.setup assembles, and its train_step
 and evaluate), on synthetic CIFAR-shaped data at the recipe's 224 px and batch 32, with a ResNet50 backbone whose
 BatchNorm statistics were measured on that data (left at 0/1 the frozen trunk's activations explode and every
 comparison drowns in rounding). One compiled 224 px run is shared by the tests that only read it, so that the
@@ -22,12 +22,12 @@ import warnings
 import pytest
 import torch
 
-import trainer_parts
+from cifar_dist import trainer_parts
 from cifar_dist.config import SpeedConfig
 from cifar_dist.model import Preprocess
 from cifar_dist.speed import adam_implementation, compile_summary, match_optimizer_to_run
 from cifar_dist.steps import evaluate
-from trainer_parts import losses, train
+from cifar_dist.trainer_parts import losses, train
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -16,7 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import conftest
-import trainer_parts
+from cifar_dist import trainer_parts
 from cifar_dist.config import ModelConfig, SpeedConfig, UserError
 from cifar_dist.feature_cache import DEVICE_HEADROOM_BYTES, check_cacheable, choose_location
 from cifar_dist.model import ResNet50Classifier

@@ -1,25 +1,34 @@
-"""The trainer's step, assembled in the test process from the functions cifar_dist.train.run assembles it from.
+"""The trainer's step, assembled in one process from the functions ``cifar_dist.train.setup`` assembles it from.
 
-Tests that look inside a step (which operations it runs, its per-step losses, its gradients, what it leaves in
-BatchNorm) cannot do so through a trainer subprocess; this builds the same pieces, in the same order, with the
-same package functions (speed decisions, layout, optimizer, accelerate's prepare, loaders, feature cache,
-compilation), and ``train`` drives them through the trainer's own ``train_step``.
+The benchmark times it, and tests that look inside a step (which operations it runs, its per-step losses, its
+gradients, what it leaves in BatchNorm) drive it, neither of which can be done through a trainer subprocess.
+``build`` makes the same pieces, in the same order, with the same package functions (speed decisions,
+SyncBatchNorm, layout, optimizer, accelerate's prepare, loaders, feature cache, compilation), and ``train``
+drives them through the trainer's own ``train_step``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 
 from cifar_dist.config import DataConfig, ModelConfig, OptimConfig, SpeedConfig, TrainConfig, plan_batches
 from cifar_dist.data import CifarSplits, build_dataloaders, build_splits
 from cifar_dist.feature_cache import build_feature_cache
-from cifar_dist.model import ResNet50Classifier
-from cifar_dist.speed import build_optimizer, compile_for_training, prepare_model_layout, resolve_fast_path
+from cifar_dist.model import ResNet50Classifier, convert_sync_batchnorm
+from cifar_dist.speed import (
+    build_optimizer,
+    compile_for_training,
+    ddp_kwargs,
+    prepare_model_layout,
+    resolve_fast_path,
+)
 from cifar_dist.steps import train_step
 
 
@@ -35,6 +44,8 @@ class Parts:
     input_name: str
     class_names: list[str]
     grad_accum_steps: int
+    global_batch_size: int = 32
+    feature_cache_s: float = 0.0  # seconds build_feature_cache took (0 without the cache)
 
 
 def synthetic_splits(num_train: int, num_eval: int) -> CifarSplits:
@@ -43,39 +54,59 @@ def synthetic_splits(num_train: int, num_eval: int) -> CifarSplits:
 
 
 def build(splits: CifarSplits, image_size: int, *, speed: SpeedConfig | None = None, mixed_precision: str = "no",
-          per_device_batch_size: int | None = None, lr: float = 1e-3, dtype=torch.float32, backbone: dict | None = None,
-          cpu: bool | None = None, eval_batch_size: int = 256) -> Parts:
-    """The trainer's pieces for one process.
+          global_batch_size: int = 32, per_device_batch_size: int | None = None, lr: float = 1e-3,
+          dtype=torch.float32, backbone: dict | None = None, cpu: bool | None = None, eval_batch_size: int = 256,
+          ddp: Literal["cifar_dist", "torch_defaults", "none"] = "cifar_dist") -> Parts:
+    """The trainer's pieces for this process (one, or each of several under torchrun / accelerate launch).
 
-    accelerate's state is one per process and shared by every Accelerator (and refuses another precision), so it
-    is reset first: earlier Parts keep working only while the settings they were built with are the current ones.
+    ``ddp`` matters only with several processes: "cifar_dist" is the trainer (SyncBatchNorm, DDP with
+    ``speed.ddp_kwargs``), "torch_defaults" the same with DDP's own defaults, "none" the same step with neither
+    DDP nor SyncBatchNorm, each process alone on its share of the batch. accelerate's state is one per process
+    and shared by every Accelerator (and refuses another precision), so it is reset first: earlier Parts keep
+    working only while the settings they were built with are the current ones.
     """
     reset()
     cpu = not torch.cuda.is_available() if cpu is None else cpu
     speed = speed or SpeedConfig()
-    plan = plan_batches(TrainConfig(per_device_batch_size=per_device_batch_size), 1)
+    state = PartialState(cpu=cpu)
+    plan = plan_batches(TrainConfig(global_batch_size=global_batch_size,
+                                    per_device_batch_size=per_device_batch_size), state.num_processes)
+    fast = resolve_fast_path(speed, state.device, mixed_precision, plan.num_processes, plan.grad_accum_steps)
+    handler = ddp_kwargs(speed, fast)  # also silences DDP's stride warning, as in the trainer
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision,
-                              gradient_accumulation_steps=plan.grad_accum_steps)
-    fast = resolve_fast_path(speed, accelerator.device, mixed_precision, 1, plan.grad_accum_steps)
+                              gradient_accumulation_steps=plan.grad_accum_steps,
+                              kwargs_handlers=[handler] if ddp == "cifar_dist" else None)
+    communicate = plan.num_processes > 1 and ddp != "none"
     torch.manual_seed(0)  # the head's initialisation, as set_seed does in the trainer
     model = ResNet50Classifier(ModelConfig(weights="none"), image_size)
     if backbone is not None:
         model.load_state_dict({k: v for k, v in backbone.items() if not k.startswith("fc.")}, strict=False)
-    model = prepare_model_layout(model.to(dtype), fast)
+    model = model.to(dtype)
+    if communicate:
+        model = convert_sync_batchnorm(model)  # trainable BN must see the whole global batch
+    model = prepare_model_layout(model, fast)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], OptimConfig(lr=lr), fast)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if communicate or plan.num_processes == 1:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:  # placement and autocast as prepare gives them, without the DDP wrapper
+        model = accelerator.prepare_model(model, evaluation_mode=True)
+        optimizer = accelerator.prepare_optimizer(optimizer)
     if accelerator.device.type == "cuda":
         splits = splits.to(accelerator.device)
-    input_name, data = "images", splits
+    input_name, data, cache_s = "images", splits, 0.0
     if speed.cache_frozen_features:
         input_name = "features"
+        _sync(accelerator.device)
+        start = time.perf_counter()
         data = dataclasses.replace(splits, **dict(zip(("train", "test"), build_feature_cache(
             accelerator.unwrap_model(model), splits, accelerator, eval_batch_size, speed.feature_cache_location))))
+        _sync(accelerator.device)
+        cache_s = time.perf_counter() - start
     train_loader, eval_loader = accelerator.prepare(*build_dataloaders(data, plan, eval_batch_size, seed=0))
     step_model, fast = compile_for_training(model, fast, data.train, plan.per_device_batch_size, accelerator,
                                             input_name)
     return Parts(accelerator, model, step_model, optimizer, fast, train_loader, eval_loader, input_name,
-                 splits.class_names, plan.grad_accum_steps)
+                 splits.class_names, plan.grad_accum_steps, plan.global_batch_size, cache_s)
 
 
 def reset() -> None:
@@ -107,3 +138,8 @@ def losses(stats: list[torch.Tensor]) -> list[float]:
     """Each step's mean loss (one read of the device, at the end)."""
     table = torch.stack(stats).tolist()
     return [loss_sum / count for loss_sum, _, count, _ in table]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
