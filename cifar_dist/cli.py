@@ -7,6 +7,7 @@ strictly (a duplicate key, a key under the wrong section, a non-finite number ar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import sys
@@ -102,6 +103,16 @@ def _load_yaml(path: Path, shown: str):
         raise UserError(f"--config {shown}: not valid YAML ({exc.problem or exc.context}{where})") from None
     except yaml.YAMLError as exc:
         raise UserError(f"--config {shown}: not valid YAML ({str(exc).splitlines()[0]})") from None
+
+
+@contextlib.contextmanager
+def one_line_errors(prog: str, exit_code: int = 2):
+    """A UserError raised in the block is printed as one line (``prog: error: ...``) and exits with ``exit_code``."""
+    try:
+        yield
+    except UserError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        raise SystemExit(exit_code) from None
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cifar_dist.checkpoint import CHECKPOINTS, atomic_write_bytes, atomic_write_text, find_latest
-from cifar_dist.cli import OneLineParser
+from cifar_dist.cli import OneLineParser, one_line_errors
 from cifar_dist.config import Config, UserError
 from cifar_dist.runs import (
     CONFIG_FILE,
@@ -182,14 +181,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="folders to search for runs")
     parser.add_argument("--output-dir", help="where compare.md and compare.png go (default: the first DIR)")
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors("cifar_dist.compare"):
         output_dir = Path(args.output_dir or args.dirs[0])
         if args.output_dir and not output_dir.is_dir():
             raise UserError(f"--output-dir {args.output_dir}: no such folder")
         rows = compare(args.dirs)
-    except UserError as exc:
-        print(f"cifar_dist.compare: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
     text = table(rows)
     atomic_write_text(output_dir / "compare.md", f"# {len(rows)} runs below {', '.join(args.dirs)}\n\n{text}\n\n"
                       "![validation curves](compare.png)\n")

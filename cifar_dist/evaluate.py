@@ -29,14 +29,13 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from cifar_dist.checkpoint import atomic_write_bytes, atomic_write_text
-from cifar_dist.cli import OneLineParser
+from cifar_dist.cli import OneLineParser, one_line_errors
 from cifar_dist.config import UserError, plan_batches
 from cifar_dist.runs import TrainedModel, check_image_size, load_model, read_records, resolve_model
 
@@ -409,11 +408,8 @@ def run(args) -> dict | None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
+    with one_line_errors("cifar_dist.evaluate"):
         run(args)
-    except UserError as exc:
-        print(f"cifar_dist.evaluate: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

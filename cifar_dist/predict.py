@@ -41,6 +41,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from cifar_dist.cli import one_line_errors
 from cifar_dist.config import ModelConfig, UserError
 from cifar_dist.runs import check_image_size, load_model, resolve_model
 
@@ -342,11 +343,8 @@ def bench(args) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
+    with one_line_errors("cifar_dist.predict"):
         code = run(args)
-    except UserError as exc:
-        print(f"cifar_dist.predict: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
     raise SystemExit(code)
 
 

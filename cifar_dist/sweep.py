@@ -36,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-from cifar_dist.cli import OneLineParser
+from cifar_dist.cli import OneLineParser, one_line_errors
 from cifar_dist.config import _OWNER, _SECTION_TYPES, Config, UserError, _base_type, _coerce, make_config
 from cifar_dist.config import save_config as write_config
 from cifar_dist.runs import CONFIG_FILE, SWEEP_POINT_FILE, is_finished, load_config, read_records
@@ -239,11 +239,8 @@ def run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
+    with one_line_errors("cifar_dist.sweep"):
         code = run(sys.argv[1:] if argv is None else list(argv))
-    except UserError as exc:
-        print(f"cifar_dist.sweep: error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
     raise SystemExit(code)
 
 

@@ -25,8 +25,7 @@ from __future__ import annotations
 import errno
 import sys
 
-from cifar_dist.cli import parse_config
-from cifar_dist.config import UserError
+from cifar_dist.cli import one_line_errors, parse_config
 
 # Exit codes (the README's table).
 EXIT_USER_ERROR = 2  # bad input or a busy output dir; nothing was changed
@@ -42,30 +41,25 @@ def main(argv: list[str] | None = None) -> None:
     torch, accelerate and datasets are imported only once the flags are good: --help and a mistyped flag answer
     at once.
     """
-    try:
+    with one_line_errors("cifar_dist.train", EXIT_USER_ERROR):
         cfg = parse_config(argv)
         from cifar_dist.trainer import TrainingStopped, run
-    except UserError as exc:
-        print(f"cifar_dist.train: error: {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_USER_ERROR) from None
-    try:
-        run(cfg)
-    except UserError as exc:
-        print(f"cifar_dist.train: error: {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_USER_ERROR) from None
-    except TrainingStopped as exc:
-        print(f"cifar_dist.train: {exc}", file=sys.stderr)
-        raise SystemExit(exc.exit_code) from None
-    except KeyboardInterrupt:
-        print("cifar_dist.train: interrupted; nothing was saved since the newest checkpoint: run the same command "
-              "to resume from it", file=sys.stderr)
-        raise SystemExit(EXIT_INTERRUPTED) from None
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        print(f"cifar_dist.train: no space left on the device writing {exc.filename or 'the run'}; free some and "
-              "run the same command to resume from the newest complete checkpoint", file=sys.stderr)
-        raise SystemExit(EXIT_NO_SPACE) from None
+
+        try:
+            run(cfg)
+        except TrainingStopped as exc:
+            print(f"cifar_dist.train: {exc}", file=sys.stderr)
+            raise SystemExit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            print("cifar_dist.train: interrupted; nothing was saved since the newest checkpoint: run the same "
+                  "command to resume from it", file=sys.stderr)
+            raise SystemExit(EXIT_INTERRUPTED) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            print(f"cifar_dist.train: no space left on the device writing {exc.filename or 'the run'}; free some "
+                  "and run the same command to resume from the newest complete checkpoint", file=sys.stderr)
+            raise SystemExit(EXIT_NO_SPACE) from None
 
 
 def __getattr__(name: str):

@@ -150,6 +150,15 @@ def tree_digest(root: Path) -> dict:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def refused(capsys, main, argv: list[str]) -> str:
+    """The one line a command's ``main(argv)`` prints on standard error as it exits with status 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1, err
+    return err[0]
+
+
 def _free_port() -> int:
     import socket
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import conftest
 from cifar_dist.compare import RunRow, differing, main, table
 from cifar_dist.config import make_config, save_config
 from conftest import REPO, TINY, run_train
@@ -81,11 +82,7 @@ def test_table_sorts_by_best_and_shows_only_differences():
 
 
 def refused(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and len(err) == 1, err
-    return err[0]
+    return conftest.refused(capsys, main, argv)
 
 
 def test_refusals_and_unreadable_runs(tmp_path, capsys):

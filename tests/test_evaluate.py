@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import conftest
 from cifar_dist.checkpoint import save_model
 from cifar_dist.config import ModelConfig, make_config, save_config
 from cifar_dist.data import build_splits
@@ -218,12 +219,8 @@ def model_files(tmp_path_factory):
     return run, other
 
 
-def refused(capsys, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and len(err) == 1, err
-    return err[0]
+def refused(capsys, argv) -> str:
+    return conftest.refused(capsys, main, argv)
 
 
 @pytest.fixture()

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import conftest
 from cifar_dist.checkpoint import save_model
 from cifar_dist.config import make_config, save_config
 from cifar_dist.model import build_model
@@ -151,11 +152,7 @@ def run_dir(tmp_path_factory):
 
 
 def refused(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and len(err) == 1, err
-    return err[0]
+    return conftest.refused(capsys, main, argv)
 
 
 def test_refusals(run_dir, tmp_path, capsys):
