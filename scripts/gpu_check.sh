@@ -22,7 +22,9 @@
 # packages. W&B is not needed: the runs use --tracker none.
 set -u
 cd "$(dirname "$0")/.." || exit
-SITE=${GPU_CHECK_SITE:-/tmp/cifar_dist_site}
+# The folder's name must contain "site-packages": dill (which datasets fingerprints with) pickles a module from any
+# other folder by value, and pyarrow's module cannot be, so every in-memory Dataset would fail to build.
+SITE=${GPU_CHECK_SITE:-/tmp/cifar_dist/site-packages}
 PYTHON=${PYTHON:-python3}
 if compgen -G ".whl/*.whl" > /dev/null; then
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
