@@ -229,7 +229,7 @@ class RunLog:
         self._write()
         names = {"train_loss": "epoch/train_loss", "train_acc": "epoch/train_acc", "epoch_time_s": "epoch/time_s",
                  "train_time_s": "epoch/train_time_s", "eval_time_s": "epoch/eval_time_s",
-                 "train_images_per_s": "epoch/train_images_per_s"}
+                 "train_images_per_s": "epoch/train_images_per_s", "checkpoint_time_s": "epoch/checkpoint_time_s"}
         self.accelerator.log({names.get(k, k.replace("_", "/", 1)): v for k, v in record.items()}, step=step)
 
     def finish(self, summary: dict, per_class: list[tuple[str, float]], samples: list[tuple], model_path: Path | None):

@@ -277,7 +277,7 @@ def train_one_epoch(r: Run, epoch: int, stop: StopSignals) -> None:
         loader = accelerator.skip_first_batches(r.train_loader, done * plan.grad_accum_steps)
     # The global totals of the steps before a mid-epoch checkpoint go to one process, so sums stay global.
     totals = Totals(accelerator.device, r.position["train_sums"] if done and accelerator.is_main_process else None)
-    epoch_start, first_done = time.perf_counter(), done
+    epoch_start, first_done, saving_s = time.perf_counter(), done, 0.0
     meter = StepMeter(epoch_start)
     r.model.train()
     with tqdm(total=r.steps_per_epoch, initial=done, desc=f"epoch {epoch}/{cfg.train.num_epochs}", unit="step",
@@ -297,16 +297,20 @@ def train_one_epoch(r: Run, epoch: int, stop: StopSignals) -> None:
             if save_due or r.step % CHECK_EVERY_STEPS == 0:
                 stopping, time_due = check_health(r, totals, stop)
                 save_due = save_due or (mid_epoch and time_due)
-            if save_due or stopping:
+            if save_due or stopping:  # timed apart, so that images/s and the data wait measure training alone
+                save_start = time.perf_counter()
                 path = save(r, epoch, done, totals)
+                meter.leave_out(time.perf_counter() - save_start)
+                saving_s += time.perf_counter() - save_start
             if stopping:
                 raise stopped(r, stop, f"at step {r.step}", path)
             if r.step >= r.total_steps:
                 break
     stopping, _ = check_health(r, totals, stop)
-    train_time = time.perf_counter() - epoch_start
+    train_time = time.perf_counter() - epoch_start - saving_s
     record = end_of_epoch_record(r, epoch, totals, train_time, (done - first_done) * plan.global_batch_size)
     record["epoch_time_s"] = round(time.perf_counter() - epoch_start, 3)
+    record["checkpoint_time_s"] = round(saving_s, 3)  # the mid-epoch saves; the end-of-epoch one follows
     if r.claim.resume_from is not None:  # lets compare show the run as resumed
         record["resumed_from_step"] = r.position["step"]
     r.run_log.log_epoch(record, step=r.step)
@@ -314,7 +318,7 @@ def train_one_epoch(r: Run, epoch: int, stop: StopSignals) -> None:
         f"epoch {epoch}: train loss {record['train_loss']:.4f} acc {100 * record['train_acc']:.2f}% | "
         f"val loss {record['val_loss']:.4f} acc {100 * record['val_acc']:.2f}% top5 "
         f"{100 * record['val_top5']:.2f}% | {record['train_images_per_s']:.0f} img/s"
-        + eta(r, record["train_time_s"] / max(done - first_done, 1), record["eval_time_s"]))
+        + eta(r, (train_time + saving_s) / max(done - first_done, 1), record["eval_time_s"]))
     finished = done == r.steps_per_epoch
     path = save(r, epoch + 1, 0, None) if finished else save(r, epoch, done, totals)
     if stopping:
@@ -342,6 +346,11 @@ class StepMeter:
 
     def batch_requested(self) -> None:
         self.requested = time.perf_counter()
+
+    def leave_out(self, seconds: float) -> None:
+        """Take ``seconds`` spent on something else since the last batch (a checkpoint) out of both figures."""
+        self.window_start += seconds
+        self.requested += seconds
 
     def read_and_reset(self) -> tuple[float, float]:
         """(seconds, data-wait fraction) of the window since the last call."""

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow
 # 2 epochs x 8 steps, a checkpoint every 3 steps (3, 6, end of epoch 1 at 8, 9, 12, 15, end at 16).
 RUN = [*TINY, "--num-epochs", "2", "--checkpoint-every-steps", "3"]
 # Timings, and the resume bookkeeping only a resumed run has, are not part of what the runs computed.
-TIMING = ("epoch_time_s", "train_time_s", "eval_time_s", "train_images_per_s", "resumed_from_step")
+TIMING = ("epoch_time_s", "train_time_s", "eval_time_s", "train_images_per_s", "checkpoint_time_s",
+          "resumed_from_step")
 
 
 def records(out: Path) -> list[dict]:
