@@ -292,6 +292,7 @@ def end_to_end(args, cache: bool) -> dict:
     steady_train_s = sum(r["train_time_s"] for r in steady) / len(steady)
     return {"variant": "end_to_end" + ("_cached" if cache else ""), "wall_s": round(wall, 1),
             "epochs": len(records), "final_val_acc": records[-1]["val_acc"],
+            "val_acc_per_epoch": [round(r["val_acc"], 4) for r in records],
             "train_images_per_s": round(sum(r["train_images_per_s"] for r in steady) / len(steady), 1),
             # Where the wall time went: training, evaluation, the first epoch's extra (compilation, cache
             # building is outside epochs), and everything outside the epochs (start-up, checkpoints, report).
@@ -374,7 +375,8 @@ def format_table(report: dict) -> str:
                      f"which {e2e['first_epoch_extra_s']} s first-epoch extra; {e2e['eval_s']} s evaluation; "
                      f"{e2e['outside_epochs_s']} s start-up, cache, checkpoints and report), {e2e['epochs']} epochs, "
                      f"{e2e['train_images_per_s']:,.0f} train img/s (epochs after the first), "
-                     f"final val acc {e2e['final_val_acc']:.3f}")
+                     f"final val acc {e2e['final_val_acc']:.3f} (per epoch: "
+                     f"{' '.join(f'{acc:.3f}' for acc in e2e['val_acc_per_epoch'])})")
     return "\n".join(lines)
 
 

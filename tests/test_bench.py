@@ -47,6 +47,10 @@ def test_bench_reports_every_cpu_variant_the_floor_and_the_end_to_end_runs(tmp_p
     e2e = {r["variant"]: r for r in report["end_to_end"]}
     assert set(e2e) == {"end_to_end", "end_to_end_cached"}
     assert all(r["epochs"] == 2 and r["wall_s"] > 0 and r["train_images_per_s"] > 0 for r in e2e.values())
+    for r in e2e.values():  # each epoch's accuracy, so that a late fall shows
+        assert len(r["val_acc_per_epoch"]) == 2 and r["val_acc_per_epoch"][-1] == pytest.approx(r["final_val_acc"],
+                                                                                                abs=1e-4)
+        assert f"(per epoch: {r['val_acc_per_epoch'][0]:.3f} " in proc.stdout
 
 
 def test_bench_times_the_trainers_own_step_optimizer_cache_and_evaluate(monkeypatch):
