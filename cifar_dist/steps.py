@@ -5,6 +5,7 @@ Both keep their running figures on the device, so neither waits for it until its
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -33,6 +34,12 @@ def train_step(model, step_model, inputs, labels, optimizer, accelerator, input_
     return stats
 
 
+def no_progress_bar(accelerator) -> bool:
+    """Progress bars on the main process only, and not there either under TQDM_DISABLE=1 (tqdm itself reads
+    that variable only for calls that leave ``disable`` out)."""
+    return not accelerator.is_main_process or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+
+
 @torch.no_grad()
 def evaluate(model, loader, accelerator, class_names: list[str],
              input_name: str = "images") -> tuple[dict, list[tuple[str, float]]]:
@@ -47,7 +54,7 @@ def evaluate(model, loader, accelerator, class_names: list[str],
     sums = torch.zeros(4, device=accelerator.device, dtype=torch.float64)
     class_hits = torch.zeros(2, num_classes, device=accelerator.device, dtype=torch.float64)
     progress = tqdm(loader, desc="eval", unit="batch", leave=False, file=sys.stdout,
-                    disable=not accelerator.is_main_process)
+                    disable=no_progress_bar(accelerator))
     for inputs, labels in progress:
         logits = model(**{input_name: inputs})
         losses = F.cross_entropy(logits, labels, reduction="none")

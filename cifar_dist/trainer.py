@@ -8,7 +8,6 @@ checkpoint and resume exactly; SIGTERM/SIGUSR1 or a first Ctrl-C stop at a step 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import sys
@@ -24,23 +23,19 @@ from tqdm.auto import tqdm
 
 from cifar_dist.checkpoint import SaveSchedule, find_latest, read_state, save_checkpoint, save_model
 from cifar_dist.config import BatchPlan, Config, UserError, plan_batches, save_config
-from cifar_dist.data import CifarSplits, build_dataloaders, build_splits
-from cifar_dist.feature_cache import build_feature_cache
-from cifar_dist.model import build_model, convert_sync_batchnorm, count_parameters
+from cifar_dist.data import CifarSplits, build_splits
+from cifar_dist.model import build_model, count_parameters
 from cifar_dist.preflight import preflight
 from cifar_dist.rundir import CHECKPOINTS, Claim, claim_output_dir
 from cifar_dist.speed import (
     FastPath,
-    build_optimizer,
-    compile_for_training,
     compile_summary,
     ddp_kwargs,
     match_optimizer_to_run,
-    prepare_model_layout,
     resolve_fast_path,
     resolve_mixed_precision,
 )
-from cifar_dist.steps import evaluate, train_step
+from cifar_dist.steps import evaluate, no_progress_bar, train_step
 from cifar_dist.tracking import (
     RunLog,
     compares_to_seed,
@@ -51,6 +46,7 @@ from cifar_dist.tracking import (
     tracker_backend,
 )
 from cifar_dist.train import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_STOPPED
+from cifar_dist.trainer_parts import assemble
 
 # How often (optimizer steps) the processes agree on whether to stop. Each check is one tiny all-reduce and
 # one wait for the device, so not every step; a signal is acted on within this many steps.
@@ -215,25 +211,10 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
     with accelerator.main_process_first():
         splits = build_splits(cfg.data, seed=cfg.train.seed)
         model = build_model(cfg.model, cfg.data.image_size).to(dtype)
-    if accelerator.device.type == "cuda":
-        splits = splits.to(accelerator.device)
-    if accelerator.num_processes > 1:
-        model = convert_sync_batchnorm(model)  # trainable BN must see the whole global batch
     counts = count_parameters(model)
-    model = prepare_model_layout(model, fast)
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim, fast)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    # With the cache the loaders serve the frozen stages' output instead of images, in the same order.
-    input_name, data = "images", splits
-    if cfg.speed.cache_frozen_features:
-        input_name = "features"
-        data = dataclasses.replace(splits, **dict(zip(("train", "test"), build_feature_cache(
-            accelerator.unwrap_model(model), splits, accelerator, cfg.train.eval_batch_size,
-            cfg.speed.feature_cache_location))))
-    train_loader, eval_loader = accelerator.prepare(
-        *build_dataloaders(data, plan, cfg.train.eval_batch_size, seed=cfg.train.seed))
-    step_model, fast = compile_for_training(model, fast, data.train, plan.per_device_batch_size, accelerator,
-                                            input_name)
+    parts = assemble(accelerator, model, splits, plan, fast, cfg.optim, cfg.speed, cfg.train.eval_batch_size,
+                     cfg.train.seed)
+    model, optimizer, fast = parts.model, parts.optimizer, parts.fast
 
     # Where to start: a checkpoint's position (the data order depends only on seed and epoch, so a position
     # in optimizer steps means the same images whatever the number of processes), or the beginning.
@@ -257,12 +238,12 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
                      compares_to_seed(cfg))
     run_log.start(cfg.tracking, {**cfg.to_dict(), "run": run_facts(plan, accelerator, counts, fast, optimizer)})
 
-    steps_per_epoch = len(train_loader) // plan.grad_accum_steps
+    steps_per_epoch = len(parts.train_loader) // plan.grad_accum_steps
     total_steps = steps_per_epoch * cfg.train.num_epochs
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
-    return Run(cfg, plan, accelerator, claim, fast, model, step_model, optimizer, splits,
-               train_loader, eval_loader, input_name, run_log,
+    return Run(cfg, plan, accelerator, claim, fast, model, parts.step_model, optimizer, splits,
+               parts.train_loader, parts.eval_loader, parts.input_name, run_log,
                SaveSchedule(cfg.train.checkpoint_every_steps, cfg.train.checkpoint_every_minutes), position,
                steps_per_epoch, total_steps, step=position["step"])
 
@@ -281,7 +262,7 @@ def train_one_epoch(r: Run, epoch: int, stop: StopSignals) -> None:
     meter = StepMeter(epoch_start)
     r.model.train()
     with tqdm(total=r.steps_per_epoch, initial=done, desc=f"epoch {epoch}/{cfg.train.num_epochs}", unit="step",
-              disable=not accelerator.is_main_process, file=sys.stdout) as progress:
+              disable=no_progress_bar(accelerator), file=sys.stdout) as progress:
         for inputs, labels in loader:
             meter.batch_arrived()
             totals.add(train_step(r.model, r.step_model, inputs, labels, r.optimizer, accelerator, r.input_name))

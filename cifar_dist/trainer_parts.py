@@ -1,10 +1,10 @@
-"""The trainer's step, assembled in one process from the functions ``cifar_dist.train.setup`` assembles it from.
+"""The trainer's pieces: ``assemble`` puts a model, data and optimizer on the accelerator the one way the trainer
+(``cifar_dist.trainer.setup``), the benchmark and the GPU tests all use.
 
-The benchmark times it, and tests that look inside a step (which operations it runs, its per-step losses, its
-gradients, what it leaves in BatchNorm) drive it, neither of which can be done through a trainer subprocess.
-``build`` makes the same pieces, in the same order, with the same package functions (speed decisions,
-SyncBatchNorm, layout, optimizer, accelerate's prepare, loaders, feature cache, compilation), and ``train``
-drives them through the trainer's own ``train_step``.
+``build`` makes them in-process from a few arguments instead of a config and a run directory, and ``train``
+drives them through the trainer's own ``train_step``: the benchmark times that, and tests that look inside a
+step (which operations it runs, its per-step losses, its gradients, what it leaves in BatchNorm) drive it,
+neither of which can be done through a trainer subprocess.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 
-from cifar_dist.config import DataConfig, ModelConfig, OptimConfig, SpeedConfig, TrainConfig, plan_batches
+from cifar_dist.config import BatchPlan, DataConfig, ModelConfig, OptimConfig, SpeedConfig, TrainConfig, plan_batches
 from cifar_dist.data import CifarSplits, build_dataloaders, build_splits
 from cifar_dist.feature_cache import build_feature_cache
 from cifar_dist.model import ResNet50Classifier, convert_sync_batchnorm
 from cifar_dist.speed import (
+    FastPath,
     build_optimizer,
     compile_for_training,
     ddp_kwargs,
@@ -30,6 +31,55 @@ from cifar_dist.speed import (
     resolve_fast_path,
 )
 from cifar_dist.steps import train_step
+
+
+@dataclass
+class Assembled:
+    """What ``assemble`` returns: the prepared model and optimizer, what the step calls, the loaders, and the
+    data they serve (images, or with the feature cache the frozen stages' output)."""
+
+    model: torch.nn.Module
+    step_model: object
+    optimizer: object
+    fast: FastPath
+    train_loader: object
+    eval_loader: object
+    input_name: str
+    data: CifarSplits
+    feature_cache_s: float
+
+
+def assemble(accelerator, model: torch.nn.Module, splits: CifarSplits, plan: BatchPlan, fast: FastPath,
+             optim: OptimConfig, speed: SpeedConfig, eval_batch_size: int, seed: int, ddp: bool = True) -> Assembled:
+    """Data on the GPU, SyncBatchNorm and DDP with several processes (unless ``ddp`` is False: each process
+    alone on its share of the batch), layout, optimizer, accelerate's prepare, the feature cache if asked, the
+    loaders, and the step compiled and warmed up when the fast path says so."""
+    if accelerator.device.type == "cuda":
+        splits = splits.to(accelerator.device)
+    communicate = plan.num_processes > 1 and ddp
+    if communicate:
+        model = convert_sync_batchnorm(model)  # trainable BN must see the whole global batch
+    model = prepare_model_layout(model, fast)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], optim, fast)
+    if communicate or plan.num_processes == 1:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:  # placement and autocast as prepare gives them, without the DDP wrapper
+        model = accelerator.prepare_model(model, evaluation_mode=True)
+        optimizer = accelerator.prepare_optimizer(optimizer)
+    # With the cache the loaders serve the frozen stages' output instead of images, in the same order.
+    input_name, data, cache_s = "images", splits, 0.0
+    if speed.cache_frozen_features:
+        input_name = "features"
+        _sync(accelerator.device)
+        start = time.perf_counter()
+        data = dataclasses.replace(splits, **dict(zip(("train", "test"), build_feature_cache(
+            accelerator.unwrap_model(model), splits, accelerator, eval_batch_size, speed.feature_cache_location))))
+        _sync(accelerator.device)
+        cache_s = time.perf_counter() - start
+    train_loader, eval_loader = accelerator.prepare(*build_dataloaders(data, plan, eval_batch_size, seed=seed))
+    step_model, fast = compile_for_training(model, fast, data.train, plan.per_device_batch_size, accelerator,
+                                            input_name)
+    return Assembled(model, step_model, optimizer, fast, train_loader, eval_loader, input_name, data, cache_s)
 
 
 @dataclass
@@ -76,37 +126,14 @@ def build(splits: CifarSplits, image_size: int, *, speed: SpeedConfig | None = N
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision,
                               gradient_accumulation_steps=plan.grad_accum_steps,
                               kwargs_handlers=[handler] if ddp == "cifar_dist" else None)
-    communicate = plan.num_processes > 1 and ddp != "none"
     torch.manual_seed(0)  # the head's initialisation, as set_seed does in the trainer
     model = ResNet50Classifier(ModelConfig(weights="none"), image_size)
     if backbone is not None:
         model.load_state_dict({k: v for k, v in backbone.items() if not k.startswith("fc.")}, strict=False)
-    model = model.to(dtype)
-    if communicate:
-        model = convert_sync_batchnorm(model)  # trainable BN must see the whole global batch
-    model = prepare_model_layout(model, fast)
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], OptimConfig(lr=lr), fast)
-    if communicate or plan.num_processes == 1:
-        model, optimizer = accelerator.prepare(model, optimizer)
-    else:  # placement and autocast as prepare gives them, without the DDP wrapper
-        model = accelerator.prepare_model(model, evaluation_mode=True)
-        optimizer = accelerator.prepare_optimizer(optimizer)
-    if accelerator.device.type == "cuda":
-        splits = splits.to(accelerator.device)
-    input_name, data, cache_s = "images", splits, 0.0
-    if speed.cache_frozen_features:
-        input_name = "features"
-        _sync(accelerator.device)
-        start = time.perf_counter()
-        data = dataclasses.replace(splits, **dict(zip(("train", "test"), build_feature_cache(
-            accelerator.unwrap_model(model), splits, accelerator, eval_batch_size, speed.feature_cache_location))))
-        _sync(accelerator.device)
-        cache_s = time.perf_counter() - start
-    train_loader, eval_loader = accelerator.prepare(*build_dataloaders(data, plan, eval_batch_size, seed=0))
-    step_model, fast = compile_for_training(model, fast, data.train, plan.per_device_batch_size, accelerator,
-                                            input_name)
-    return Parts(accelerator, model, step_model, optimizer, fast, train_loader, eval_loader, input_name,
-                 splits.class_names, plan.grad_accum_steps, plan.global_batch_size, cache_s)
+    a = assemble(accelerator, model.to(dtype), splits, plan, fast, OptimConfig(lr=lr), speed, eval_batch_size,
+                 seed=0, ddp=ddp != "none")
+    return Parts(accelerator, a.model, a.step_model, a.optimizer, a.fast, a.train_loader, a.eval_loader,
+                 a.input_name, splits.class_names, plan.grad_accum_steps, plan.global_batch_size, a.feature_cache_s)
 
 
 def reset() -> None:

@@ -1,6 +1,6 @@
 """Pieces of the training loop (cifar_dist/trainer.py) on their own, without a run."""
 
-from cifar_dist import trainer
+from cifar_dist import steps, trainer
 
 
 class Clock:
@@ -25,3 +25,14 @@ def test_the_step_meter_leaves_a_checkpoint_out_of_images_per_s_and_the_data_wai
             meter.leave_out(10.0)
     elapsed, wait_frac = meter.read_and_reset()
     assert elapsed == 5.0 and wait_frac == 0.25
+
+
+def test_progress_bars_are_off_on_other_processes_and_under_tqdm_disable(monkeypatch):
+    class Main:
+        is_main_process = True
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    assert not steps.no_progress_bar(Main())
+    assert steps.no_progress_bar(type("Other", (), {"is_main_process": False})())
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert steps.no_progress_bar(Main())
