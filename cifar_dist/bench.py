@@ -25,7 +25,8 @@ drives it through cifar_dist.train.train_step (eval: its evaluate). In one proce
 separately; the compute floor of the whole workload (FLOPs counted on the model, divided by a matmul rate
 measured on this device); what one checkpoint costs (the trainer's save_checkpoint of the trainer's model and
 Adam state, timed in --checkpoint-dir); with --end-to-end the wall time of `python -m cifar_dist.train` from
-launch to its final report, with and without the feature cache.
+launch to its final report, with and without the feature cache; with --profile VARIANT where a step's time
+goes, host or device (cifar_dist/step_profile.py).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ from cifar_dist.checkpoint import save_checkpoint
 from cifar_dist.config import ModelConfig, SpeedConfig, UserError
 from cifar_dist.data import ImageTensorDataset
 from cifar_dist.model import IMAGENET_MEAN, IMAGENET_STD, ResNet50Classifier
-from cifar_dist.speed import resolve_mixed_precision
+from cifar_dist.speed import resolve_mixed_precision, sync_device
+from cifar_dist.step_profile import format_profile, profile_steps
 from cifar_dist.steps import evaluate
 
 VARIANTS = ("straight_port", "eager", "channels_last", "compiled", "cached_trunk", "cached_compiled", "eval", "ddp")
@@ -103,10 +105,6 @@ class _PilDataset(Dataset):
         return self.transform(self.images[i].permute(2, 0, 1)), self.labels[i]
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 def _slowest(seconds: float, device) -> float:
     """The largest of every process's ``seconds``: a step ends when the slowest process ends it."""
@@ -146,10 +144,10 @@ def _timed(steps, args, device) -> float:
     For the trainer's parts each call of ``trainer_parts.train`` starts the epoch's order again."""
     if args.warmup:
         steps(args.warmup)
-    _sync(device)
+    sync_device(device)
     start = time.perf_counter()
     steps(args.steps)
-    _sync(device)
+    sync_device(device)
     return _slowest((time.perf_counter() - start) / args.steps, device)
 
 
@@ -177,7 +175,7 @@ def bench_eval(splits, args, mixed_precision: str) -> Result:
 
     if args.warmup:
         evaluate_over(itertools.islice(parts.eval_loader, args.warmup))
-    _sync(device)
+    sync_device(device)
     start = time.perf_counter()
     evaluate_over(parts.eval_loader)
     return Result("eval", len(splits.test) / _slowest(time.perf_counter() - start, device))
@@ -240,11 +238,11 @@ def matmul_rate(device, bf16: bool) -> float:
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     best = float("inf")
     for _ in range(5):
-        _sync(device)
+        sync_device(device)
         start = time.perf_counter()
         for _ in range(4):
             a @ b
-        _sync(device)
+        sync_device(device)
         best = min(best, (time.perf_counter() - start) / 4)
     return 2 * n**3 / best
 
@@ -258,7 +256,7 @@ def checkpoint_cost(args, mixed_precision: str, saves: int = 3) -> dict:
     seconds = []
     with tempfile.TemporaryDirectory(prefix="cifar-dist-bench-checkpoint-", dir=args.checkpoint_dir) as tmp:
         for step in range(1, saves + 1):
-            _sync(parts.accelerator.device)
+            sync_device(parts.accelerator.device)
             start = time.perf_counter()
             path = save_checkpoint(parts.accelerator, Path(tmp), {"step": step}, keep=2)
             seconds.append(time.perf_counter() - start)
@@ -343,6 +341,10 @@ def run(args) -> dict:
         report["compute_floor"] = compute_floor(args.image_size, device, mixed_precision == "bf16")
     if args.checkpoint and world_size == 1:  # save_state with one process; under torchrun, skipped
         report["checkpoint"] = checkpoint_cost(args, mixed_precision)
+    if args.profile and world_size == 1:
+        parts = _build(train_splits, args, mixed_precision, SpeedConfig(**STEP_SPEED[args.profile]))
+        report["profile"] = {"variant": args.profile,
+                             **profile_steps(parts, args.steps, args.warmup, trace=args.profile_trace)}
     if args.end_to_end and main_process:
         report["end_to_end"] = [end_to_end(args, cache) for cache in (False, True)]
     if dist.is_initialized():
@@ -370,6 +372,8 @@ def format_table(report: dict) -> str:
     if checkpoint:
         lines.append(f"checkpoint (the trainer's save_checkpoint: model + Adam state, {checkpoint['megabytes']:,} MB): "
                      f"{checkpoint['seconds']} s per save into {checkpoint['directory']}")
+    if "profile" in report:
+        lines.append(format_profile(report["profile"]["variant"], report["profile"]))
     for e2e in report.get("end_to_end", []):
         lines.append(f"{e2e['variant']}: {e2e['wall_s']} s launch to report ({e2e['train_s']} s training, of "
                      f"which {e2e['first_epoch_extra_s']} s first-epoch extra; {e2e['eval_s']} s evaluation; "
@@ -399,6 +403,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="time the trainer's save_checkpoint of the model and Adam state (one process only)")
     parser.add_argument("--checkpoint-dir", help="where to time it (default: the temp dir; give the filesystem "
                         "your --output-dir is on)")
+    parser.add_argument("--profile", choices=[v for v in STEP_SPEED if v != "eval"],
+                        help="also profile --steps steady steps of this variant: host vs device time per step and "
+                             "the costliest host operations (one process)")
+    parser.add_argument("--profile-trace", help="write the profile's Chrome trace to this file")
     parser.add_argument("--end-to-end", action="store_true",
                         help="also time `python -m cifar_dist.train` for the whole workload, without and with "
                              "--cache-frozen-features")

@@ -1,10 +1,12 @@
 """The GPU acceptance run: GPU tests, the trainer on full-size synthetic data with default flags and with the
-feature cache, and the benchmark at reduced steps; one JSON and one markdown table of what was measured.
+feature cache, the benchmark at reduced steps, and a profile of the compiled step (host or device: which sets the
+pace); one JSON and one markdown table of what was measured.
 
     scripts/gpu_check.sh                                   # on a GPU machine: installs carried wheels, runs this
     python -m cifar_dist.gpu_check --out DIR               # the same, wheels already importable
     python -m cifar_dist.gpu_check --out DIR --image-size 32 --train-images 256 --eval-images 64 --max-steps 4 \\
-        --checkpoint-every-steps 2 --bench-args="--image-size 32 --steps 2 --warmup 1 --workers 0"   # CPU smoke
+        --checkpoint-every-steps 2 --bench-args="--image-size 32 --steps 2 --warmup 1 --workers 0" \\
+        --profile-args="--image-size 32 --steps 2 --warmup 1 --variants eager --profile eager"   # CPU smoke
 
 Each step runs in its own process under a time limit, within an overall budget. A step that fails (exit code,
 time limit, a figure it should have produced missing) is recorded with the end of its output, the next step
@@ -39,7 +41,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # Steps and their own time limits (seconds); each also stops where the overall budget ends.
 STEP_LIMITS = {"environment": 60, "data": 120, "train_default": 180, "train_cache": 150, "gpu_tests": 240,
-               "bench": 200}
+               "bench": 200, "profile": 90}
 FIRST_STEPS = 20  # "time to the first steps": launch until this many optimizer steps have run
 TAIL_LINES = 25
 FACTS_ENV = "CIFAR_DIST_GPU_CHECK_FACTS"
@@ -96,16 +98,16 @@ def train(argv: list[str]) -> int:
             return out
         return inner
 
-    def kept_fast(compile_for_training):
+    def kept_fast(assemble):
         def inner(*args, **kwargs):
-            model, fast = compile_for_training(*args, **kwargs)
-            state["fast"] = fast
-            return model, fast
+            parts = assemble(*args, **kwargs)
+            state["fast"] = parts.fast  # the fast path as it turned out: what was compiled, and how
+            return parts
         return inner
 
     wrap("save_checkpoint", timed_save)
     wrap("train_step", timed_step)
-    wrap("compile_for_training", kept_fast)
+    wrap("assemble", kept_fast)
     code = 0
     try:
         main(argv)
@@ -277,11 +279,11 @@ def parse_tests(junit: Path):
     return parse
 
 
-def parse_bench(path: Path):
+def parse_bench(path: Path, needs: str = "results"):
     def parse(record: dict, output: str) -> None:
         record["report"] = json.loads(path.read_text())
-        if not record["report"]["results"]:
-            raise AssertionError("no variant reported")
+        if not record["report"].get(needs):
+            raise AssertionError(f"the benchmark reported no {needs}")
     return parse
 
 
@@ -301,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the test files pytest runs (their gpu-marked tests)")
     parser.add_argument("--bench-args", default="--steps 20 --warmup 5 --workers 8",
                         help="flags of python -m cifar_dist.bench (one string)")
+    parser.add_argument("--profile-args", default="--variants compiled --steps 20 --warmup 5 --no-floor "
+                        "--no-checkpoint --profile compiled",
+                        help="flags of the benchmark run that profiles a step (one string)")
     parser.add_argument("--skip", nargs="*", default=[], choices=[s for s in STEP_LIMITS if s != "environment"])
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -331,6 +336,10 @@ def main(argv: list[str] | None = None) -> int:
             bench_json = scratch / "bench.json"
             check.run("bench", [py, "-m", "cifar_dist.bench", *shlex.split(args.bench_args), "--json",
                                 str(bench_json)], parse_bench(bench_json))
+        if "profile" not in args.skip:
+            profile_json = scratch / "profile.json"
+            check.run("profile", [py, "-m", "cifar_dist.bench", *shlex.split(args.profile_args), "--json",
+                                  str(profile_json)], parse_bench(profile_json, "profile"))
         header = {"started": started, "host": platform.node(), "skipped_steps": args.skip,
                   "command": os.environ.get(COMMAND_ENV) or shlex.join(["python", "-m", "cifar_dist.gpu_check", *argv]),
                   **{k: env.get(k) for k in ("card", "cuda", "torch", "torchvision", "accelerate", "datasets",
@@ -411,6 +420,13 @@ def render(report: dict) -> str:
         from cifar_dist.bench import format_table
 
         lines += ["", f"## Benchmark (`{bench['command']}`)", "", format_table(bench["report"])]
+    profile = steps.get("profile", {})
+    if profile.get("report", {}).get("profile"):
+        from cifar_dist.step_profile import format_profile
+
+        found = profile["report"]["profile"]
+        lines += ["", f"## Where a step's time goes (`{profile['command']}`)", "",
+                  format_profile(found["variant"], found)]
     return "\n".join(lines) + "\n"
 
 

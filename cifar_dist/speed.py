@@ -253,11 +253,11 @@ def compile_for_training(model: torch.nn.Module, fast: FastPath, train_data, bat
     inputs, labels = (t.to(accelerator.device) for t in train_data.__getitems__(list(range(batch_size))))
     step = CompiledStep(model, torch.compile(model, mode="reduce-overhead"), fast.grad_accum_steps)
     before, first_skip = _counters(), len(_SKIPS.messages)
-    _sync(accelerator.device)
+    sync_device(accelerator.device)
     start = time.perf_counter()
     try:
         _warm_up(step, model, inputs, labels, accelerator, input_name)
-        _sync(accelerator.device)
+        sync_device(accelerator.device)
     except Exception as exc:  # dynamo, inductor, triton and CUDA graphs raise many types
         reason = _first_line(exc)
         if fast.compile_choice == "yes" or accelerator.num_processes > 1:
@@ -336,7 +336,7 @@ def _first_line(what) -> str:
     return (str(what).strip().splitlines() or [""])[0]
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

@@ -29,6 +29,7 @@ from cifar_dist.speed import (
     ddp_kwargs,
     prepare_model_layout,
     resolve_fast_path,
+    sync_device,
 )
 from cifar_dist.steps import train_step
 
@@ -70,11 +71,11 @@ def assemble(accelerator, model: torch.nn.Module, splits: CifarSplits, plan: Bat
     input_name, data, cache_s = "images", splits, 0.0
     if speed.cache_frozen_features:
         input_name = "features"
-        _sync(accelerator.device)
+        sync_device(accelerator.device)
         start = time.perf_counter()
         data = dataclasses.replace(splits, **dict(zip(("train", "test"), build_feature_cache(
             accelerator.unwrap_model(model), splits, accelerator, eval_batch_size, speed.feature_cache_location))))
-        _sync(accelerator.device)
+        sync_device(accelerator.device)
         cache_s = time.perf_counter() - start
     train_loader, eval_loader = accelerator.prepare(*build_dataloaders(data, plan, eval_batch_size, seed=seed))
     step_model, fast = compile_for_training(model, fast, data.train, plan.per_device_batch_size, accelerator,
@@ -166,7 +167,3 @@ def losses(stats: list[torch.Tensor]) -> list[float]:
     table = torch.stack(stats).tolist()
     return [loss_sum / count for loss_sum, _, count, _ in table]
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

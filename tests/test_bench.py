@@ -99,6 +99,23 @@ def test_bench_measures_communication_under_torchrun(tmp_path, test_env):
     assert proc.stdout.count("communication share of a step with 2 processes") == 1  # printed by rank 0 only
 
 
+def test_the_profile_splits_a_steps_time_and_names_the_costliest_host_operations(tmp_path, capsys):
+    from cifar_dist import bench as bench_module
+
+    out, trace = tmp_path / "bench.json", tmp_path / "trace.json"
+    bench_module.main([*TINY_BENCH, "--variants", "eager", "--no-floor", "--no-checkpoint", "--profile", "eager",
+                       "--profile-trace", str(trace), "--json", str(out)])
+    profile = json.loads(out.read_text())["profile"]
+    assert profile["variant"] == "eager" and profile["steps"] == 2
+    assert 0 < profile["host_queue_ms_per_step"] <= profile["wall_ms_per_step"]
+    assert profile["device_busy_ms_per_step"] is None  # a CPU has no device timeline
+    ops = {op["name"]: op for op in profile["top_host_ops"]}
+    # The recipe's step is convolutions forward and backward: 53 in ResNet50's forward, layer4's 10 backward.
+    assert {"aten::convolution_backward"} <= set(ops) and ops["aten::convolution_backward"]["calls_per_step"] == 10
+    assert "traceEvents" in json.loads(trace.read_text())
+    assert "profile of eager, per step over 2 steps" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args, message", [
     (["--steps", "0"], "--steps must be positive"),
     (["--e2e-epochs", "0"], "--e2e-epochs must be positive"),

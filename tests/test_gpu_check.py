@@ -11,7 +11,9 @@ from cifar_dist.gpu_check import Check, render
 TINY_CHECK = ["--image-size", "32", "--train-images", "256", "--eval-images", "64", "--max-steps", "4",
               "--checkpoint-every-steps", "2", "--budget-s", "900",
               ("--bench-args=--image-size 32 --steps 2 --warmup 1 --workers 0 --eval-batch-size 64 --no-floor "
-               "--variants straight_port eager")]
+               "--variants straight_port eager"),
+              ("--profile-args=--image-size 32 --steps 2 --warmup 1 --eval-batch-size 64 --no-floor --no-checkpoint "
+               "--variants eager --profile eager")]
 
 
 @pytest.mark.slow
@@ -24,7 +26,7 @@ def test_the_whole_check_on_the_cpu_reports_every_step_and_fails_for_want_of_a_g
     assert proc.returncode == 1, proc.stderr[-3000:]  # the GPU tests were all skipped: that is a failure here
     report = json.loads((out / "gpu_check.json").read_text())
     steps = report["steps"]
-    assert list(steps) == ["environment", "data", "train_default", "train_cache", "gpu_tests", "bench"]
+    assert list(steps) == ["environment", "data", "train_default", "train_cache", "gpu_tests", "bench", "profile"]
     assert report["failed_steps"] == ["gpu_tests"] and not report["ok"]
     assert steps["gpu_tests"]["error"].startswith("could not read its results: AssertionError: no GPU test ran (")
     assert steps["gpu_tests"]["skipped"] > 0 and steps["gpu_tests"]["passed"] == steps["gpu_tests"]["errors"] == 0
@@ -41,12 +43,15 @@ def test_the_whole_check_on_the_cpu_reports_every_step_and_fails_for_want_of_a_g
     assert steps["train_cache"]["feature_cache_line"].startswith("feature cache: 256 train + 64 test images")
     bench = steps["bench"]["report"]
     assert [r["variant"] for r in bench["results"]] == ["straight_port", "eager"] and bench["checkpoint"]["seconds"] > 0
+    profile = steps["profile"]["report"]["profile"]
+    assert profile["variant"] == "eager" and profile["wall_ms_per_step"] > 0 and profile["top_host_ops"]
 
     md = (out / "gpu_check.md").read_text()
     assert md.startswith("# cifar_dist GPU check: FAILED (gpu_tests)")
     assert "| gpu_tests | FAILED: could not read its results: AssertionError: no GPU test ran" in md
     assert "| default | " in md and "| cache | " in md and "| straight_port |" in md
     assert "checkpoint (the trainer's save_checkpoint" in md
+    assert "## Where a step's time goes (" in md and "profile of eager, per step over 2 steps: wall " in md
     assert "0 passed, 0 failed, 0 errors, " in md
     assert "===== train_default: " in (out / "gpu_check.log").read_text()
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]
