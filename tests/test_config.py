@@ -5,6 +5,17 @@ from cifar_dist.cli import build_parser, parse_config
 from cifar_dist.config import Config, TrainConfig, UserError, make_config, plan_batches, save_config
 
 
+def refused_file(tmp_path, text: str) -> str:
+    """The message with which a --config file holding ``text`` is refused, less the "--config PATH: " prefix."""
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as info:
+        parse_config(["--config", str(path)])
+    prefix = f"--config {path}: "
+    assert str(info.value).startswith(prefix)
+    return str(info.value).removeprefix(prefix)
+
+
 def test_defaults_are_the_seed_recipe():
     cfg = parse_config([])
     assert cfg.data.data_source == "uoft-cs/cifar100"
@@ -85,11 +96,7 @@ def test_float_settings_accept_exponent_strings(tmp_path, text, lr, eps):
     ("lr: fast\n", "lr must be float, got 'fast'"),
 ])
 def test_strings_are_not_numbers_elsewhere(tmp_path, text, message):
-    path = tmp_path / "run.yaml"
-    path.write_text(text)
-    with pytest.raises(UserError) as info:
-        parse_config(["--config", str(path)])
-    assert str(info.value) == f"--config {path}: {message}"
+    assert refused_file(tmp_path, text) == message
 
 
 @pytest.mark.parametrize("argv, text, message", [
@@ -132,11 +139,7 @@ def test_every_float_setting_is_checked_for_finite_values():
     ("train: {}\ntrain: {}\n", "duplicate key 'train' on line 2 (first on line 1); keep one"),
 ])
 def test_duplicate_yaml_keys_are_refused_with_their_line(tmp_path, text, message):
-    path = tmp_path / "run.yaml"
-    path.write_text(text)
-    with pytest.raises(UserError) as info:
-        parse_config(["--config", str(path)])
-    assert str(info.value) == f"--config {path}: {message}"
+    assert refused_file(tmp_path, text) == message
 
 
 def test_yaml_merge_keys_may_be_overridden(tmp_path):
