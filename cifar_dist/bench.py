@@ -14,6 +14,8 @@ drives it through cifar_dist.train.train_step (eval: its evaluate). In one proce
                   device, resize + normalise in the model, autocast under bf16
   channels_last   eager + --channels-last yes --fused-adam yes
   compiled        channels_last + --compile-step yes (CUDA graphs; compile s: the trainer's warm-up); GPU only
+  graphed         an experiment: channels_last's model and Adam settings with the whole step (forward, loss,
+                  backward, capturable fused Adam) as one CUDA graph (cifar_dist/graphed_step.py); GPU only
   cached_trunk    eager + --cache-frozen-features (the frozen trunk once per image at the eval batch, then
                   layer4 + head steps from its output); images/s of that whole pass
   cached_compiled cached_trunk + channels_last, fused Adam and --compile-step yes; GPU only
@@ -55,19 +57,22 @@ from cifar_dist import trainer_parts
 from cifar_dist.checkpoint import save_checkpoint
 from cifar_dist.config import ModelConfig, SpeedConfig, UserError
 from cifar_dist.data import ImageTensorDataset
+from cifar_dist.graphed_step import GraphedStep, train_graphed
 from cifar_dist.model import IMAGENET_MEAN, IMAGENET_STD, ResNet50Classifier
 from cifar_dist.speed import resolve_mixed_precision, sync_device
 from cifar_dist.step_profile import format_profile, profile_steps
 from cifar_dist.steps import evaluate
 
-VARIANTS = ("straight_port", "eager", "channels_last", "compiled", "cached_trunk", "cached_compiled", "eval", "ddp")
-GPU_ONLY = ("compiled", "cached_compiled")  # CUDA graphs; on a CPU only when named
+VARIANTS = ("straight_port", "eager", "channels_last", "compiled", "graphed", "cached_trunk", "cached_compiled", "eval",
+            "ddp")
+GPU_ONLY = ("compiled", "graphed", "cached_compiled")  # CUDA graphs; on a CPU only when named
+ONLY_WHEN_NAMED = ("graphed", "ddp")  # an experiment, and the variant to run under torchrun
 # The workload the targets are about: the recipe's 10 epochs over CIFAR-100's 50,000 + 10,000 images.
 EPOCHS, TRAIN_IMAGES, EVAL_IMAGES = 10, 50_000, 10_000
 # The trainer's speed options (--compile-step, --channels-last, --fused-adam, --cache-frozen-features) each
 # variant is built with; 'yes' rather than 'auto', so that a variant that cannot run as named stops.
 OFF, FAST = ({"compile_step": "no", "channels_last": v, "fused_adam": v} for v in ("no", "yes"))
-STEP_SPEED = {"eager": OFF, "channels_last": FAST, "compiled": {**FAST, "compile_step": "yes"},
+STEP_SPEED = {"eager": OFF, "channels_last": FAST, "compiled": {**FAST, "compile_step": "yes"}, "graphed": FAST,
               "cached_trunk": {**OFF, "cache_frozen_features": True},
               "cached_compiled": {**FAST, "compile_step": "yes", "cache_frozen_features": True},
               "eval": {"compile_step": "no"}}  # evaluation runs on the model as the trainer lays it out
@@ -163,6 +168,21 @@ def bench_trainer_step(variant: str, splits, args, mixed_precision: str) -> Resu
         per_image += _slowest(parts.feature_cache_s, device) / (len(splits.train) + len(splits.test))
     compile_s = parts.fast.compiled.warmup_s if parts.fast.compiled else 0.0
     return Result(variant, 1.0 / per_image, compile_s)
+
+
+def graphed_steps(parts: trainer_parts.Parts):
+    """(the captured GraphedStep's build seconds, ``steps(n, epoch=1)`` running n of its replays)."""
+    start = time.perf_counter()
+    step = GraphedStep(parts)
+    return time.perf_counter() - start, partial(train_graphed, parts, step)
+
+
+def bench_graphed(splits, args, mixed_precision: str) -> Result:
+    """The trainer's model, data and Adam settings with the whole step as one CUDA graph (an experiment:
+    cifar_dist/graphed_step.py); its 'compile s' is the warm-up and capture."""
+    parts = _build(splits, args, mixed_precision, SpeedConfig(**STEP_SPEED["graphed"]))
+    capture_s, steps = graphed_steps(parts)
+    return Result("graphed", args.batch_size / _timed(steps, args, parts.accelerator.device), capture_s)
 
 
 def bench_eval(splits, args, mixed_precision: str) -> Result:
@@ -304,7 +324,8 @@ def run(args) -> dict:
     state = PartialState(cpu=not torch.cuda.is_available())  # under torchrun: joins the process group
     device, main_process, world_size = state.device, state.is_main_process, state.num_processes
     mixed_precision = resolve_mixed_precision("auto")
-    variants = args.variants or [v for v in VARIANTS if (device.type == "cuda" or v not in GPU_ONLY) and v != "ddp"]
+    variants = args.variants or [v for v in VARIANTS if (device.type == "cuda" or v not in GPU_ONLY)
+                                 and v not in ONLY_WHEN_NAMED]
     num_train = args.batch_size * (args.warmup + args.steps)
     splits = trainer_parts.synthetic_splits(num_train, args.eval_batch_size * args.steps)
     # The training variants' test split is one eval batch: only the feature cache reads it.
@@ -317,6 +338,8 @@ def run(args) -> dict:
             found = [bench_straight_port(*synthetic_images(num_train), args, device)]
         elif variant == "eval":
             found = [bench_eval(splits, args, mixed_precision)]
+        elif variant == "graphed":
+            found = [bench_graphed(train_splits, args, mixed_precision)]
         elif variant == "ddp":
             found = bench_ddp(train_splits, args, mixed_precision)
         else:
@@ -343,8 +366,9 @@ def run(args) -> dict:
         report["checkpoint"] = checkpoint_cost(args, mixed_precision)
     if args.profile and world_size == 1:
         parts = _build(train_splits, args, mixed_precision, SpeedConfig(**STEP_SPEED[args.profile]))
-        report["profile"] = {"variant": args.profile,
-                             **profile_steps(parts, args.steps, args.warmup, trace=args.profile_trace)}
+        steps = graphed_steps(parts)[1] if args.profile == "graphed" else partial(trainer_parts.train, parts)
+        report["profile"] = {"variant": args.profile, **profile_steps(parts.accelerator.device, steps, args.steps,
+                                                                      args.warmup, trace=args.profile_trace)}
     if args.end_to_end and main_process:
         report["end_to_end"] = [end_to_end(args, cache) for cache in (False, True)]
     if dist.is_initialized():
@@ -394,7 +418,8 @@ def main(argv: list[str] | None = None) -> None:
                         "compile warm-up in the compiled variants)")
     parser.add_argument("--workers", type=int, default=8, help="DataLoader workers of the straight port")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS,
-                        help="default: all that run on this device, except ddp (run that one under torchrun)")
+                        help="default: all that run on this device, except graphed (an experiment) and ddp (run "
+                             "that one under torchrun)")
     parser.add_argument("--ddp-bucket-mb", type=int, help="bucket size of the ddp_cifar_dist variant (default: the "
                         "trainer's --ddp-bucket-mb default)")
     parser.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,

@@ -1,12 +1,14 @@
 """The GPU acceptance run: GPU tests, the trainer on full-size synthetic data with default flags and with the
 feature cache, the benchmark at reduced steps, and a profile of the compiled step (host or device: which sets the
-pace); one JSON and one markdown table of what was measured.
+pace), and the one-graph step experiment beside the compiled one; one JSON and one markdown table of what was
+measured.
 
     scripts/gpu_check.sh                                   # on a GPU machine: installs carried wheels, runs this
     python -m cifar_dist.gpu_check --out DIR               # the same, wheels already importable
     python -m cifar_dist.gpu_check --out DIR --image-size 32 --train-images 256 --eval-images 64 --max-steps 4 \\
         --checkpoint-every-steps 2 --bench-args="--image-size 32 --steps 2 --warmup 1 --workers 0" \\
-        --profile-args="--image-size 32 --steps 2 --warmup 1 --variants eager --profile eager"   # CPU smoke
+        --profile-args="--image-size 32 --steps 2 --warmup 1 --variants eager --profile eager" \\
+        --skip graphed   # CPU smoke
 
 Each step runs in its own process under a time limit, within an overall budget. A step that fails (exit code,
 time limit, a figure it should have produced missing) is recorded with the end of its output, the next step
@@ -41,7 +43,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # Steps and their own time limits (seconds); each also stops where the overall budget ends.
 STEP_LIMITS = {"environment": 60, "data": 120, "train_default": 180, "train_cache": 150, "gpu_tests": 240,
-               "bench": 200, "profile": 90}
+               "bench": 200, "profile": 90, "graphed": 90}
 FIRST_STEPS = 20  # "time to the first steps": launch until this many optimizer steps have run
 TAIL_LINES = 25
 FACTS_ENV = "CIFAR_DIST_GPU_CHECK_FACTS"
@@ -298,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-images", type=int, default=10_000)
     parser.add_argument("--max-steps", type=int, default=500, help="optimizer steps of each trainer run")
     parser.add_argument("--checkpoint-every-steps", type=int, default=100)
-    parser.add_argument("--budget-s", type=float, default=390, help="overall time limit of the steps")
+    parser.add_argument("--budget-s", type=float, default=420, help="overall time limit of the steps")
     parser.add_argument("--tests", nargs="+", default=["tests/test_gpu.py", "tests/test_gpu_resume.py"],
                         help="the test files pytest runs (their gpu-marked tests)")
     parser.add_argument("--bench-args", default="--steps 20 --warmup 5 --workers 8",
@@ -306,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-args", default="--variants compiled --steps 20 --warmup 5 --no-floor "
                         "--no-checkpoint --profile compiled",
                         help="flags of the benchmark run that profiles a step (one string)")
+    parser.add_argument("--graphed-args", default="--variants compiled graphed --steps 20 --warmup 5 --no-floor "
+                        "--no-checkpoint", help="flags of the benchmark run that sets the one-graph step beside the "
+                        "compiled one (one string)")
     parser.add_argument("--skip", nargs="*", default=[], choices=[s for s in STEP_LIMITS if s != "environment"])
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -340,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
             profile_json = scratch / "profile.json"
             check.run("profile", [py, "-m", "cifar_dist.bench", *shlex.split(args.profile_args), "--json",
                                   str(profile_json)], parse_bench(profile_json, "profile"))
+        if "graphed" not in args.skip:
+            graphed_json = scratch / "graphed.json"
+            check.run("graphed", [py, "-m", "cifar_dist.bench", *shlex.split(args.graphed_args), "--json",
+                                  str(graphed_json)], parse_bench(graphed_json))
         header = {"started": started, "host": platform.node(), "skipped_steps": args.skip,
                   "command": os.environ.get(COMMAND_ENV) or shlex.join(["python", "-m", "cifar_dist.gpu_check", *argv]),
                   **{k: env.get(k) for k in ("card", "cuda", "torch", "torchvision", "accelerate", "datasets",
@@ -420,6 +429,12 @@ def render(report: dict) -> str:
         from cifar_dist.bench import format_table
 
         lines += ["", f"## Benchmark (`{bench['command']}`)", "", format_table(bench["report"])]
+    graphed = steps.get("graphed", {})
+    if graphed.get("report"):
+        from cifar_dist.bench import format_table
+
+        lines += ["", f"## The whole step as one CUDA graph, an experiment (`{graphed['command']}`)", "",
+                  format_table(graphed["report"])]
     profile = steps.get("profile", {})
     if profile.get("report", {}).get("profile"):
         from cifar_dist.step_profile import format_profile

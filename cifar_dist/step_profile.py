@@ -15,23 +15,22 @@ import time
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from cifar_dist import trainer_parts
 from cifar_dist.speed import sync_device
 
 TOP_OPS = 8
 
 
-def profile_steps(parts: trainer_parts.Parts, num_steps: int, warmup: int, trace: str | None = None) -> dict:
-    """Per-step figures of ``num_steps`` steady steps of ``parts`` after ``warmup`` untimed ones; with
-    ``trace``, the profiler's Chrome trace is written there (open it in https://ui.perfetto.dev)."""
-    device = parts.accelerator.device
+def profile_steps(device, steps, num_steps: int, warmup: int, trace: str | None = None) -> dict:
+    """Per-step figures of ``steps(num_steps, epoch=2)`` (e.g. ``trainer_parts.train`` on the trainer's parts)
+    after an untimed ``steps(warmup)``; with ``trace``, the profiler's Chrome trace is written there (open it
+    in https://ui.perfetto.dev)."""
     if warmup:
-        trainer_parts.train(parts, warmup)
+        steps(warmup)
     sync_device(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         start = time.perf_counter()
-        trainer_parts.train(parts, num_steps, epoch=2)  # another epoch's order: not the warm-up's batches again
+        steps(num_steps, epoch=2)  # another epoch's order: not the warm-up's batches again
         queued = time.perf_counter() - start
         sync_device(device)
         wall = time.perf_counter() - start

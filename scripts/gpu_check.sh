@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The GPU acceptance run of cifar_dist, one command, about 5 minutes on one H200 (4.3 before the profile step):
+# The GPU acceptance run of cifar_dist, one command, about 6 minutes on one H200 (4.3 before the last two steps):
 #   - the GPU tests (tests/test_gpu.py: compiled vs eager, accumulation, no host syncs, feature cache, BatchNorm
 #     counters, resume under other speed options);
 #   - the trainer with default flags and with --cache-frozen-features on synthetic data of CIFAR-100's size
 #     (50,000 + 10,000 images) at 224 px, 500 steps each: images/s, time to the first steps (compile),
 #     checkpoint seconds, peak GPU memory, what was compiled;
 #   - the benchmark at reduced steps (python -m cifar_dist.bench --steps 20 --warmup 5);
-#   - a profile of the compiled step: host or device, which sets the pace (cifar_dist/step_profile.py).
+#   - a profile of the compiled step: host or device, which sets the pace (cifar_dist/step_profile.py);
+#   - the whole step as one CUDA graph (an experiment, cifar_dist/graphed_step.py) beside the compiled step.
 # Writes gpu_check.json, gpu_check.md (the tables, with card, torch version and command) and gpu_check.log into
 # $OUT when it is set, else ./gpu_check_out. A step that fails is recorded and the next one runs; the exit status
 # is 1 if any failed. Extra arguments go to `python -m cifar_dist.gpu_check` (see its --help).

@@ -24,6 +24,7 @@ import torch
 
 from cifar_dist import trainer_parts
 from cifar_dist.config import SpeedConfig
+from cifar_dist.graphed_step import GraphedStep, train_graphed
 from cifar_dist.model import Preprocess
 from cifar_dist.speed import adam_implementation, compile_summary, match_optimizer_to_run
 from cifar_dist.steps import evaluate
@@ -187,6 +188,20 @@ def test_feature_cache_matches_the_plain_path(splits, backbone, compiled_run):
         assert parts.fast.compiled.cudagraph_skips == 0, parts.fast.compiled.skip_reasons
         compare("feature cache vs plain (both compiled)", losses(train(parts, STEPS)), compiled_run["losses"])
         assert compile_summary(parts.fast)["recompiles_after_warmup"] == 0
+    finally:
+        trainer_parts.reset()
+
+
+def test_the_whole_step_as_one_cuda_graph_trains_as_the_eager_step(splits, backbone, eager_losses):
+    """The benchmark's 'graphed' experiment (forward, loss, backward and capturable fused Adam in one graph)
+    computes the trainer's step: the same losses as eager, and BatchNorm counted once per step."""
+    parts = build(splits, backbone, speed=SpeedConfig(compile_step="no", channels_last="yes", fused_adam="yes"))
+    try:
+        step = GraphedStep(parts)
+        before = bn_state(step.model)
+        compare("one graph vs eager", losses(train_graphed(parts, step, STEPS)), eager_losses)
+        after = bn_state(step.model)
+        assert all(after[name][0] == before[name][0] + STEPS for name in after if name.startswith("layer4."))
     finally:
         trainer_parts.reset()
 

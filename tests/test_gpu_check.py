@@ -13,7 +13,9 @@ TINY_CHECK = ["--image-size", "32", "--train-images", "256", "--eval-images", "6
               ("--bench-args=--image-size 32 --steps 2 --warmup 1 --workers 0 --eval-batch-size 64 --no-floor "
                "--variants straight_port eager"),
               ("--profile-args=--image-size 32 --steps 2 --warmup 1 --eval-batch-size 64 --no-floor --no-checkpoint "
-               "--variants eager --profile eager")]
+               "--variants eager --profile eager"),
+              # graphed is GPU-only: on the CPU its step records the benchmark's one-line refusal
+              "--graphed-args=--image-size 32 --steps 1 --warmup 1 --variants graphed --no-floor --no-checkpoint"]
 
 
 @pytest.mark.slow
@@ -26,8 +28,12 @@ def test_the_whole_check_on_the_cpu_reports_every_step_and_fails_for_want_of_a_g
     assert proc.returncode == 1, proc.stderr[-3000:]  # the GPU tests were all skipped: that is a failure here
     report = json.loads((out / "gpu_check.json").read_text())
     steps = report["steps"]
-    assert list(steps) == ["environment", "data", "train_default", "train_cache", "gpu_tests", "bench", "profile"]
-    assert report["failed_steps"] == ["gpu_tests"] and not report["ok"]
+    assert list(steps) == ["environment", "data", "train_default", "train_cache", "gpu_tests", "bench", "profile",
+                           "graphed"]
+    assert report["failed_steps"] == ["gpu_tests", "graphed"] and not report["ok"]
+    assert steps["graphed"]["error"] == "exit code 2"
+    assert steps["graphed"]["output_tail"][-1] == ("cifar_dist.bench: error: graphed: one CUDA graph for the whole "
+                                                   "step needs a CUDA GPU")
     assert steps["gpu_tests"]["error"].startswith("could not read its results: AssertionError: no GPU test ran (")
     assert steps["gpu_tests"]["skipped"] > 0 and steps["gpu_tests"]["passed"] == steps["gpu_tests"]["errors"] == 0
     assert report["torch"] and report["datasets"] and report["card"] and report["cuda"] is None
@@ -47,7 +53,7 @@ def test_the_whole_check_on_the_cpu_reports_every_step_and_fails_for_want_of_a_g
     assert profile["variant"] == "eager" and profile["wall_ms_per_step"] > 0 and profile["top_host_ops"]
 
     md = (out / "gpu_check.md").read_text()
-    assert md.startswith("# cifar_dist GPU check: FAILED (gpu_tests)")
+    assert md.startswith("# cifar_dist GPU check: FAILED (gpu_tests, graphed)")
     assert "| gpu_tests | FAILED: could not read its results: AssertionError: no GPU test ran" in md
     assert "| default | " in md and "| cache | " in md and "| straight_port |" in md
     assert "checkpoint (the trainer's save_checkpoint" in md
