@@ -40,7 +40,8 @@ def test_run_writes_every_output(one_process_run):
     # measures the steps alone (a GPU step is far faster than a save: counted in, it halved the figure).
     first = records[0]
     assert first["checkpoint_time_s"] > 0 and first["train_time_s"] > 0
-    assert first["train_time_s"] + first["checkpoint_time_s"] + first["eval_time_s"] <= first["epoch_time_s"]
+    parts = first["train_time_s"] + first["checkpoint_time_s"] + first["eval_time_s"]
+    assert parts <= first["epoch_time_s"] + 0.002  # each figure is rounded to the millisecond
     assert first["train_images_per_s"] == pytest.approx(8 * 32 / first["train_time_s"], rel=1e-2)
 
     results = (out / "results.md").read_text()
