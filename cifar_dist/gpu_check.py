@@ -305,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the test files pytest runs (their gpu-marked tests)")
     parser.add_argument("--bench-args", default="--steps 20 --warmup 5 --workers 8",
                         help="flags of python -m cifar_dist.bench (one string)")
-    parser.add_argument("--profile-args", default="--variants compiled --steps 20 --warmup 5 --no-floor "
+    # The benchmark times at least one variant; eval compiles nothing, the compiled step is profiled alone.
+    parser.add_argument("--profile-args", default="--variants eval --steps 20 --warmup 5 --no-floor "
                         "--no-checkpoint --profile compiled",
                         help="flags of the benchmark run that profiles a step (one string)")
     parser.add_argument("--graphed-args", default="--variants compiled graphed --steps 20 --warmup 5 --no-floor "
@@ -429,12 +430,6 @@ def render(report: dict) -> str:
         from cifar_dist.bench import format_table
 
         lines += ["", f"## Benchmark (`{bench['command']}`)", "", format_table(bench["report"])]
-    graphed = steps.get("graphed", {})
-    if graphed.get("report"):
-        from cifar_dist.bench import format_table
-
-        lines += ["", f"## The whole step as one CUDA graph, an experiment (`{graphed['command']}`)", "",
-                  format_table(graphed["report"])]
     profile = steps.get("profile", {})
     if profile.get("report", {}).get("profile"):
         from cifar_dist.step_profile import format_profile
@@ -442,6 +437,12 @@ def render(report: dict) -> str:
         found = profile["report"]["profile"]
         lines += ["", f"## Where a step's time goes (`{profile['command']}`)", "",
                   format_profile(found["variant"], found)]
+    graphed = steps.get("graphed", {})
+    if graphed.get("report"):
+        from cifar_dist.bench import format_table
+
+        lines += ["", f"## The whole step as one CUDA graph, an experiment (`{graphed['command']}`)", "",
+                  format_table(graphed["report"])]
     return "\n".join(lines) + "\n"
 
 

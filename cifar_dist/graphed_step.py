@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from cifar_dist.config import UserError
+from cifar_dist.steps import step_figures
 
 WARMUP_STEPS = 3  # on a side stream before capture: cuDNN/cuBLAS choose their kernels, Adam makes its state
 
@@ -80,12 +81,10 @@ class GraphedStep:
         with self._autocast():
             logits = self.model(**{self.input_name: self.inputs})
             loss = F.cross_entropy(logits, self.labels)
+        stats = step_figures(loss, logits, self.labels)
         loss.backward()
         self.optimizer.step()
-        loss_d = loss.detach().double()
-        count = torch.full_like(loss_d, self.labels.numel())
-        return torch.stack([loss_d * count, (logits.detach().argmax(1) == self.labels).sum().double(), count,
-                            (~torch.isfinite(loss_d)).double()])
+        return stats
 
 
 def train_graphed(parts, step: GraphedStep, num_steps: int, epoch: int = 1) -> list[torch.Tensor]:

@@ -24,14 +24,19 @@ def train_step(model, step_model, inputs, labels, optimizer, accelerator, input_
         logits = step_model(**{input_name: inputs})
         loss = F.cross_entropy(logits, labels)  # autocast computes it in fp32 under bf16
         # Read before backward: a CUDA-graph replay may reuse the logits' memory once the step moves on.
-        loss_d = loss.detach().double()
-        # full_like fills on the device; new_tensor(n) would copy a host scalar and wait for the device.
-        stats = torch.stack([loss_d * labels.numel(), (logits.detach().argmax(1) == labels).sum().double(),
-                             torch.full_like(loss_d, labels.numel()), (~torch.isfinite(loss_d)).double()])
+        stats = step_figures(loss, logits, labels)
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return stats
+
+
+def step_figures(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[loss sum, correct, count, non-finite loss] of one batch, in float64 on the device."""
+    loss_d = loss.detach().double()
+    # full_like fills on the device; new_tensor(n) would copy a host scalar and wait for the device.
+    return torch.stack([loss_d * labels.numel(), (logits.detach().argmax(1) == labels).sum().double(),
+                        torch.full_like(loss_d, labels.numel()), (~torch.isfinite(loss_d)).double()])
 
 
 def no_progress_bar(accelerator) -> bool:

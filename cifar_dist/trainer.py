@@ -281,8 +281,9 @@ def train_one_epoch(r: Run, epoch: int, stop: StopSignals) -> None:
             if save_due or stopping:  # timed apart, so that images/s and the data wait measure training alone
                 save_start = time.perf_counter()
                 path = save(r, epoch, done, totals)
-                meter.leave_out(time.perf_counter() - save_start)
-                saving_s += time.perf_counter() - save_start
+                save_s = time.perf_counter() - save_start
+                meter.leave_out(save_s)
+                saving_s += save_s
             if stopping:
                 raise stopped(r, stop, f"at step {r.step}", path)
             if r.step >= r.total_steps:

@@ -36,8 +36,8 @@ from cifar_dist.steps import train_step
 
 @dataclass
 class Assembled:
-    """What ``assemble`` returns: the prepared model and optimizer, what the step calls, the loaders, and the
-    data they serve (images, or with the feature cache the frozen stages' output)."""
+    """What ``assemble`` returns: the prepared model and optimizer, what the step calls, and the loaders, which
+    serve images, or with the feature cache the frozen stages' output (``input_name`` says which)."""
 
     model: torch.nn.Module
     step_model: object
@@ -46,8 +46,7 @@ class Assembled:
     train_loader: object
     eval_loader: object
     input_name: str
-    data: CifarSplits
-    feature_cache_s: float
+    feature_cache_s: float  # seconds build_feature_cache took (0 without the cache)
 
 
 def assemble(accelerator, model: torch.nn.Module, splits: CifarSplits, plan: BatchPlan, fast: FastPath,
@@ -80,23 +79,17 @@ def assemble(accelerator, model: torch.nn.Module, splits: CifarSplits, plan: Bat
     train_loader, eval_loader = accelerator.prepare(*build_dataloaders(data, plan, eval_batch_size, seed=seed))
     step_model, fast = compile_for_training(model, fast, data.train, plan.per_device_batch_size, accelerator,
                                             input_name)
-    return Assembled(model, step_model, optimizer, fast, train_loader, eval_loader, input_name, data, cache_s)
+    return Assembled(model, step_model, optimizer, fast, train_loader, eval_loader, input_name, cache_s)
 
 
 @dataclass
-class Parts:
+class Parts(Assembled):
+    """``build``'s: what ``assemble`` returned, with the accelerator and the batch layout they were built for."""
+
     accelerator: Accelerator
-    model: torch.nn.Module
-    step_model: object
-    optimizer: object
-    fast: object
-    train_loader: object
-    eval_loader: object
-    input_name: str
     class_names: list[str]
     grad_accum_steps: int
-    global_batch_size: int = 32
-    feature_cache_s: float = 0.0  # seconds build_feature_cache took (0 without the cache)
+    global_batch_size: int
 
 
 def synthetic_splits(num_train: int, num_eval: int) -> CifarSplits:
@@ -133,8 +126,8 @@ def build(splits: CifarSplits, image_size: int, *, speed: SpeedConfig | None = N
         model.load_state_dict({k: v for k, v in backbone.items() if not k.startswith("fc.")}, strict=False)
     a = assemble(accelerator, model.to(dtype), splits, plan, fast, OptimConfig(lr=lr), speed, eval_batch_size,
                  seed=0, ddp=ddp != "none")
-    return Parts(accelerator, a.model, a.step_model, a.optimizer, a.fast, a.train_loader, a.eval_loader,
-                 a.input_name, splits.class_names, plan.grad_accum_steps, plan.global_batch_size, a.feature_cache_s)
+    return Parts(**vars(a), accelerator=accelerator, class_names=splits.class_names,
+                 grad_accum_steps=plan.grad_accum_steps, global_batch_size=plan.global_batch_size)
 
 
 def reset() -> None:
