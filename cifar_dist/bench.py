@@ -20,6 +20,9 @@ drives it through cifar_dist.train.train_step (eval: its evaluate). In one proce
                   layer4 + head steps from its output); images/s of that whole pass
   cached_compiled cached_trunk + channels_last, fused Adam and --compile-step yes; GPU only
   eval            the trainer's evaluate over --steps batches of --eval-batch-size (its default layout)
+  host            channels_last's loop (loader, train_step, fused Adam) around a stand-in model of negligible
+                  compute: the images/s the host's own work per step allows, the ceiling of any step that is
+                  not one CUDA graph (the compiled step adds its graphs' replay overhead to it)
   ddp             under torchrun with N processes (global batch kept at --batch-size): the trainer's
                   multi-process step (DDP + SyncBatchNorm) with cifar_dist's DDP settings and with torch's
                   defaults, against the same step with no communication; reports the communication share
@@ -64,7 +67,7 @@ from cifar_dist.step_profile import format_profile, profile_steps
 from cifar_dist.steps import evaluate
 
 VARIANTS = ("straight_port", "eager", "channels_last", "compiled", "graphed", "cached_trunk", "cached_compiled", "eval",
-            "ddp")
+            "host", "ddp")
 GPU_ONLY = ("compiled", "graphed", "cached_compiled")  # CUDA graphs; on a CPU only when named
 ONLY_WHEN_NAMED = ("graphed", "ddp")  # an experiment, and the variant to run under torchrun
 # The workload the targets are about: the recipe's 10 epochs over CIFAR-100's 50,000 + 10,000 images.
@@ -75,7 +78,8 @@ OFF, FAST = ({"compile_step": "no", "channels_last": v, "fused_adam": v} for v i
 STEP_SPEED = {"eager": OFF, "channels_last": FAST, "compiled": {**FAST, "compile_step": "yes"}, "graphed": FAST,
               "cached_trunk": {**OFF, "cache_frozen_features": True},
               "cached_compiled": {**FAST, "compile_step": "yes", "cache_frozen_features": True},
-              "eval": {"compile_step": "no"}}  # evaluation runs on the model as the trainer lays it out
+              "eval": {"compile_step": "no"},  # evaluation runs on the model as the trainer lays it out
+              "host": FAST}
 
 
 @dataclass
@@ -109,6 +113,18 @@ class _PilDataset(Dataset):
     def __getitem__(self, i):
         return self.transform(self.images[i].permute(2, 0, 1)), self.labels[i]
 
+
+
+class StandIn(torch.nn.Module):
+    """The host variant's model: a linear layer on each image's first 16 pixels. Its compute is negligible, so a
+    step's time is the host's work around it: the loader, the loss and step figures, backward and Adam's calls."""
+
+    def __init__(self, num_classes: int = 100):
+        super().__init__()
+        self.fc = torch.nn.Linear(48, num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fc(images.reshape(images.shape[0], -1)[:, :48].float())
 
 
 def _slowest(seconds: float, device) -> float:
@@ -159,7 +175,8 @@ def _timed(steps, args, device) -> float:
 def bench_trainer_step(variant: str, splits, args, mixed_precision: str) -> Result:
     """The trainer's step as ``variant``'s speed options build it; for the cached variants, images/s of a whole
     pass: the trainer's feature cache (trunk once per image, at the eval batch), then layer4 + head steps."""
-    parts = _build(splits, args, mixed_precision, SpeedConfig(**STEP_SPEED[variant]))
+    parts = _build(splits, args, mixed_precision, SpeedConfig(**STEP_SPEED[variant]),
+                   model=StandIn() if variant == "host" else None)
     if STEP_SPEED[variant]["compile_step"] == "yes" and parts.fast.compiled is None:
         raise UserError(f"{variant}: the step could not be compiled ({'; '.join(parts.fast.notes)})")
     device = parts.accelerator.device

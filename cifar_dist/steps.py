@@ -26,9 +26,26 @@ def train_step(model, step_model, inputs, labels, optimizer, accelerator, input_
         # Read before backward: a CUDA-graph replay may reuse the logits' memory once the step moves on.
         stats = step_figures(loss, logits, labels)
         accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if accelerator.sync_gradients:  # the last micro-batch of an accumulation (or the only one)
+            torch_optimizer = optimizer_to_step(optimizer)
+            torch_optimizer.step()
+            torch_optimizer.zero_grad(set_to_none=True)
     return stats
+
+
+def optimizer_to_step(optimizer):
+    """The torch optimizer inside accelerate's ``AcceleratedOptimizer``, unless the wrapper has work to do (a
+    gradient scaler, under fp16).
+
+    Otherwise the wrapper's step and zero_grad only add host work to every step: each looks an optional package
+    up on the filesystem (``is_lomo_available``: eight ``stat`` calls) and zero_grad inspects a signature,
+    about 110 us a step on a 2-core CPU (``python -m cifar_dist.bench --variants host``), more where
+    site-packages sits on a network filesystem. The caller skips the step between accumulation micro-batches,
+    as the wrapper would.
+    """
+    if getattr(optimizer, "scaler", None) is not None:
+        return optimizer
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def step_figures(loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

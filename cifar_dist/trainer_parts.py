@@ -100,14 +100,16 @@ def synthetic_splits(num_train: int, num_eval: int) -> CifarSplits:
 def build(splits: CifarSplits, image_size: int, *, speed: SpeedConfig | None = None, mixed_precision: str = "no",
           global_batch_size: int = 32, per_device_batch_size: int | None = None, lr: float = 1e-3,
           dtype=torch.float32, backbone: dict | None = None, cpu: bool | None = None, eval_batch_size: int = 256,
-          ddp: Literal["cifar_dist", "torch_defaults", "none"] = "cifar_dist") -> Parts:
+          ddp: Literal["cifar_dist", "torch_defaults", "none"] = "cifar_dist",
+          model: torch.nn.Module | None = None) -> Parts:
     """The trainer's pieces for this process (one, or each of several under torchrun / accelerate launch).
 
     ``ddp`` matters only with several processes: "cifar_dist" is the trainer (SyncBatchNorm, DDP with
     ``speed.ddp_kwargs``), "torch_defaults" the same with DDP's own defaults, "none" the same step with neither
-    DDP nor SyncBatchNorm, each process alone on its share of the batch. accelerate's state is one per process
-    and shared by every Accelerator (and refuses another precision), so it is reset first: earlier Parts keep
-    working only while the settings they were built with are the current ones.
+    DDP nor SyncBatchNorm, each process alone on its share of the batch. ``model`` replaces the recipe's (the
+    benchmark's stand-in of negligible compute, which times the host's work around a step). accelerate's state
+    is one per process and shared by every Accelerator (and refuses another precision), so it is reset first:
+    earlier Parts keep working only while the settings they were built with are the current ones.
     """
     reset()
     cpu = not torch.cuda.is_available() if cpu is None else cpu
@@ -121,9 +123,10 @@ def build(splits: CifarSplits, image_size: int, *, speed: SpeedConfig | None = N
                               gradient_accumulation_steps=plan.grad_accum_steps,
                               kwargs_handlers=[handler] if ddp == "cifar_dist" else None)
     torch.manual_seed(0)  # the head's initialisation, as set_seed does in the trainer
-    model = ResNet50Classifier(ModelConfig(weights="none"), image_size)
-    if backbone is not None:
-        model.load_state_dict({k: v for k, v in backbone.items() if not k.startswith("fc.")}, strict=False)
+    if model is None:
+        model = ResNet50Classifier(ModelConfig(weights="none"), image_size)
+        if backbone is not None:
+            model.load_state_dict({k: v for k, v in backbone.items() if not k.startswith("fc.")}, strict=False)
     a = assemble(accelerator, model.to(dtype), splits, plan, fast, OptimConfig(lr=lr), speed, eval_batch_size,
                  seed=0, ddp=ddp != "none")
     return Parts(**vars(a), accelerator=accelerator, class_names=splits.class_names,

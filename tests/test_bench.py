@@ -26,7 +26,7 @@ def test_bench_reports_every_cpu_variant_the_floor_and_the_end_to_end_runs(tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert [r["variant"] for r in report["results"]] == ["straight_port", "eager", "channels_last", "cached_trunk",
-                                                          "eval"]
+                                                          "eval", "host"]
     assert all(r["images_per_s"] > 0 for r in report["results"])
     assert report["results"][0]["vs_straight_port"] == 1.0
     assert report["device"] and report["torch"] and report["precision"] == "fp32"
@@ -97,6 +97,28 @@ def test_bench_measures_communication_under_torchrun(tmp_path, test_env):
                                                           "ddp_cifar_dist (x2)"]
     assert report["communication_share"] < 1
     assert proc.stdout.count("communication share of a step with 2 processes") == 1  # printed by rank 0 only
+
+
+def test_the_host_variant_times_the_trainers_loop_around_a_stand_in_of_negligible_compute(monkeypatch, tmp_path):
+    from cifar_dist import bench as bench_module
+    from cifar_dist import trainer_parts
+
+    models = []
+    assemble = trainer_parts.assemble
+
+    def kept(accelerator, model, *args, **kwargs):
+        models.append(type(model).__name__)
+        return assemble(accelerator, model, *args, **kwargs)
+    monkeypatch.setattr(trainer_parts, "assemble", kept)
+    out = tmp_path / "bench.json"
+    try:
+        bench_module.main(["--image-size", "32", "--steps", "20", "--warmup", "2", "--variants", "channels_last",
+                           "host", "--no-floor", "--no-checkpoint", "--json", str(out)])
+    finally:
+        trainer_parts.reset()
+    assert models == ["ResNet50Classifier", "StandIn"]  # the same loop, optimizer and loaders; another model
+    speed = {r["variant"]: r["images_per_s"] for r in json.loads(out.read_text())["results"]}
+    assert speed["host"] > 10 * speed["channels_last"]  # what is left is the host's work around the model
 
 
 def test_the_profile_splits_a_steps_time_and_names_the_costliest_host_operations(tmp_path, capsys):

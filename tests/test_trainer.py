@@ -1,6 +1,11 @@
 """Pieces of the training loop (cifar_dist/trainer.py) on their own, without a run."""
 
-from cifar_dist import steps, trainer
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.optimizer import AcceleratedOptimizer
+
+from cifar_dist import steps, trainer, trainer_parts
 
 
 class Clock:
@@ -36,3 +41,36 @@ def test_progress_bars_are_off_on_other_processes_and_under_tqdm_disable(monkeyp
     assert steps.no_progress_bar(type("Other", (), {"is_main_process": False})())
     monkeypatch.setenv("TQDM_DISABLE", "1")
     assert steps.no_progress_bar(Main())
+
+
+@pytest.fixture
+def accelerator_with_accumulation():
+    trainer_parts.reset()
+    yield Accelerator(cpu=True, gradient_accumulation_steps=2)
+    trainer_parts.reset()
+
+
+def test_a_step_runs_torchs_adam_itself_on_an_accumulations_last_micro_batch_only(accelerator_with_accumulation,
+                                                                                  monkeypatch):
+    accelerator = accelerator_with_accumulation
+    model = torch.nn.Linear(4, 3)
+    model, optimizer = accelerator.prepare(model, torch.optim.Adam(model.parameters(), lr=0.1))
+
+    def refused(*args, **kwargs):
+        raise AssertionError("accelerate's optimizer wrapper was called")
+    monkeypatch.setattr(AcceleratedOptimizer, "step", refused)
+    monkeypatch.setattr(AcceleratedOptimizer, "zero_grad", refused)
+    inputs, labels = torch.randn(2, 4), torch.tensor([0, 2])
+    before = model.weight.detach().clone()
+    steps.train_step(model, model, inputs, labels, optimizer, accelerator, input_name="input")
+    assert torch.equal(model.weight, before) and model.weight.grad is not None  # the first of two: gradients only
+    steps.train_step(model, model, inputs, labels, optimizer, accelerator, input_name="input")
+    assert not torch.equal(model.weight, before) and model.weight.grad is None  # stepped, gradients dropped
+
+
+def test_under_a_gradient_scaler_the_step_goes_through_accelerates_wrapper(accelerator_with_accumulation):
+    adam = torch.optim.Adam(torch.nn.Linear(4, 3).parameters())
+    scaled = AcceleratedOptimizer(adam, device_placement=False, scaler=torch.amp.GradScaler("cpu"))
+    assert steps.optimizer_to_step(scaled) is scaled  # fp16: the scaler unscales, checks for inf, then steps
+    assert steps.optimizer_to_step(AcceleratedOptimizer(adam, device_placement=False)) is adam
+    assert steps.optimizer_to_step(adam) is adam
