@@ -344,7 +344,8 @@ def run(args) -> dict:
     variants = args.variants or [v for v in VARIANTS if (device.type == "cuda" or v not in GPU_ONLY)
                                  and v not in ONLY_WHEN_NAMED]
     num_train = args.batch_size * (args.warmup + args.steps)
-    splits = trainer_parts.synthetic_splits(num_train, args.eval_batch_size * args.steps)
+    # Only the eval variant reads more than one eval batch (the feature cache reads one).
+    splits = trainer_parts.synthetic_splits(num_train, args.eval_batch_size * (args.steps if "eval" in variants else 1))
     # The training variants' test split is one eval batch: only the feature cache reads it.
     train_splits = dataclasses.replace(splits, test=ImageTensorDataset(
         splits.test.images[:args.eval_batch_size], splits.test.labels[:args.eval_batch_size]))
