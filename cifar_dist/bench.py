@@ -334,7 +334,8 @@ def end_to_end(args, cache: bool) -> dict:
             "train_s": round(sum(r["train_time_s"] for r in records), 1),
             "eval_s": round(sum(r["eval_time_s"] for r in records), 1),
             "first_epoch_extra_s": round(records[0]["train_time_s"] - steady_train_s, 1),
-            "outside_epochs_s": round(wall - sum(r["epoch_time_s"] for r in records), 1)}
+            "outside_epochs_s": round(wall - sum(r["epoch_time_s"] for r in records), 1),
+            "startup_s": records[0]["startup_s"]}  # the trainer's own split of its start-up
 
 
 def run(args) -> dict:
@@ -419,10 +420,12 @@ def format_table(report: dict) -> str:
     for e2e in report.get("end_to_end", []):
         lines.append(f"{e2e['variant']}: {e2e['wall_s']} s launch to report ({e2e['train_s']} s training, of "
                      f"which {e2e['first_epoch_extra_s']} s first-epoch extra; {e2e['eval_s']} s evaluation; "
-                     f"{e2e['outside_epochs_s']} s start-up, cache, checkpoints and report), {e2e['epochs']} epochs, "
+                     f"{e2e['outside_epochs_s']} s outside the epochs: start-up {e2e['startup_s']['total']} s, "
+                     f"then checkpoints and report), {e2e['epochs']} epochs, "
                      f"{e2e['train_images_per_s']:,.0f} train img/s (epochs after the first), "
                      f"final val acc {e2e['final_val_acc']:.3f} (per epoch: "
-                     f"{' '.join(f'{acc:.3f}' for acc in e2e['val_acc_per_epoch'])})")
+                     f"{' '.join(f'{acc:.3f}' for acc in e2e['val_acc_per_epoch'])})\n  start-up: "
+                     + ", ".join(f"{k} {v}" for k, v in e2e["startup_s"].items() if k != "total") + " s")
     return "\n".join(lines)
 
 

@@ -240,9 +240,11 @@ def parse_train(facts_path: Path, output_dir: Path):
             "val_acc": epochs[-1]["val_acc"],
             **{k: v for k, v in facts.items() if k != "exit_code"},
         })
-        cache = [line for line in output.splitlines() if line.startswith("feature cache: ")]
-        if cache:
-            record["feature_cache_line"] = cache[0]
+        for key, start in (("feature_cache_line", "feature cache: "), ("startup_line", "start-up: ")):
+            found = [line for line in output.splitlines() if line.startswith(start)]
+            if found:
+                record[key] = found[0]
+        record["startup_s"] = epochs[0].get("startup_s")
         checkpoints = facts["checkpoint_s"]
         record["checkpoints"] = len(checkpoints)
         record["checkpoint_mean_s"] = round(sum(checkpoints) / len(checkpoints), 3) if checkpoints else None
@@ -413,8 +415,9 @@ def render(report: dict) -> str:
         for name, r in runs:
             if r.get("step_line"):
                 lines.append(f"\n{name.removeprefix('train_')}: `{r['step_line']}`")
-            if r.get("feature_cache_line"):
-                lines.append(f"\n{r['feature_cache_line']}")
+            for key in ("startup_line", "feature_cache_line"):
+                if r.get(key):
+                    lines.append(f"\n{name.removeprefix('train_')}: {r[key]}")
     tests = steps.get("gpu_tests", {})
     if tests.get("tests"):
         lines += ["", f"## GPU tests (`{tests['command']}`)", "",

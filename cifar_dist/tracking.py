@@ -230,7 +230,9 @@ class RunLog:
         names = {"train_loss": "epoch/train_loss", "train_acc": "epoch/train_acc", "epoch_time_s": "epoch/time_s",
                  "train_time_s": "epoch/train_time_s", "eval_time_s": "epoch/eval_time_s",
                  "train_images_per_s": "epoch/train_images_per_s", "checkpoint_time_s": "epoch/checkpoint_time_s"}
-        self.accelerator.log({names.get(k, k.replace("_", "/", 1)): v for k, v in record.items()}, step=step)
+        # A launch's start-up split (a dict, in its first epoch's record) reaches the tracker in the summary.
+        self.accelerator.log({names.get(k, k.replace("_", "/", 1)): v for k, v in record.items()
+                              if not isinstance(v, dict)}, step=step)
 
     def finish(self, summary: dict, per_class: list[tuple[str, float]], samples: list[tuple], model_path: Path | None):
         """End-of-run report: summary, per-class accuracy and sample predictions to the tracker; files rewritten."""

@@ -106,6 +106,55 @@ class Totals:
         return dict(zip(self.NAMES, accelerator.reduce(self.sums.clone(), reduction="sum").tolist()))
 
 
+class StartUp:
+    """Where this launch's time before its first step went, phase by phase: the run's "start-up:" line, the
+    first epoch record's ``startup_s`` and the summary's. On a GPU most of it is compiling the step."""
+
+    NAMES = {"launch": "launch and imports", "feature_cache": "feature cache"}
+
+    def __init__(self):
+        age = process_age_s()  # the interpreter, the imports and the flags: everything before run()
+        self.seconds = {} if age is None else {"launch": age}
+        self.last = time.perf_counter()
+        self.began = self.last - (age or 0.0)
+
+    def lap(self, phase: str) -> None:
+        """The time since the last lap was ``phase``'s."""
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.last
+        self.last = now
+
+    def carve(self, phase: str, part: str, seconds: float) -> None:
+        """``seconds`` of ``phase`` (timed inside it) were ``part``'s."""
+        if seconds:
+            self.seconds[phase] -= seconds
+            self.seconds[part] = seconds
+
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+    def since_launch(self) -> float:
+        return time.perf_counter() - self.began
+
+    def figures(self) -> dict[str, float]:
+        return {"total": round(self.total(), 2), **{k: round(v, 2) for k, v in self.seconds.items()}}
+
+    def line(self) -> str:
+        parts = ", ".join(f"{self.NAMES.get(k, k)} {v:.1f}" for k, v in self.seconds.items())
+        return f"start-up: {self.total():.1f} s before the first step ({parts})"
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux; None elsewhere). Under accelerate launch or torchrun this is
+    the worker's age: the launcher's own start came before it."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+    return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))  # field 22, starttime, in clock ticks
+
+
 @dataclass
 class Run:
     """Everything a run needs once set up; built by ``setup``."""
@@ -127,9 +176,9 @@ class Run:
     position: dict
     steps_per_epoch: int
     total_steps: int
+    startup: StartUp
     step: int = 0
     per_class_acc: list = field(default_factory=list)
-    started: float = field(default_factory=time.perf_counter)
 
     @property
     def output_dir(self) -> Path:
@@ -145,14 +194,16 @@ def run(cfg: Config, dtype: torch.dtype = torch.float32) -> list[dict]:
     # Cheap checks first: nothing is loaded or built until the batch plan, tracker and output dir are good.
     # With no accelerator, several launched processes run on the CPU over gloo (accelerate would otherwise
     # treat each as a lone process, since its GPU launcher does not pass the config's use_cpu on).
+    startup = StartUp()
     state = PartialState(cpu=not torch.accelerator.is_available())
     plan = plan_batches(cfg.train, state.num_processes)
     state.print(preflight(state.num_processes, int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))))
     log_with = tracker_backend(cfg.tracking)
     claim = claim_on_main(state, cfg)
+    startup.lap("preflight")
     stop = StopSignals()  # from here on a first Ctrl-C or SIGTERM waits for the next step boundary
     try:
-        r = setup(cfg, plan, claim, log_with, dtype)
+        r = setup(cfg, plan, claim, log_with, dtype, startup)
         if stop.received:  # setup's end is the first boundary; there is nothing to save yet
             raise stopped(r, stop, "before training began", None)
         for epoch in range(r.position["epoch"], cfg.train.num_epochs + 1):
@@ -189,9 +240,10 @@ def claim_on_main(state: PartialState, cfg: Config) -> Claim:
     return claim
 
 
-def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtype: torch.dtype) -> Run:
+def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtype: torch.dtype,
+          startup: StartUp) -> Run:
     """Data, model, optimizer and loaders on the accelerator, restored from the checkpoint if resuming; the
-    output dir is written to only once all of them have loaded."""
+    output dir is written to only once all of them have loaded. ``startup`` times each phase."""
     mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision)
     fast = resolve_fast_path(cfg.speed, PartialState().device, mixed_precision, plan.num_processes,
                              plan.grad_accum_steps)
@@ -206,15 +258,21 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
         kwargs_handlers=[ddp_kwargs(cfg.speed, fast)],
     )
     set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)
+    startup.lap("accelerator")
 
     # Rank 0 decodes the dataset into datasets' cache and fetches the weights; the others then reuse both.
     with accelerator.main_process_first():
         splits = build_splits(cfg.data, seed=cfg.train.seed)
+        startup.lap("data")
         model = build_model(cfg.model, cfg.data.image_size).to(dtype)
+    startup.lap("model")
     counts = count_parameters(model)
     parts = assemble(accelerator, model, splits, plan, fast, cfg.optim, cfg.speed, cfg.train.eval_batch_size,
                      cfg.train.seed)
     model, optimizer, fast = parts.model, parts.optimizer, parts.fast
+    startup.lap("device")  # placement, prepare and loaders, and inside them:
+    startup.carve("device", "feature_cache", parts.feature_cache_s)
+    startup.carve("device", "compile", fast.compiled.warmup_s if fast.compiled else 0.0)
 
     # Where to start: a checkpoint's position (the data order depends only on seed and epoch, so a position
     # in optimizer steps means the same images whatever the number of processes), or the beginning.
@@ -226,6 +284,7 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
         accelerator.step = 0
         match_optimizer_to_run(optimizer)  # this run's Adam implementation and layouts, whatever the checkpoint's
         position.update({k: v for k, v in read_state(claim.resume_from).items() if k in position})
+        startup.lap("resume")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         claim.begin(cfg.train.overwrite)  # every input has loaded: only now is the output dir changed
@@ -237,6 +296,8 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
     run_log = RunLog(accelerator, claim.output_dir, header, position["records"], plot_title(cfg, claim.output_dir),
                      compares_to_seed(cfg))
     run_log.start(cfg.tracking, {**cfg.to_dict(), "run": run_facts(plan, accelerator, counts, fast, optimizer)})
+    startup.lap("tracker")  # with the header and config.yaml
+    accelerator.print(startup.line())
 
     steps_per_epoch = len(parts.train_loader) // plan.grad_accum_steps
     total_steps = steps_per_epoch * cfg.train.num_epochs
@@ -245,7 +306,7 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
     return Run(cfg, plan, accelerator, claim, fast, model, parts.step_model, optimizer, splits,
                parts.train_loader, parts.eval_loader, parts.input_name, run_log,
                SaveSchedule(cfg.train.checkpoint_every_steps, cfg.train.checkpoint_every_minutes), position,
-               steps_per_epoch, total_steps, step=position["step"])
+               steps_per_epoch, total_steps, startup, step=position["step"])
 
 
 def train_one_epoch(r: Run, epoch: int, stop: StopSignals) -> None:
@@ -295,6 +356,8 @@ def train_one_epoch(r: Run, epoch: int, stop: StopSignals) -> None:
     record["checkpoint_time_s"] = round(saving_s, 3)  # the mid-epoch saves; the end-of-epoch one follows
     if r.claim.resume_from is not None:  # lets compare show the run as resumed
         record["resumed_from_step"] = r.position["step"]
+    if epoch == r.position["epoch"]:  # the first epoch of this launch paid for its start-up
+        record["startup_s"] = r.startup.figures()
     r.run_log.log_epoch(record, step=r.step)
     accelerator.print(
         f"epoch {epoch}: train loss {record['train_loss']:.4f} acc {100 * record['train_acc']:.2f}% | "
@@ -392,7 +455,9 @@ def finish(r: Run) -> None:
         best = max(records, key=lambda rec: rec["val_acc"])
         summary = {"final_val_acc": records[-1]["val_acc"], "final_val_top5": records[-1]["val_top5"],
                    "best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "steps": r.step,
-                   "total_time_s": round(time.perf_counter() - r.started, 1), **compile_summary(r.fast)}
+                   "startup_s": r.startup.figures(),  # this launch's
+                   "total_time_s": round(r.startup.since_launch(), 1),
+                   **compile_summary(r.fast)}
         if r.claim.resume_from is None or r.step > r.position["step"]:  # a finished run started again: nothing new
             r.run_log.finish(summary, r.per_class_acc,
                              sample_predictions(r.model, r.splits, accelerator),

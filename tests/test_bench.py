@@ -47,6 +47,9 @@ def test_bench_reports_every_cpu_variant_the_floor_and_the_end_to_end_runs(tmp_p
     e2e = {r["variant"]: r for r in report["end_to_end"]}
     assert set(e2e) == {"end_to_end", "end_to_end_cached"}
     assert all(r["epochs"] == 2 and r["wall_s"] > 0 and r["train_images_per_s"] > 0 for r in e2e.values())
+    # The trainer's own split of its start-up; with the cache, the cache is one of its phases.
+    assert all(0 < r["startup_s"]["total"] <= r["outside_epochs_s"] + 0.1 for r in e2e.values())
+    assert "feature_cache" in e2e["end_to_end_cached"]["startup_s"] and "\n  start-up: launch " in proc.stdout
     for r in e2e.values():  # each epoch's accuracy, so that a late fall shows
         assert len(r["val_acc_per_epoch"]) == 2 and r["val_acc_per_epoch"][-1] == pytest.approx(r["final_val_acc"],
                                                                                                 abs=1e-4)

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 RUN = [*TINY, "--num-epochs", "2", "--checkpoint-every-steps", "3"]
 # Timings, and the resume bookkeeping only a resumed run has, are not part of what the runs computed.
 TIMING = ("epoch_time_s", "train_time_s", "eval_time_s", "train_images_per_s", "checkpoint_time_s",
-          "resumed_from_step")
+          "resumed_from_step", "startup_s")
 
 
 def records(out: Path) -> list[dict]:
@@ -79,6 +79,9 @@ def test_sigkill_mid_epoch_then_resume_is_exact(test_env, reference, tmp_path, k
     resumed = run_train(test_env, args)  # --resume auto is the default
     assert "resuming from" in resumed.stdout
     assert_identical_runs(reference / "one", out)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first_resumed = next(r for r in lines if "resumed_from_step" in r)
+    assert first_resumed["startup_s"]["resume"] > 0  # that launch's own start-up, loading the checkpoint included
 
 
 def test_crash_during_checkpoint_write_resumes_from_the_previous_one(test_env, reference, tmp_path):

@@ -46,6 +46,7 @@ def test_the_whole_check_on_the_cpu_reports_every_step_and_fails_for_want_of_a_g
         assert 0 < run["launch_to_first_step_s"] < run["seconds"] and run["peak_host_rss_gib"] > 0
         assert "peak_gpu_memory_gib" not in run and run["missing"] == []
         assert run["step"]["fast_path"] == "plain eager step" and run["step"]["compiled_step"] is False
+        assert run["startup_s"]["data"] > 0 and run["startup_line"].startswith("start-up: ")
     assert steps["train_cache"]["feature_cache_line"].startswith("feature cache: 256 train + 64 test images")
     bench = steps["bench"]["report"]
     assert [r["variant"] for r in bench["results"]] == ["straight_port", "eager"] and bench["checkpoint"]["seconds"] > 0
@@ -56,6 +57,7 @@ def test_the_whole_check_on_the_cpu_reports_every_step_and_fails_for_want_of_a_g
     assert md.startswith("# cifar_dist GPU check: FAILED (gpu_tests, graphed)")
     assert "| gpu_tests | FAILED: could not read its results: AssertionError: no GPU test ran" in md
     assert "| default | " in md and "| cache | " in md and "| straight_port |" in md
+    assert "\ndefault: start-up: " in md and "\ncache: start-up: " in md and ", feature cache " in md
     assert "checkpoint (the trainer's save_checkpoint" in md
     assert "## Where a step's time goes (" in md and "profile of eager, per step over 2 steps: wall " in md
     assert "0 passed, 0 failed, 0 errors, " in md

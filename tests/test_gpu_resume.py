@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow,
 RUN = ["--data-source", "synthetic", "--weights", "none", "--image-size", "64", "--synthetic-train-samples", "256",
        "--synthetic-eval-samples", "128", "--num-epochs", "2", "--tracker", "none", "--deterministic"]
 TIMING = ("epoch_time_s", "train_time_s", "eval_time_s", "train_images_per_s", "checkpoint_time_s",
-          "resumed_from_step")
+          "resumed_from_step", "startup_s")
 
 
 def test_a_deterministic_gpu_run_resumes_bit_for_bit(test_env, tmp_path):

@@ -22,7 +22,7 @@ from cifar_dist.tracking import (
     wandb_init_kwargs,
 )
 from conftest import REPO, TINY, _free_port, run_train
-from wandb_log import config, history, run_id
+from wandb_log import config, history, run_id, summary
 
 SECRET = "planted0secret0key0that0must0never0be0written0anywhere"
 
@@ -87,6 +87,12 @@ def test_summary_tables_and_report(two_process_wandb_run):
     rows = history(run_log(offline_runs(out)[0]))
     tables = {k for row in rows for k in row if k.endswith("/_type") and row[k] == "table-file"}
     assert tables == {"val/per_class_acc/_type", "val/samples/_type"}
+    ended = summary(run_log(offline_runs(out)[0]))
+    assert ended["final_val_acc"] == records(out)[-1]["val_acc"]
+    # Where the launch's time before its first step went, inside the run's total from the process's start.
+    assert {"total", "launch", "data", "model", "device", "tracker"} <= set(ended["startup_s"])
+    assert 0 < ended["startup_s"]["total"] < ended["total_time_s"]
+    assert not any("startup" in key for row in rows for key in row)  # in the summary, not the history
     results = (out / "results.md").read_text()
     assert "Best validation accuracy" in results and "![curves](curves.png)" in results
 

@@ -1,6 +1,7 @@
 """The real trainer, one process, through its command line."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,14 @@ def test_run_writes_every_output(one_process_run):
     parts = first["train_time_s"] + first["checkpoint_time_s"] + first["eval_time_s"]
     assert parts <= first["epoch_time_s"] + 0.002  # each figure is rounded to the millisecond
     assert first["train_images_per_s"] == pytest.approx(8 * 32 / first["train_time_s"], rel=1e-2)
+    # The launch's first epoch says where the time before its first step went; the phases make up the total.
+    startup = first["startup_s"]
+    assert {"launch", "preflight", "accelerator", "data", "model", "device", "tracker"} <= set(startup)
+    assert sum(v for k, v in startup.items() if k != "total") == pytest.approx(startup["total"], abs=0.05)
+    assert startup["launch"] > 0.3  # the interpreter and torch's import came before run()
+    assert "startup_s" not in records[1]
+    assert re.search(r"^start-up: [\d.]+ s before the first step \(launch and imports [\d.]+, preflight",
+                     proc.stdout, re.M)
 
     results = (out / "results.md").read_text()
     assert "| Epoch | Training Accuracy | Validation Accuracy | Training Loss | Validation Loss |" in results

@@ -1,5 +1,9 @@
 """Pieces of the training loop (cifar_dist/trainer.py) on their own, without a run."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from accelerate import Accelerator
@@ -74,3 +78,31 @@ def test_under_a_gradient_scaler_the_step_goes_through_accelerates_wrapper(accel
     assert steps.optimizer_to_step(scaled) is scaled  # fp16: the scaler unscales, checks for inf, then steps
     assert steps.optimizer_to_step(AcceleratedOptimizer(adam, device_placement=False)) is adam
     assert steps.optimizer_to_step(adam) is adam
+
+
+def test_the_start_up_clock_splits_its_phases_and_carves_the_compile_out_of_its_phase(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(trainer.time, "perf_counter", clock)
+    monkeypatch.setattr(trainer, "process_age_s", lambda: 3.0)
+    startup = trainer.StartUp()
+    clock.now += 1.0
+    startup.lap("data")
+    clock.now += 20.0
+    startup.lap("device")
+    startup.carve("device", "compile", 18.5)
+    startup.carve("device", "feature_cache", 0.0)  # no cache: no phase
+    assert startup.seconds == {"launch": 3.0, "data": 1.0, "device": 1.5, "compile": 18.5}
+    assert startup.total() == 24.0 and startup.figures()["total"] == 24.0
+    assert startup.line() == ("start-up: 24.0 s before the first step (launch and imports 3.0, data 1.0, device 1.5, "
+                              "compile 18.5)")
+    clock.now += 6.0
+    assert startup.since_launch() == 30.0  # the summary's total time counts from the process's start
+
+
+def test_the_process_age_is_read_from_proc_and_left_out_where_there_is_none(monkeypatch):
+    code = "import time; time.sleep(1); from cifar_dist.trainer import process_age_s; print(process_age_s())"
+    age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 1.0 <= age < 120  # the sleep, then the imports
+    monkeypatch.setattr(trainer, "Path", lambda path: Path("/nonexistent") / path.lstrip("/"))
+    assert trainer.process_age_s() is None
+    assert "launch" not in trainer.StartUp().seconds

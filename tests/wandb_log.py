@@ -72,3 +72,13 @@ def run_record(path: Path) -> wandb_internal_pb2.RunRecord:
 
 def run_id(path: Path) -> str:
     return run_record(path).run_id
+
+
+def summary(path: Path) -> dict:
+    """The run's summary as last updated."""
+    out = {}
+    for record in read_records(path):
+        if record.WhichOneof("record_type") == "summary":
+            for item in record.summary.update:
+                out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return out
