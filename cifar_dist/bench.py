@@ -16,6 +16,8 @@ drives it through cifar_dist.train.train_step (eval: its evaluate). In one proce
   compiled        channels_last + --compile-step yes (CUDA graphs; compile s: the trainer's warm-up); GPU only
   graphed         an experiment: channels_last's model and Adam settings with the whole step (forward, loss,
                   backward, capturable fused Adam) as one CUDA graph (cifar_dist/graphed_step.py); GPU only
+  graphed_compiled the same with the model compiled by inductor inside the graph (its fused kernels, without the
+                  compiled step's per-call checks); GPU only
   cached_trunk    eager + --cache-frozen-features (the frozen trunk once per image at the eval batch, then
                   layer4 + head steps from its output); images/s of that whole pass
   cached_compiled cached_trunk + channels_last, fused Adam and --compile-step yes; GPU only
@@ -66,16 +68,17 @@ from cifar_dist.speed import resolve_mixed_precision, sync_device
 from cifar_dist.step_profile import format_profile, profile_steps
 from cifar_dist.steps import evaluate
 
-VARIANTS = ("straight_port", "eager", "channels_last", "compiled", "graphed", "cached_trunk", "cached_compiled", "eval",
-            "host", "ddp")
-GPU_ONLY = ("compiled", "graphed", "cached_compiled")  # CUDA graphs; on a CPU only when named
-ONLY_WHEN_NAMED = ("graphed", "ddp")  # an experiment, and the variant to run under torchrun
+VARIANTS = ("straight_port", "eager", "channels_last", "compiled", "graphed", "graphed_compiled", "cached_trunk",
+            "cached_compiled", "eval", "host", "ddp")
+GPU_ONLY = ("compiled", "graphed", "graphed_compiled", "cached_compiled")  # CUDA graphs; on a CPU only when named
+ONLY_WHEN_NAMED = ("graphed", "graphed_compiled", "ddp")  # experiments, and the variant to run under torchrun
 # The workload the targets are about: the recipe's 10 epochs over CIFAR-100's 50,000 + 10,000 images.
 EPOCHS, TRAIN_IMAGES, EVAL_IMAGES = 10, 50_000, 10_000
 # The trainer's speed options (--compile-step, --channels-last, --fused-adam, --cache-frozen-features) each
 # variant is built with; 'yes' rather than 'auto', so that a variant that cannot run as named stops.
 OFF, FAST = ({"compile_step": "no", "channels_last": v, "fused_adam": v} for v in ("no", "yes"))
 STEP_SPEED = {"eager": OFF, "channels_last": FAST, "compiled": {**FAST, "compile_step": "yes"}, "graphed": FAST,
+              "graphed_compiled": FAST,
               "cached_trunk": {**OFF, "cache_frozen_features": True},
               "cached_compiled": {**FAST, "compile_step": "yes", "cache_frozen_features": True},
               "eval": {"compile_step": "no"},  # evaluation runs on the model as the trainer lays it out
@@ -187,19 +190,19 @@ def bench_trainer_step(variant: str, splits, args, mixed_precision: str) -> Resu
     return Result(variant, 1.0 / per_image, compile_s)
 
 
-def graphed_steps(parts: trainer_parts.Parts):
+def graphed_steps(parts: trainer_parts.Parts, variant: str):
     """(the captured GraphedStep's build seconds, ``steps(n, epoch=1)`` running n of its replays)."""
     start = time.perf_counter()
-    step = GraphedStep(parts)
+    step = GraphedStep(parts, compile_model=variant == "graphed_compiled")
     return time.perf_counter() - start, partial(train_graphed, parts, step)
 
 
-def bench_graphed(splits, args, mixed_precision: str) -> Result:
+def bench_graphed(variant: str, splits, args, mixed_precision: str) -> Result:
     """The trainer's model, data and Adam settings with the whole step as one CUDA graph (an experiment:
-    cifar_dist/graphed_step.py); its 'compile s' is the warm-up and capture."""
-    parts = _build(splits, args, mixed_precision, SpeedConfig(**STEP_SPEED["graphed"]))
-    capture_s, steps = graphed_steps(parts)
-    return Result("graphed", args.batch_size / _timed(steps, args, parts.accelerator.device), capture_s)
+    cifar_dist/graphed_step.py); its 'compile s' is the warm-up (and compile) and capture."""
+    parts = _build(splits, args, mixed_precision, SpeedConfig(**STEP_SPEED[variant]))
+    capture_s, steps = graphed_steps(parts, variant)
+    return Result(variant, args.batch_size / _timed(steps, args, parts.accelerator.device), capture_s)
 
 
 def bench_eval(splits, args, mixed_precision: str) -> Result:
@@ -357,8 +360,8 @@ def run(args) -> dict:
             found = [bench_straight_port(*synthetic_images(num_train), args, device)]
         elif variant == "eval":
             found = [bench_eval(splits, args, mixed_precision)]
-        elif variant == "graphed":
-            found = [bench_graphed(train_splits, args, mixed_precision)]
+        elif variant.startswith("graphed"):
+            found = [bench_graphed(variant, train_splits, args, mixed_precision)]
         elif variant == "ddp":
             found = bench_ddp(train_splits, args, mixed_precision)
         else:
@@ -385,7 +388,8 @@ def run(args) -> dict:
         report["checkpoint"] = checkpoint_cost(args, mixed_precision)
     if args.profile and world_size == 1:
         parts = _build(train_splits, args, mixed_precision, SpeedConfig(**STEP_SPEED[args.profile]))
-        steps = graphed_steps(parts)[1] if args.profile == "graphed" else partial(trainer_parts.train, parts)
+        steps = (graphed_steps(parts, args.profile)[1] if args.profile.startswith("graphed")
+                 else partial(trainer_parts.train, parts))
         report["profile"] = {"variant": args.profile, **profile_steps(parts.accelerator.device, steps, args.steps,
                                                                       args.warmup, trace=args.profile_trace)}
     if args.end_to_end and main_process:
@@ -439,8 +443,8 @@ def main(argv: list[str] | None = None) -> None:
                         "compile warm-up in the compiled variants)")
     parser.add_argument("--workers", type=int, default=8, help="DataLoader workers of the straight port")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS,
-                        help="default: all that run on this device, except graphed (an experiment) and ddp (run "
-                             "that one under torchrun)")
+                        help="default: all that run on this device, except graphed and graphed_compiled "
+                             "(experiments) and ddp (run that one under torchrun)")
     parser.add_argument("--ddp-bucket-mb", type=int, help="bucket size of the ddp_cifar_dist variant (default: the "
                         "trainer's --ddp-bucket-mb default)")
     parser.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,

@@ -5,7 +5,9 @@ totals, the optimizer step and the loop around them still cost host work every s
 current GPU that work may set the pace. ``GraphedStep`` captures everything a step does on the device in one
 graph, so that a step costs two input copies and one replay. The benchmark's ``graphed`` variant times it (the
 most that removing per-step host work can give) and tests/test_gpu.py checks that it trains as the eager step
-does. One process, no gradient accumulation, CUDA only; unmeasured until a GPU runs it.
+does. With ``compile_model`` the model inside the graph is inductor's (``torch.compile`` without its own CUDA
+graphs): its fused kernels, without the compiled step's per-call guard and CUDA-graph-tree checks (the
+``graphed_compiled`` variant). One process, no gradient accumulation, CUDA only; unmeasured until a GPU runs it.
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ class GraphedStep:
     statistics and Adam's state are undone before capture, so the first replay is the run's first step.
     """
 
-    def __init__(self, parts):
+    def __init__(self, parts, compile_model: bool = False):
         if parts.accelerator.device.type != "cuda":
             raise UserError("graphed: one CUDA graph for the whole step needs a CUDA GPU")
         if parts.grad_accum_steps != 1 or parts.accelerator.num_processes != 1:
             raise UserError("graphed: one process without gradient accumulation only")
         self.model = parts.accelerator.unwrap_model(parts.model, keep_fp32_wrapper=False).train()
+        # Compiled on the first warm-up call; its guards are checked once, at capture, never at a replay.
+        self.forward = torch.compile(self.model, dynamic=False) if compile_model else self.model
         self.input_name = parts.input_name
         group = parts.optimizer.param_groups[0]
         self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=group["lr"],
@@ -79,7 +83,7 @@ class GraphedStep:
 
     def _step(self) -> torch.Tensor:
         with self._autocast():
-            logits = self.model(**{self.input_name: self.inputs})
+            logits = self.forward(**{self.input_name: self.inputs})
             loss = F.cross_entropy(logits, self.labels)
         stats = step_figures(loss, logits, self.labels)
         loss.backward()

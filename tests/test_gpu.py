@@ -192,14 +192,16 @@ def test_feature_cache_matches_the_plain_path(splits, backbone, compiled_run):
         trainer_parts.reset()
 
 
-def test_the_whole_step_as_one_cuda_graph_trains_as_the_eager_step(splits, backbone, eager_losses):
-    """The benchmark's 'graphed' experiment (forward, loss, backward and capturable fused Adam in one graph)
-    computes the trainer's step: the same losses as eager, and BatchNorm counted once per step."""
+@pytest.mark.parametrize("compile_model", [False, True], ids=["eager_kernels", "inductor_kernels"])
+def test_the_whole_step_as_one_cuda_graph_trains_as_the_eager_step(splits, backbone, eager_losses, compile_model):
+    """The benchmark's 'graphed' and 'graphed_compiled' experiments (forward, loss, backward and capturable fused
+    Adam in one graph) compute the trainer's step: the same losses as eager, and BatchNorm counted once per step."""
     parts = build(splits, backbone, speed=SpeedConfig(compile_step="no", channels_last="yes", fused_adam="yes"))
     try:
-        step = GraphedStep(parts)
+        step = GraphedStep(parts, compile_model=compile_model)
         before = bn_state(step.model)
-        compare("one graph vs eager", losses(train_graphed(parts, step, STEPS)), eager_losses)
+        compare(f"one graph ({'inductor' if compile_model else 'eager'} kernels) vs eager",
+                losses(train_graphed(parts, step, STEPS)), eager_losses)
         after = bn_state(step.model)
         assert all(after[name][0] == before[name][0] + STEPS for name in after if name.startswith("layer4."))
     finally:
