@@ -18,6 +18,8 @@ drives it through cifar_dist.train.train_step (eval: its evaluate). In one proce
                   backward, capturable fused Adam) as one CUDA graph (cifar_dist/graphed_step.py); GPU only
   graphed_compiled the same with the model compiled by inductor inside the graph (its fused kernels, without the
                   compiled step's per-call checks); GPU only
+  cached_graphed  graphed_compiled from the feature cache: layer4 + head's whole step as one graph; images/s of
+                  a whole pass, as cached_trunk's; GPU only
   cached_trunk    eager + --cache-frozen-features (the frozen trunk once per image at the eval batch, then
                   layer4 + head steps from its output); images/s of that whole pass
   cached_compiled cached_trunk + channels_last, fused Adam and --compile-step yes; GPU only
@@ -69,16 +71,18 @@ from cifar_dist.step_profile import format_profile, profile_steps
 from cifar_dist.steps import evaluate
 
 VARIANTS = ("straight_port", "eager", "channels_last", "compiled", "graphed", "graphed_compiled", "cached_trunk",
-            "cached_compiled", "eval", "host", "ddp")
-GPU_ONLY = ("compiled", "graphed", "graphed_compiled", "cached_compiled")  # CUDA graphs; on a CPU only when named
-ONLY_WHEN_NAMED = ("graphed", "graphed_compiled", "ddp")  # experiments, and the variant to run under torchrun
+            "cached_compiled", "cached_graphed", "eval", "host", "ddp")
+# The one-graph experiments (cifar_dist/graphed_step.py), and whether each compiles the model inside the graph.
+GRAPHED = {"graphed": False, "graphed_compiled": True, "cached_graphed": True}
+GPU_ONLY = ("compiled", "cached_compiled", *GRAPHED)  # CUDA graphs; on a CPU only when named
+ONLY_WHEN_NAMED = (*GRAPHED, "ddp")  # experiments, and the variant to run under torchrun
 # The workload the targets are about: the recipe's 10 epochs over CIFAR-100's 50,000 + 10,000 images.
 EPOCHS, TRAIN_IMAGES, EVAL_IMAGES = 10, 50_000, 10_000
 # The trainer's speed options (--compile-step, --channels-last, --fused-adam, --cache-frozen-features) each
 # variant is built with; 'yes' rather than 'auto', so that a variant that cannot run as named stops.
 OFF, FAST = ({"compile_step": "no", "channels_last": v, "fused_adam": v} for v in ("no", "yes"))
 STEP_SPEED = {"eager": OFF, "channels_last": FAST, "compiled": {**FAST, "compile_step": "yes"}, "graphed": FAST,
-              "graphed_compiled": FAST,
+              "graphed_compiled": FAST, "cached_graphed": {**FAST, "cache_frozen_features": True},
               "cached_trunk": {**OFF, "cache_frozen_features": True},
               "cached_compiled": {**FAST, "compile_step": "yes", "cache_frozen_features": True},
               "eval": {"compile_step": "no"},  # evaluation runs on the model as the trainer lays it out
@@ -176,33 +180,30 @@ def _timed(steps, args, device) -> float:
 
 
 def bench_trainer_step(variant: str, splits, args, mixed_precision: str) -> Result:
-    """The trainer's step as ``variant``'s speed options build it; for the cached variants, images/s of a whole
-    pass: the trainer's feature cache (trunk once per image, at the eval batch), then layer4 + head steps."""
+    """The trainer's step as ``variant``'s speed options build it (the graphed ones: its pieces with the whole
+    step as one CUDA graph, 'compile s' being their warm-up and capture); for the cached variants, images/s of a
+    whole pass: the trainer's feature cache (trunk once per image, at the eval batch), then layer4 + head steps."""
     parts = _build(splits, args, mixed_precision, SpeedConfig(**STEP_SPEED[variant]),
                    model=StandIn() if variant == "host" else None)
-    if STEP_SPEED[variant]["compile_step"] == "yes" and parts.fast.compiled is None:
+    if variant in GRAPHED:
+        compile_s, steps = graphed_steps(parts, variant)
+    elif STEP_SPEED[variant]["compile_step"] == "yes" and parts.fast.compiled is None:
         raise UserError(f"{variant}: the step could not be compiled ({'; '.join(parts.fast.notes)})")
+    else:
+        compile_s = parts.fast.compiled.warmup_s if parts.fast.compiled else 0.0
+        steps = partial(trainer_parts.train, parts)
     device = parts.accelerator.device
-    per_image = _timed(partial(trainer_parts.train, parts), args, device) / args.batch_size
+    per_image = _timed(steps, args, device) / args.batch_size
     if parts.feature_cache_s:  # the cache covers both splits
         per_image += _slowest(parts.feature_cache_s, device) / (len(splits.train) + len(splits.test))
-    compile_s = parts.fast.compiled.warmup_s if parts.fast.compiled else 0.0
     return Result(variant, 1.0 / per_image, compile_s)
 
 
 def graphed_steps(parts: trainer_parts.Parts, variant: str):
     """(the captured GraphedStep's build seconds, ``steps(n, epoch=1)`` running n of its replays)."""
     start = time.perf_counter()
-    step = GraphedStep(parts, compile_model=variant == "graphed_compiled")
+    step = GraphedStep(parts, compile_model=GRAPHED[variant])
     return time.perf_counter() - start, partial(train_graphed, parts, step)
-
-
-def bench_graphed(variant: str, splits, args, mixed_precision: str) -> Result:
-    """The trainer's model, data and Adam settings with the whole step as one CUDA graph (an experiment:
-    cifar_dist/graphed_step.py); its 'compile s' is the warm-up (and compile) and capture."""
-    parts = _build(splits, args, mixed_precision, SpeedConfig(**STEP_SPEED[variant]))
-    capture_s, steps = graphed_steps(parts, variant)
-    return Result(variant, args.batch_size / _timed(steps, args, parts.accelerator.device), capture_s)
 
 
 def bench_eval(splits, args, mixed_precision: str) -> Result:
@@ -360,8 +361,6 @@ def run(args) -> dict:
             found = [bench_straight_port(*synthetic_images(num_train), args, device)]
         elif variant == "eval":
             found = [bench_eval(splits, args, mixed_precision)]
-        elif variant.startswith("graphed"):
-            found = [bench_graphed(variant, train_splits, args, mixed_precision)]
         elif variant == "ddp":
             found = bench_ddp(train_splits, args, mixed_precision)
         else:
@@ -388,7 +387,7 @@ def run(args) -> dict:
         report["checkpoint"] = checkpoint_cost(args, mixed_precision)
     if args.profile and world_size == 1:
         parts = _build(train_splits, args, mixed_precision, SpeedConfig(**STEP_SPEED[args.profile]))
-        steps = (graphed_steps(parts, args.profile)[1] if args.profile.startswith("graphed")
+        steps = (graphed_steps(parts, args.profile)[1] if args.profile in GRAPHED
                  else partial(trainer_parts.train, parts))
         report["profile"] = {"variant": args.profile, **profile_steps(parts.accelerator.device, steps, args.steps,
                                                                       args.warmup, trace=args.profile_trace)}
@@ -443,8 +442,8 @@ def main(argv: list[str] | None = None) -> None:
                         "compile warm-up in the compiled variants)")
     parser.add_argument("--workers", type=int, default=8, help="DataLoader workers of the straight port")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS,
-                        help="default: all that run on this device, except graphed and graphed_compiled "
-                             "(experiments) and ddp (run that one under torchrun)")
+                        help="default: all that run on this device, except the graphed experiments and ddp (run "
+                             "that one under torchrun)")
     parser.add_argument("--ddp-bucket-mb", type=int, help="bucket size of the ddp_cifar_dist variant (default: the "
                         "trainer's --ddp-bucket-mb default)")
     parser.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,

@@ -149,6 +149,8 @@ def test_the_profile_splits_a_steps_time_and_names_the_costliest_host_operations
      "cifar_dist.bench: error: graphed: one CUDA graph for the whole step needs a CUDA GPU"),
     (["--image-size", "32", "--steps", "1", "--variants", "graphed_compiled", "--no-floor", "--no-checkpoint"],
      "cifar_dist.bench: error: graphed: one CUDA graph for the whole step needs a CUDA GPU"),
+    (["--image-size", "32", "--steps", "1", "--variants", "cached_graphed", "--no-floor", "--no-checkpoint"],
+     "cifar_dist.bench: error: graphed: one CUDA graph for the whole step needs a CUDA GPU"),
 ])
 def test_bench_refuses_bad_sizes(args, message):
     proc = bench(args, timeout=120)

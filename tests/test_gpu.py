@@ -192,16 +192,20 @@ def test_feature_cache_matches_the_plain_path(splits, backbone, compiled_run):
         trainer_parts.reset()
 
 
-@pytest.mark.parametrize("compile_model", [False, True], ids=["eager_kernels", "inductor_kernels"])
-def test_the_whole_step_as_one_cuda_graph_trains_as_the_eager_step(splits, backbone, eager_losses, compile_model):
-    """The benchmark's 'graphed' and 'graphed_compiled' experiments (forward, loss, backward and capturable fused
-    Adam in one graph) compute the trainer's step: the same losses as eager, and BatchNorm counted once per step."""
-    parts = build(splits, backbone, speed=SpeedConfig(compile_step="no", channels_last="yes", fused_adam="yes"))
+@pytest.mark.parametrize("compile_model, cache", [(False, False), (True, False), (True, True)],
+                         ids=["eager_kernels", "inductor_kernels", "inductor_kernels_from_the_feature_cache"])
+def test_the_whole_step_as_one_cuda_graph_trains_as_the_eager_step(splits, backbone, eager_losses, compile_model,
+                                                                    cache):
+    """The benchmark's one-graph experiments (forward, loss, backward and capturable fused Adam in one graph:
+    graphed, graphed_compiled, cached_graphed) compute the trainer's step: the same losses as eager, and
+    BatchNorm counted once per step."""
+    parts = build(splits, backbone, speed=SpeedConfig(compile_step="no", channels_last="yes", fused_adam="yes",
+                                                      cache_frozen_features=cache))
     try:
         step = GraphedStep(parts, compile_model=compile_model)
         before = bn_state(step.model)
-        compare(f"one graph ({'inductor' if compile_model else 'eager'} kernels) vs eager",
-                losses(train_graphed(parts, step, STEPS)), eager_losses)
+        compare(f"one graph ({'inductor' if compile_model else 'eager'} kernels{', cached features' * cache}) vs "
+                "eager", losses(train_graphed(parts, step, STEPS)), eager_losses)
         after = bn_state(step.model)
         assert all(after[name][0] == before[name][0] + STEPS for name in after if name.startswith("layer4."))
     finally:
