@@ -209,14 +209,19 @@ MAKE_DATA = ("import sys; from cifar_dist.config import DataConfig; from cifar_d
              "synthetic_eval_samples=int(sys.argv[2]))).save_to_disk(sys.argv[3])")
 # Versions and the card, and whether the packages the package needs import (the trainer needs datasets).
 ENVIRONMENT = """
-import json, platform, torch, accelerate, torchvision
+import json, os, platform, torch, accelerate, torchvision
 try:
     import datasets
     datasets_version = datasets.__version__
 except Exception as exc:
     datasets_version = f"missing: {type(exc).__name__}: {exc}"
 cuda = torch.cuda.is_available()
-print(json.dumps({"card": torch.cuda.get_device_name() if cuda else (platform.processor() or "cpu"),
+try:  # the host's CPU: at batch 32 a step's host work matters beside the card
+    host_cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+except (OSError, StopIteration):
+    host_cpu = platform.processor() or None
+print(json.dumps({"host_cpu": host_cpu, "host_cores": os.cpu_count(),
+                  "card": torch.cuda.get_device_name() if cuda else (platform.processor() or "cpu"),
                   "cuda": torch.version.cuda if cuda else None, "torch": torch.__version__,
                   "torchvision": torchvision.__version__, "accelerate": accelerate.__version__,
                   "datasets": datasets_version, "python": platform.python_version(),
@@ -355,8 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                                   str(graphed_json)], parse_bench(graphed_json))
         header = {"started": started, "host": platform.node(), "skipped_steps": args.skip,
                   "command": os.environ.get(COMMAND_ENV) or shlex.join(["python", "-m", "cifar_dist.gpu_check", *argv]),
-                  **{k: env.get(k) for k in ("card", "cuda", "torch", "torchvision", "accelerate", "datasets",
-                                             "python", "gpu_memory_gib")},
+                  **{k: env.get(k) for k in ("card", "host_cpu", "host_cores", "cuda", "torch", "torchvision",
+                                             "accelerate", "datasets", "python", "gpu_memory_gib")},
                   "sizes": {"image_size": args.image_size, "train_images": args.train_images,
                             "eval_images": args.eval_images, "max_steps": args.max_steps,
                             "checkpoint_every_steps": args.checkpoint_every_steps, "bench_args": args.bench_args}}
@@ -383,7 +388,8 @@ def render(report: dict) -> str:
     sizes = report["sizes"]
     lines = [f"# cifar_dist GPU check: {verdict}", "",
              (f"- card: {report.get('card')} ({_fmt(report.get('gpu_memory_gib'))} GiB), CUDA "
-              f"{_fmt(report.get('cuda'))}"),
+              f"{_fmt(report.get('cuda'))}; host: {_fmt(report.get('host_cpu'))}, {_fmt(report.get('host_cores'))} "
+              "cores"),
              (f"- torch {report.get('torch')}, torchvision {report.get('torchvision')}, accelerate "
               f"{report.get('accelerate')}, datasets {report.get('datasets')}, Python {report.get('python')}"),
              f"- command: `{report['command']}` ({report['started']})",

@@ -37,6 +37,7 @@ def test_the_whole_check_on_the_cpu_reports_every_step_and_fails_for_want_of_a_g
     assert steps["gpu_tests"]["error"].startswith("could not read its results: AssertionError: no GPU test ran (")
     assert steps["gpu_tests"]["skipped"] > 0 and steps["gpu_tests"]["passed"] == steps["gpu_tests"]["errors"] == 0
     assert report["torch"] and report["datasets"] and report["card"] and report["cuda"] is None
+    assert report["host_cpu"] and report["host_cores"] >= 1
 
     for name in ("train_default", "train_cache"):
         run = steps[name]
@@ -55,6 +56,7 @@ def test_the_whole_check_on_the_cpu_reports_every_step_and_fails_for_want_of_a_g
 
     md = (out / "gpu_check.md").read_text()
     assert md.startswith("# cifar_dist GPU check: FAILED (gpu_tests, graphed)")
+    assert f"; host: {report['host_cpu']}, {report['host_cores']} cores" in md
     assert "| gpu_tests | FAILED: could not read its results: AssertionError: no GPU test ran" in md
     assert "| default | " in md and "| cache | " in md and "| straight_port |" in md
     assert "\ndefault: start-up: " in md and "\ncache: start-up: " in md and ", feature cache " in md
