@@ -37,11 +37,11 @@ def optimizer_to_step(optimizer):
     """The torch optimizer inside accelerate's ``AcceleratedOptimizer``, unless the wrapper has work to do (a
     gradient scaler, under fp16).
 
-    Otherwise the wrapper's step and zero_grad only add host work to every step: each looks an optional package
-    up on the filesystem (``is_lomo_available``: eight ``stat`` calls) and zero_grad inspects a signature,
-    about 110 us a step on a 2-core CPU (``python -m cifar_dist.bench --variants host``), more where
-    site-packages sits on a network filesystem. The caller skips the step between accumulation micro-batches,
-    as the wrapper would.
+    Otherwise the wrapper only adds host work to every step: its step looks an optional package up on the
+    filesystem twice (``is_lomo_available``: eight ``stat`` calls each) and its zero_grad inspects a signature,
+    about 130 us a step on a 2-core CPU (``python -m cifar_dist.bench --variants host``: 444 us a step through
+    the wrapper, 313 without), more where site-packages sits on a network filesystem. The caller skips the step
+    between accumulation micro-batches, as the wrapper would.
     """
     if getattr(optimizer, "scaler", None) is not None:
         return optimizer
