@@ -57,10 +57,19 @@ def history(path: Path) -> list[dict]:
 
 def config(path: Path) -> dict:
     """The run's config as last updated."""
+    return _as_last_updated(path, "config")
+
+
+def summary(path: Path) -> dict:
+    """The run's summary as last updated."""
+    return _as_last_updated(path, "summary")
+
+
+def _as_last_updated(path: Path, kind: str) -> dict:
     out = {}
     for record in read_records(path):
-        if record.WhichOneof("record_type") == "config":
-            for item in record.config.update:
+        if record.WhichOneof("record_type") == kind:
+            for item in getattr(record, kind).update:
                 out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     return out
 
@@ -72,13 +81,3 @@ def run_record(path: Path) -> wandb_internal_pb2.RunRecord:
 
 def run_id(path: Path) -> str:
     return run_record(path).run_id
-
-
-def summary(path: Path) -> dict:
-    """The run's summary as last updated."""
-    out = {}
-    for record in read_records(path):
-        if record.WhichOneof("record_type") == "summary":
-            for item in record.summary.update:
-                out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
-    return out
