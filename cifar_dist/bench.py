@@ -167,6 +167,12 @@ def _build(splits, args, mixed_precision: str, speed: SpeedConfig, **kw) -> trai
                                global_batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, **kw)
 
 
+def _variant_parts(variant: str, splits, args, mixed_precision: str) -> trainer_parts.Parts:
+    """The trainer's pieces under ``variant``'s speed options (the host variant's with the stand-in model)."""
+    return _build(splits, args, mixed_precision, SpeedConfig(**STEP_SPEED[variant]),
+                  model=StandIn() if variant == "host" else None)
+
+
 def _timed(steps, args, device) -> float:
     """Seconds per step of ``steps(args.steps)`` after an untimed ``steps(args.warmup)``; the slowest process's.
     For the trainer's parts each call of ``trainer_parts.train`` starts the epoch's order again."""
@@ -183,8 +189,7 @@ def bench_trainer_step(variant: str, splits, args, mixed_precision: str) -> Resu
     """The trainer's step as ``variant``'s speed options build it (the graphed ones: its pieces with the whole
     step as one CUDA graph, 'compile s' being their warm-up and capture); for the cached variants, images/s of a
     whole pass: the trainer's feature cache (trunk once per image, at the eval batch), then layer4 + head steps."""
-    parts = _build(splits, args, mixed_precision, SpeedConfig(**STEP_SPEED[variant]),
-                   model=StandIn() if variant == "host" else None)
+    parts = _variant_parts(variant, splits, args, mixed_precision)
     if variant in GRAPHED:
         compile_s, steps = graphed_steps(parts, variant)
     elif STEP_SPEED[variant]["compile_step"] == "yes" and parts.fast.compiled is None:
@@ -386,7 +391,7 @@ def run(args) -> dict:
     if args.checkpoint and world_size == 1:  # save_state with one process; under torchrun, skipped
         report["checkpoint"] = checkpoint_cost(args, mixed_precision)
     if args.profile and world_size == 1:
-        parts = _build(train_splits, args, mixed_precision, SpeedConfig(**STEP_SPEED[args.profile]))
+        parts = _variant_parts(args.profile, train_splits, args, mixed_precision)
         steps = (graphed_steps(parts, args.profile)[1] if args.profile in GRAPHED
                  else partial(trainer_parts.train, parts))
         report["profile"] = {"variant": args.profile, **profile_steps(parts.accelerator.device, steps, args.steps,

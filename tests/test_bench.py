@@ -116,12 +116,15 @@ def test_the_host_variant_times_the_trainers_loop_around_a_stand_in_of_negligibl
     out = tmp_path / "bench.json"
     try:
         bench_module.main(["--image-size", "32", "--steps", "20", "--warmup", "2", "--variants", "channels_last",
-                           "host", "--no-floor", "--no-checkpoint", "--json", str(out)])
+                           "host", "--no-floor", "--no-checkpoint", "--profile", "host", "--json", str(out)])
     finally:
         trainer_parts.reset()
-    assert models == ["ResNet50Classifier", "StandIn"]  # the same loop, optimizer and loaders; another model
-    speed = {r["variant"]: r["images_per_s"] for r in json.loads(out.read_text())["results"]}
+    # The same loop, optimizer and loaders; another model (its profile too).
+    assert models == ["ResNet50Classifier", "StandIn", "StandIn"]
+    report = json.loads(out.read_text())
+    speed = {r["variant"]: r["images_per_s"] for r in report["results"]}
     assert speed["host"] > 10 * speed["channels_last"]  # what is left is the host's work around the model
+    assert not any("conv" in op["name"] for op in report["profile"]["top_host_ops"])
 
 
 def test_the_profile_splits_a_steps_time_and_names_the_costliest_host_operations(tmp_path, capsys):
