@@ -23,7 +23,10 @@ drives it through cifar_dist.train.train_step (eval: its evaluate). In one proce
   cached_trunk    eager + --cache-frozen-features (the frozen trunk once per image at the eval batch, then
                   layer4 + head steps from its output); images/s of that whole pass
   cached_compiled cached_trunk + channels_last, fused Adam and --compile-step yes; GPU only
-  eval            the trainer's evaluate over --steps batches of --eval-batch-size (its default layout)
+  eval            the trainer's evaluate over --steps batches of --eval-batch-size (its default layout), from
+                  images: the whole model
+  eval_cached     the same from the test images' cached frozen-stage features, as the trainer evaluates by
+                  default on a GPU (--cache-eval-features; building the cache, once per run, not timed)
   host            channels_last's loop (loader, train_step, fused Adam) around a stand-in model of negligible
                   compute: the images/s the host's own work per step allows, the ceiling of any step that is
                   not one CUDA graph (the compiled step adds its graphs' replay overhead to it)
@@ -71,7 +74,8 @@ from cifar_dist.step_profile import format_profile, profile_steps
 from cifar_dist.steps import evaluate
 
 VARIANTS = ("straight_port", "eager", "channels_last", "compiled", "graphed", "graphed_compiled", "cached_trunk",
-            "cached_compiled", "cached_graphed", "eval", "host", "ddp")
+            "cached_compiled", "cached_graphed", "eval", "eval_cached", "host", "ddp")
+EVALS = ("eval", "eval_cached")
 # The one-graph experiments (cifar_dist/graphed_step.py), and whether each compiles the model inside the graph.
 GRAPHED = {"graphed": False, "graphed_compiled": True, "cached_graphed": True}
 GPU_ONLY = ("compiled", "cached_compiled", *GRAPHED)  # CUDA graphs; on a CPU only when named
@@ -80,12 +84,18 @@ ONLY_WHEN_NAMED = (*GRAPHED, "ddp")  # experiments, and the variant to run under
 EPOCHS, TRAIN_IMAGES, EVAL_IMAGES = 10, 50_000, 10_000
 # The trainer's speed options (--compile-step, --channels-last, --fused-adam, --cache-frozen-features) each
 # variant is built with; 'yes' rather than 'auto', so that a variant that cannot run as named stops.
-OFF, FAST = ({"compile_step": "no", "channels_last": v, "fused_adam": v} for v in ("no", "yes"))
+# The training variants evaluate nothing, so none builds the evaluation's feature cache.
+OFF, FAST = ({"compile_step": "no", "channels_last": v, "fused_adam": v, "cache_eval_features": "no"}
+             for v in ("no", "yes"))
+CACHED = {"cache_frozen_features": True, "cache_eval_features": "auto"}
 STEP_SPEED = {"eager": OFF, "channels_last": FAST, "compiled": {**FAST, "compile_step": "yes"}, "graphed": FAST,
-              "graphed_compiled": FAST, "cached_graphed": {**FAST, "cache_frozen_features": True},
-              "cached_trunk": {**OFF, "cache_frozen_features": True},
-              "cached_compiled": {**FAST, "compile_step": "yes", "cache_frozen_features": True},
-              "eval": {"compile_step": "no"},  # evaluation runs on the model as the trainer lays it out
+              "graphed_compiled": FAST, "cached_graphed": {**FAST, **CACHED},
+              "cached_trunk": {**OFF, **CACHED},
+              "cached_compiled": {**FAST, "compile_step": "yes", **CACHED},
+              # Evaluation on the model as the trainer lays it out, from images: the whole model's forward pass.
+              "eval": {"compile_step": "no", "cache_eval_features": "no"},
+              # From the test images' cached frozen-stage features, as the trainer evaluates by default on a GPU.
+              "eval_cached": {"compile_step": "no", "cache_eval_features": "yes"},
               "host": FAST}
 
 
@@ -211,20 +221,23 @@ def graphed_steps(parts: trainer_parts.Parts, variant: str):
     return time.perf_counter() - start, partial(train_graphed, parts, step)
 
 
-def bench_eval(splits, args, mixed_precision: str) -> Result:
-    """The trainer's evaluate (loss, top-1/5, per-class counts, gather_for_metrics) over ``args.steps`` batches."""
-    parts = _build(splits, args, mixed_precision, SpeedConfig(**STEP_SPEED["eval"]))
+def bench_eval(variant: str, splits, args, mixed_precision: str) -> Result:
+    """The trainer's evaluate (loss, top-1/5, per-class counts, gather_for_metrics) over ``args.steps`` batches:
+    of images, or for eval_cached of the test images' cached frozen-stage features (the cache, built once per
+    run, left out)."""
+    parts = _build(splits, args, mixed_precision, SpeedConfig(**STEP_SPEED[variant]))
     device = parts.accelerator.device
+    assert parts.eval_input_name == ("features" if variant == "eval_cached" else "images")
 
     def evaluate_over(loader):
-        evaluate(parts.model, loader, parts.accelerator, parts.class_names, parts.input_name)
+        evaluate(parts.model, loader, parts.accelerator, parts.class_names, parts.eval_input_name)
 
     if args.warmup:
         evaluate_over(itertools.islice(parts.eval_loader, args.warmup))
     sync_device(device)
     start = time.perf_counter()
     evaluate_over(parts.eval_loader)
-    return Result("eval", len(splits.test) / _slowest(time.perf_counter() - start, device))
+    return Result(variant, len(splits.test) / _slowest(time.perf_counter() - start, device))
 
 
 def bench_ddp(splits, args, mixed_precision: str) -> list[Result]:
@@ -269,12 +282,16 @@ def compute_floor(image_size: int, device, bf16: bool) -> dict:
         model(features=features)
     head_eval = counter.get_total_flops() / 2
     plain = EPOCHS * (TRAIN_IMAGES * (trunk + head_train) + EVAL_IMAGES * (trunk + head_eval))
+    # The default on a GPU: the test images' trunk once (--cache-eval-features auto), the training images' each epoch.
+    eval_cached = EVAL_IMAGES * trunk + EPOCHS * (TRAIN_IMAGES * (trunk + head_train) + EVAL_IMAGES * head_eval)
     cached = (TRAIN_IMAGES + EVAL_IMAGES) * trunk + EPOCHS * (TRAIN_IMAGES * head_train + EVAL_IMAGES * head_eval)
     rate = matmul_rate(device, bf16)
     return {"trunk_gflop_per_image": round(trunk / 1e9, 3), "train_step_gflop_per_image":
             round((trunk + head_train) / 1e9, 3), "workload_pflop": round(plain / 1e15, 2),
+            "workload_eval_cached_pflop": round(eval_cached / 1e15, 2),
             "workload_cached_pflop": round(cached / 1e15, 2), "matmul_tflop_per_s": round(rate / 1e12, 1),
-            "floor_s": round(plain / rate, 1), "floor_cached_s": round(cached / rate, 1)}
+            "floor_s": round(plain / rate, 1), "floor_eval_cached_s": round(eval_cached / rate, 1),
+            "floor_cached_s": round(cached / rate, 1)}
 
 
 def matmul_rate(device, bf16: bool) -> float:
@@ -354,8 +371,9 @@ def run(args) -> dict:
     variants = args.variants or [v for v in VARIANTS if (device.type == "cuda" or v not in GPU_ONLY)
                                  and v not in ONLY_WHEN_NAMED]
     num_train = args.batch_size * (args.warmup + args.steps)
-    # Only the eval variant reads more than one eval batch (the feature cache reads one).
-    splits = trainer_parts.synthetic_splits(num_train, args.eval_batch_size * (args.steps if "eval" in variants else 1))
+    # Only the eval variants read more than one eval batch (the feature cache reads one).
+    num_eval = args.eval_batch_size * (args.steps if set(EVALS) & set(variants) else 1)
+    splits = trainer_parts.synthetic_splits(num_train, num_eval)
     # The training variants' test split is one eval batch: only the feature cache reads it.
     train_splits = dataclasses.replace(splits, test=ImageTensorDataset(
         splits.test.images[:args.eval_batch_size], splits.test.labels[:args.eval_batch_size]))
@@ -364,8 +382,8 @@ def run(args) -> dict:
         if variant == "straight_port":
             torch.manual_seed(0)
             found = [bench_straight_port(*synthetic_images(num_train), args, device)]
-        elif variant == "eval":
-            found = [bench_eval(splits, args, mixed_precision)]
+        elif variant in EVALS:
+            found = [bench_eval(variant, splits, args, mixed_precision)]
         elif variant == "ddp":
             found = bench_ddp(train_splits, args, mixed_precision)
         else:
@@ -417,8 +435,9 @@ def format_table(report: dict) -> str:
     if floor:
         lines.append(f"compute floor of {EPOCHS} epochs x ({TRAIN_IMAGES:,} + {EVAL_IMAGES:,}) images: "
                      f"{floor['workload_pflop']} PFLOP / {floor['matmul_tflop_per_s']} TFLOP/s (measured matmul) = "
-                     f"{floor['floor_s']} s; with the feature cache {floor['workload_cached_pflop']} PFLOP = "
-                     f"{floor['floor_cached_s']} s")
+                     f"{floor['floor_s']} s; evaluating from cached features (the default on a GPU) "
+                     f"{floor['workload_eval_cached_pflop']} PFLOP = {floor['floor_eval_cached_s']} s; with the "
+                     f"feature cache {floor['workload_cached_pflop']} PFLOP = {floor['floor_cached_s']} s")
     checkpoint = report.get("checkpoint")
     if checkpoint:
         lines.append(f"checkpoint (the trainer's save_checkpoint: model + Adam state, {checkpoint['megabytes']:,} MB): "
@@ -457,7 +476,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="time the trainer's save_checkpoint of the model and Adam state (one process only)")
     parser.add_argument("--checkpoint-dir", help="where to time it (default: the temp dir; give the filesystem "
                         "your --output-dir is on)")
-    parser.add_argument("--profile", choices=[v for v in STEP_SPEED if v != "eval"],
+    parser.add_argument("--profile", choices=[v for v in STEP_SPEED if v not in EVALS],
                         help="also profile --steps steady steps of this variant: host vs device time per step and "
                              "the costliest host operations (one process)")
     parser.add_argument("--profile-trace", help="write the profile's Chrome trace to this file")

@@ -220,23 +220,21 @@ class GatherLogits:
         self.parts.append(self.accelerator.gather_for_metrics(output.detach().float()))
 
 
-def build_eval_loader(found: TrainedModel, model, splits, split: str, accelerator, eval_batch_size: int):
-    """The trainer's eval loader over ``split`` (and its input: images, or cached trunk features), prepared."""
-    from cifar_dist.data import CifarSplits, ImageTensorDataset, build_dataloaders
-    from cifar_dist.feature_cache import build_feature_cache
+def build_eval_loader(found: TrainedModel, model, splits, split: str, accelerator, eval_batch_size: int, fast):
+    """The trainer's eval loader over ``split`` (and its input: images, or cached trunk features, decided as the
+    trainer decides it on this device), prepared."""
+    from cifar_dist.data import ImageTensorDataset, build_dataloaders
+    from cifar_dist.feature_cache import cache_for_run
 
     cfg = found.config
     data = dataclasses.replace(splits, test=splits.train) if split == "train" else splits
-    input_name = "images"
-    if cfg.speed.cache_frozen_features:  # the run evaluated from cached trunk features: so do we, the same way
-        input_name = "features"
-        one = ImageTensorDataset(data.test.images[:1], data.test.labels[:1])  # its train cache is not needed
-        _, test = build_feature_cache(accelerator.unwrap_model(model), CifarSplits(one, data.test, data.class_names),
-                                      accelerator, eval_batch_size, cfg.speed.feature_cache_location)
-        data = dataclasses.replace(data, test=test)
+    one = ImageTensorDataset(data.test.images[:1], data.test.labels[:1])  # a train cache, if any, is not needed
+    cached, fast = cache_for_run(accelerator.unwrap_model(model), dataclasses.replace(data, train=one), accelerator,
+                                 eval_batch_size, cfg.speed, fast)
+    data = dataclasses.replace(data, test=cached.test)
     plan = plan_batches(cfg.train, accelerator.num_processes)
     _, loader = build_dataloaders(data, plan, eval_batch_size, seed=cfg.train.seed)
-    return accelerator.prepare(loader), input_name, data.test.labels
+    return accelerator.prepare(loader), "features" if "test" in fast.features_cached else "images", data.test.labels
 
 
 def evaluate_model(found: TrainedModel, args):
@@ -261,7 +259,8 @@ def evaluate_model(found: TrainedModel, args):
     if accelerator.device.type == "cuda":
         splits = splits.to(accelerator.device)
     model = accelerator.prepare(prepare_model_layout(model, fast))
-    loader, input_name, labels = build_eval_loader(found, model, splits, args.split, accelerator, eval_batch_size)
+    loader, input_name, labels = build_eval_loader(found, model, splits, args.split, accelerator, eval_batch_size,
+                                                 fast)
     gather = GatherLogits(accelerator)
     hook = accelerator.unwrap_model(model).register_forward_hook(gather)
     start = time.perf_counter()

@@ -14,17 +14,21 @@ without the cache, so runs with and without it, on any number of processes, trai
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
 import torch
 from torch.utils.data import Dataset
 
-from cifar_dist.config import UserError
-from cifar_dist.data import index_on
+from cifar_dist.config import SpeedConfig, UserError
+from cifar_dist.data import CifarSplits, index_on
+from cifar_dist.speed import FastPath
 
 # Device memory left free for the training step and evaluation next to the cache.
 DEVICE_HEADROOM_BYTES = 6 * 2**30
+# The location of a cache that is only worth having in device memory: there or nowhere.
+DEVICE_IF_FITS = "device-if-fits"
 
 
 class FeatureDataset(Dataset):
@@ -61,11 +65,14 @@ def check_cacheable(model) -> None:
 
 
 def choose_location(choice: str, nbytes: int, device: torch.device, device_free: int | None,
-                    host_free: int) -> str:
-    """'device' or 'host' for a cache of ``nbytes``; UserError when the chosen (or any) place is too small."""
+                    host_free: int) -> str | None:
+    """'device' or 'host' for a cache of ``nbytes``; UserError when the chosen (or any) place is too small, but
+    None for DEVICE_IF_FITS when device memory is."""
     need = f"the feature cache needs {nbytes / 2**30:.1f} GiB"
     fits_device = device.type != "cpu" and device_free is not None and nbytes <= device_free - DEVICE_HEADROOM_BYTES
     fits_host = nbytes <= host_free
+    if choice == DEVICE_IF_FITS:
+        return "device" if fits_device else None
     if device.type == "cpu":
         choice = "host"  # one memory
     if choice == "device":
@@ -97,16 +104,39 @@ def host_memory_available() -> int:
     return available // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
+def cache_for_run(model, splits: CifarSplits, accelerator, batch_size: int, speed: SpeedConfig,
+                  fast: FastPath) -> tuple[CifarSplits, FastPath]:
+    """(splits, fast) as the run reads them: the frozen stages' output in place of the images of both splits
+    under --cache-frozen-features, or of the test split alone when ``fast.eval_cache`` (under 'auto' only where
+    it fits in device memory: in host memory the copies to the device would eat the gain; a note says so).
+    ``fast.features_cached`` names the cached splits."""
+    if speed.cache_frozen_features:
+        which, location = ("train", "test"), speed.feature_cache_location
+    elif fast.eval_cache and getattr(model, "frozen_stages", ()):  # nothing frozen: nothing to cache
+        which = ("test",)
+        location = speed.feature_cache_location if speed.cache_eval_features == "yes" else DEVICE_IF_FITS
+    else:
+        return splits, fast
+    cached = build_feature_cache(model, splits, accelerator, batch_size, location, which)
+    notes = fast.notes if cached else [
+        *fast.notes, "--cache-eval-features auto: off, the test images' frozen-stage features do not fit in device "
+        "memory beside training (in host memory with 'yes')"]
+    return (dataclasses.replace(splits, **cached) if cached else splits,
+            dataclasses.replace(fast, features_cached=tuple(cached), notes=notes))
+
+
 @torch.no_grad()
-def build_feature_cache(model, splits, accelerator, batch_size: int, location_choice: str):
-    """(train, test) FeatureDatasets holding ``model.trunk``'s output for every image of both splits."""
+def build_feature_cache(model, splits, accelerator, batch_size: int, location_choice: str,
+                        which: tuple[str, ...] = ("train", "test")) -> dict[str, FeatureDataset]:
+    """{split name: FeatureDataset} holding ``model.trunk``'s output for every image of the splits named in
+    ``which``; {} when ``location_choice`` is DEVICE_IF_FITS and device memory is too small."""
     model.train()  # the configuration training runs in (frozen stages in eval mode), which the cache must match
     check_cacheable(model)
     device = accelerator.device
     with accelerator.autocast():
         probe = model.trunk(splits.train.images[:1].to(device))
     per_image = probe[0].numel() * probe.element_size()
-    nbytes = per_image * (len(splits.train) + len(splits.test))
+    nbytes = per_image * sum(len(getattr(splits, name)) for name in which)
     free = torch.tensor([torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0,
                          host_memory_available()], dtype=torch.int64, device=device)
     if accelerator.num_processes > 1:  # every process decides on the tightest figures: all go on, or all stop
@@ -114,15 +144,17 @@ def build_feature_cache(model, splits, accelerator, batch_size: int, location_ch
     device_free, host_free = free.tolist()
     location = choose_location(location_choice, nbytes, device, device_free if device.type == "cuda" else None,
                                host_free)
+    if location is None:
+        return {}
     start = time.perf_counter()
     store = device if location == "device" else torch.device("cpu")
-    train, test = (FeatureDataset(_features(model, split.images, accelerator, batch_size, probe, store),
-                                  split.labels) for split in (splits.train, splits.test))
-    accelerator.print(f"feature cache: {len(splits.train)} train + {len(splits.test)} test images -> "
-                      f"{'x'.join(map(str, probe.shape[1:]))} {str(probe.dtype).removeprefix('torch.')} per image, "
-                      f"{nbytes / 2**30:.2f} GiB in {location} memory, computed in "
-                      f"{time.perf_counter() - start:.1f} s")
-    return train, test
+    cached = {name: FeatureDataset(_features(model, getattr(splits, name).images, accelerator, batch_size, probe,
+                                             store), getattr(splits, name).labels) for name in which}
+    counts = " + ".join(f"{len(getattr(splits, name))} {name}" for name in which)
+    accelerator.print(f"feature cache: {counts} images -> {'x'.join(map(str, probe.shape[1:]))} "
+                      f"{str(probe.dtype).removeprefix('torch.')} per image, {nbytes / 2**30:.2f} GiB in {location} "
+                      f"memory, computed in {time.perf_counter() - start:.1f} s")
+    return cached
 
 
 def _features(model, images: torch.Tensor, accelerator, batch_size: int, probe: torch.Tensor,

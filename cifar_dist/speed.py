@@ -71,6 +71,8 @@ class FastPath:
     compile_choice: str = "auto"  # what was asked for: a failed compile falls back under 'auto', stops under 'yes'
     grad_accum_steps: int = 1
     compiled: CompileReport | None = None  # set once the step is compiled and warmed up
+    eval_cache: bool = False  # evaluate from the test images' cached frozen-stage features, if they fit
+    features_cached: tuple[str, ...] = ()  # the splits whose frozen-stage features are cached, once built
 
     def describe(self) -> str:
         step = "compiled step (torch.compile reduce-overhead"
@@ -81,13 +83,15 @@ class FastPath:
         on = [name for name, value in ((step + ")", self.compile_step), ("channels_last", self.channels_last),
                                        ("fused Adam", self.fused_adam),
                                        ("bf16 gradient all-reduce", self.bf16_grad_reduce)) if value]
-        return ", ".join(on) or "plain eager step"
+        cached = {("train", "test"): "; frozen-stage features cached",
+                  ("test",): "; evaluation from the test images' cached frozen-stage features"}
+        return (", ".join(on) or "plain eager step") + cached.get(self.features_cached, "")
 
     def facts(self) -> dict:
         """What the run records beside its settings (W&B config): the step as it actually runs."""
         facts = {"fast_path": self.describe(), "compiled_step": self.compile_step, "channels_last": self.channels_last,
                  "fused_adam": self.fused_adam, "bf16_grad_reduce": self.bf16_grad_reduce,
-                 "fast_path_notes": list(self.notes)}
+                 "features_cached": list(self.features_cached), "fast_path_notes": list(self.notes)}
         if self.compiled is not None:
             report = self.compiled
             facts.update({"compile_warmup_s": round(report.warmup_s, 2), "compile_graphs": report.graphs,
@@ -130,14 +134,16 @@ def resolve_fast_path(cfg: SpeedConfig, device: torch.device, mixed_precision: s
                      "reuse the memory of the gradients being accumulated); on with 'yes', which keeps them apart")
     channels_last = decide("channels_last", cfg.channels_last, True, "")
     fused_adam = decide("fused_adam", cfg.fused_adam, True, "")
-    auto_off = [f"--{name.replace('_', '-')}" for name in ("compile_step", "channels_last", "fused_adam")
-                if getattr(cfg, name) == "auto" and not cuda]
+    # --cache-frozen-features caches the test images' features with the training images'.
+    eval_cache = cfg.cache_frozen_features or decide("cache_eval_features", cfg.cache_eval_features, True, "")
+    auto_names = ["compile_step", "channels_last", "fused_adam", *([] if eval_cache else ["cache_eval_features"])]
+    auto_off = [f"--{name.replace('_', '-')}" for name in auto_names if getattr(cfg, name) == "auto" and not cuda]
     if auto_off:
         notes.append(f"{', '.join(auto_off)} auto: off on {device.type} (on with 'yes')")
     reduce = cfg.grad_reduce_dtype
     bf16_grad_reduce = num_processes > 1 and (reduce == "bf16" or (reduce == "auto" and mixed_precision == "bf16"))
     return FastPath(compile_step, channels_last, fused_adam, bf16_grad_reduce, notes, cfg.compile_step,
-                    grad_accum_steps)
+                    grad_accum_steps, eval_cache=eval_cache)
 
 
 def _compile_support(device: torch.device) -> tuple[bool, str]:

@@ -375,6 +375,6 @@ def describe_run(cfg: Config, plan: BatchPlan, accelerator, counts: dict, num_tr
         f"- device: {accelerator.num_processes} x {accelerator.device.type} ({device}), mixed precision "
         f"{accelerator.mixed_precision}, torch {torch.__version__}"
         f"{'; deterministic algorithms only' if cfg.train.deterministic else ''}",
-        f"- step: {fast.describe()}{'; frozen-stage features cached' if cfg.speed.cache_frozen_features else ''}"
+        f"- step: {fast.describe()}"
         + "".join(f"; {note}" for note in fast.notes),
     ])

@@ -171,6 +171,7 @@ class Run:
     train_loader: DataLoader
     eval_loader: DataLoader
     input_name: str
+    eval_input_name: str
     run_log: RunLog
     schedule: SaveSchedule
     position: dict
@@ -304,7 +305,7 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
     return Run(cfg, plan, accelerator, claim, fast, model, parts.step_model, optimizer, splits,
-               parts.train_loader, parts.eval_loader, parts.input_name, run_log,
+               parts.train_loader, parts.eval_loader, parts.input_name, parts.eval_input_name, run_log,
                SaveSchedule(cfg.train.checkpoint_every_steps, cfg.train.checkpoint_every_minutes), position,
                steps_per_epoch, total_steps, startup, step=position["step"])
 
@@ -421,7 +422,7 @@ def end_of_epoch_record(r: Run, epoch: int, totals: Totals, train_time: float, i
     """The epoch's line of metrics.jsonl: global training totals and a full evaluation."""
     sums = totals.global_values(r.accelerator)
     eval_start = time.perf_counter()
-    metrics, r.per_class_acc = evaluate(r.model, r.eval_loader, r.accelerator, r.splits.class_names, r.input_name)
+    metrics, r.per_class_acc = evaluate(r.model, r.eval_loader, r.accelerator, r.splits.class_names, r.eval_input_name)
     return {"epoch": epoch, "step": r.step, "train_loss": sums["loss_sum"] / sums["count"],
             "train_acc": sums["correct"] / sums["count"], **metrics, "train_time_s": round(train_time, 3),
             "eval_time_s": round(time.perf_counter() - eval_start, 3),

@@ -9,7 +9,6 @@ neither of which can be done through a trainer subprocess.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -20,7 +19,7 @@ from accelerate.state import AcceleratorState
 
 from cifar_dist.config import BatchPlan, DataConfig, ModelConfig, OptimConfig, SpeedConfig, TrainConfig, plan_batches
 from cifar_dist.data import CifarSplits, build_dataloaders, build_splits
-from cifar_dist.feature_cache import build_feature_cache
+from cifar_dist.feature_cache import cache_for_run
 from cifar_dist.model import ResNet50Classifier, convert_sync_batchnorm
 from cifar_dist.speed import (
     FastPath,
@@ -37,7 +36,8 @@ from cifar_dist.steps import train_step
 @dataclass
 class Assembled:
     """What ``assemble`` returns: the prepared model and optimizer, what the step calls, and the loaders, which
-    serve images, or with the feature cache the frozen stages' output (``input_name`` says which)."""
+    serve images, or with the feature cache the frozen stages' output (``input_name`` and ``eval_input_name``
+    say which)."""
 
     model: torch.nn.Module
     step_model: object
@@ -46,7 +46,8 @@ class Assembled:
     train_loader: object
     eval_loader: object
     input_name: str
-    feature_cache_s: float  # seconds build_feature_cache took (0 without the cache)
+    eval_input_name: str
+    feature_cache_s: float  # seconds the feature cache took to build (0 without one)
 
 
 def assemble(accelerator, model: torch.nn.Module, splits: CifarSplits, plan: BatchPlan, fast: FastPath,
@@ -67,19 +68,18 @@ def assemble(accelerator, model: torch.nn.Module, splits: CifarSplits, plan: Bat
         model = accelerator.prepare_model(model, evaluation_mode=True)
         optimizer = accelerator.prepare_optimizer(optimizer)
     # With the cache the loaders serve the frozen stages' output instead of images, in the same order.
-    input_name, data, cache_s = "images", splits, 0.0
-    if speed.cache_frozen_features:
-        input_name = "features"
-        sync_device(accelerator.device)
-        start = time.perf_counter()
-        data = dataclasses.replace(splits, **dict(zip(("train", "test"), build_feature_cache(
-            accelerator.unwrap_model(model), splits, accelerator, eval_batch_size, speed.feature_cache_location))))
-        sync_device(accelerator.device)
-        cache_s = time.perf_counter() - start
+    sync_device(accelerator.device)
+    start = time.perf_counter()
+    data, fast = cache_for_run(accelerator.unwrap_model(model), splits, accelerator, eval_batch_size, speed, fast)
+    sync_device(accelerator.device)
+    cache_s = time.perf_counter() - start if fast.features_cached else 0.0
+    input_name, eval_input_name = ("features" if name in fast.features_cached else "images"
+                                   for name in ("train", "test"))
     train_loader, eval_loader = accelerator.prepare(*build_dataloaders(data, plan, eval_batch_size, seed=seed))
     step_model, fast = compile_for_training(model, fast, data.train, plan.per_device_batch_size, accelerator,
                                             input_name)
-    return Assembled(model, step_model, optimizer, fast, train_loader, eval_loader, input_name, cache_s)
+    return Assembled(model, step_model, optimizer, fast, train_loader, eval_loader, input_name, eval_input_name,
+                     cache_s)
 
 
 @dataclass

@@ -26,18 +26,18 @@ def test_bench_reports_every_cpu_variant_the_floor_and_the_end_to_end_runs(tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert [r["variant"] for r in report["results"]] == ["straight_port", "eager", "channels_last", "cached_trunk",
-                                                          "eval", "host"]
+                                                          "eval", "eval_cached", "host"]
     assert all(r["images_per_s"] > 0 for r in report["results"])
     assert report["results"][0]["vs_straight_port"] == 1.0
     assert report["device"] and report["torch"] and report["precision"] == "fp32"
-    assert "| straight_port |" in proc.stdout and "| eval |" in proc.stdout
+    assert "| straight_port |" in proc.stdout and "| eval |" in proc.stdout and "| eval_cached |" in proc.stdout
 
     floor = report["compute_floor"]
     # At 32 px the trunk (conv1..layer3) is ~80% of a forward pass, as at 224 px; training layer4 + head adds
     # its backward. The cached workload runs the trunk once instead of ten times.
     assert 0 < floor["trunk_gflop_per_image"] < floor["train_step_gflop_per_image"]
-    assert floor["workload_cached_pflop"] < floor["workload_pflop"]
-    assert floor["floor_s"] > floor["floor_cached_s"] > 0
+    assert floor["workload_cached_pflop"] < floor["workload_eval_cached_pflop"] < floor["workload_pflop"]
+    assert floor["floor_s"] > floor["floor_eval_cached_s"] > floor["floor_cached_s"] > 0
     assert "compute floor of 10 epochs x (50,000 + 10,000) images" in proc.stdout
 
     # One checkpoint of the recipe's model: ~103 MB of weights + ~137 MB of Adam moments (layer4 + head).
@@ -60,7 +60,7 @@ def test_bench_times_the_trainers_own_step_optimizer_cache_and_evaluate(monkeypa
     """In-process, counting calls: every variant but the straight port is built by trainer_parts (the trainer's
     optimizer builder, feature cache and compile path) and driven through the trainer's train_step and evaluate
     (cifar_dist.steps); nothing in the benchmark steps a model itself."""
-    from cifar_dist import bench, steps, trainer, trainer_parts
+    from cifar_dist import bench, feature_cache, steps, trainer, trainer_parts
 
     assert trainer_parts.train_step is steps.train_step is trainer.train_step
     assert bench.evaluate is steps.evaluate is trainer.evaluate
@@ -74,17 +74,19 @@ def test_bench_times_the_trainers_own_step_optimizer_cache_and_evaluate(monkeypa
             return original(*args, **kwargs)
         monkeypatch.setattr(module, name, inner)
 
-    for name in ("train_step", "build_optimizer", "build_feature_cache", "compile_for_training",
-                 "prepare_model_layout"):
+    for name in ("train_step", "build_optimizer", "compile_for_training", "prepare_model_layout"):
         counted(trainer_parts, name)
+    counted(feature_cache, "build_feature_cache")
     counted(bench, "evaluate")
     try:
-        bench.main([*TINY_BENCH, "--variants", "eager", "cached_trunk", "eval", "--no-floor", "--no-checkpoint"])
+        bench.main([*TINY_BENCH, "--variants", "eager", "cached_trunk", "eval", "eval_cached", "--no-floor",
+                    "--no-checkpoint"])
     finally:
         trainer_parts.reset()
-    # eager and cached_trunk: 1 warm-up + 2 timed steps each; eval: a warm-up pass and the timed pass.
-    assert calls == {"train_step": 6, "build_optimizer": 3, "build_feature_cache": 1, "compile_for_training": 3,
-                     "prepare_model_layout": 3, "evaluate": 2}
+    # eager and cached_trunk: 1 warm-up + 2 timed steps each; eval and eval_cached: a warm-up pass and the timed
+    # pass each; the cache is built for cached_trunk (both splits) and eval_cached (the test split).
+    assert calls == {"train_step": 6, "build_optimizer": 4, "build_feature_cache": 2, "compile_for_training": 4,
+                     "prepare_model_layout": 4, "evaluate": 4}
 
 
 def test_bench_measures_communication_under_torchrun(tmp_path, test_env):

@@ -38,8 +38,20 @@ def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path):
     assert cfg.train.global_batch_size == 32  # untouched default
 
 
+def test_yes_and_no_in_yaml_are_the_choices_not_booleans(tmp_path):
+    # YAML 1.1 (PyYAML) reads unquoted yes/no/on/off as booleans; for an auto/yes/no setting they mean the words.
+    path = tmp_path / "run.yaml"
+    path.write_text("speed: {compile_step: yes, channels_last: no, fused_adam: off}\ncache_eval_features: on\n")
+    speed = parse_config(["--config", str(path)]).speed
+    assert (speed.compile_step, speed.channels_last, speed.fused_adam, speed.cache_eval_features) == \
+        ("yes", "no", "no", "yes")
+    path.write_text("log_model: yes\n")  # a real boolean setting stays one
+    assert parse_config(["--config", str(path)]).tracking.log_model is True
+
+
 def test_written_config_reloads_to_the_same_config(tmp_path):
-    cfg = parse_config(["--num-epochs", "2", "--max-steps", "7", "--weights", "none", "--lr", "2e-4"])
+    cfg = parse_config(["--num-epochs", "2", "--max-steps", "7", "--weights", "none", "--lr", "2e-4",
+                        "--compile-step", "yes", "--cache-eval-features", "no"])
     save_config(cfg, tmp_path / "config.yaml")
     assert parse_config(["--config", str(tmp_path / "config.yaml")]) == cfg
     assert set(yaml.safe_load((tmp_path / "config.yaml").read_text())) == {"data", "model", "optim", "train",
@@ -160,6 +172,10 @@ def test_yaml_merge_keys_may_be_overridden(tmp_path):
     ("speed: {compile_step: maybe}\n", "--compile-step 'maybe': expected one of auto, yes, no"),
     ("ddp_bucket_mb: 0\n", "--ddp-bucket-mb must be positive, got 0"),
     ("cache_frozen_features: true\nfreeze_until: none\n", "--cache-frozen-features: nothing is frozen"),
+    ("cache_eval_features: yes\nfreeze_until: none\n", "--cache-eval-features yes: nothing is frozen"),
+    ("cache_eval_features: no\ncache_frozen_features: true\n", "--cache-eval-features no contradicts "
+                                                                "--cache-frozen-features"),
+    ("cache_eval_features: maybe\n", "--cache-eval-features 'maybe': expected one of auto, yes, no"),
     ("- 1\n- 2\n", "expected a mapping"),
     ("num_epochs: [\n", "not valid YAML (expected the node content, but found '<stream end>' on line 2)"),
 ])

@@ -107,11 +107,13 @@ def test_two_processes_equal_the_two_process_trainer(test_env, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_checkpoint_of_a_feature_cache_run(test_env, tmp_path):
-    # The run trained and evaluated from cached trunk features; evaluating its epoch-end checkpoint goes the
-    # same way and lands beside the run, in eval-<checkpoint>.
+@pytest.mark.parametrize("flags", [["--cache-frozen-features"], ["--cache-eval-features", "yes"]],
+                         ids=["train_and_eval", "eval"])
+def test_a_checkpoint_of_a_feature_cache_run(test_env, tmp_path, flags):
+    # The run evaluated from cached trunk features; evaluating its epoch-end checkpoint goes the same way and
+    # lands beside the run, in eval-<checkpoint>.
     out = tmp_path / "run"
-    run_train(test_env, [*RUN, "--cache-frozen-features", "--output-dir", str(out)])
+    run_train(test_env, [*RUN, *flags, "--output-dir", str(out)])
     checkpoint = out / "checkpoints" / "step-00000008"
     proc = launch(test_env, "cifar_dist.evaluate", [str(checkpoint)])
     report = json.loads((out / "eval-step-00000008" / "eval.json").read_text())

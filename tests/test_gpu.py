@@ -123,6 +123,8 @@ def test_the_default_path_on_cuda_is_the_compiled_fast_path(compiled_run):
     assert adam_implementation(compiled_run["parts"].optimizer) == "fused"
     assert fast.compiled.cudagraph_skips == 0, fast.compiled.skip_reasons
     assert "CUDA graphs recorded" in fast.describe()
+    # Evaluation reads the test images' frozen-stage features, computed once (--cache-eval-features auto).
+    assert fast.features_cached == ("test",) and compiled_run["parts"].eval_input_name == "features"
     # Steady state: nothing recompiled, no new graph break, no CUDA graph skipped after the warm-up.
     assert compiled_run["after_warmup"] == {"recompiles_after_warmup": 0, "graph_breaks_after_warmup": 0,
                                             "cudagraph_skips_after_warmup": 0}
@@ -173,12 +175,31 @@ def test_steady_steps_and_the_eval_loop_never_wait_for_the_device(compiled_run):
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            metrics, _ = evaluate(parts.model, eval_batches, parts.accelerator, parts.class_names)
+            metrics, _ = evaluate(parts.model, eval_batches, parts.accelerator, parts.class_names,
+                                  parts.eval_input_name)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     waits = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
     assert len(waits) == 2, waits  # the two reads of the result at the end (totals, per-class counts)
     assert metrics["val_num_samples"] == EVAL_IMAGES
+
+
+def test_evaluation_from_cached_features_matches_evaluation_from_images(splits, backbone):
+    results = {}
+    for choice in ("no", "yes"):  # the same weights: both built from the backbone and the same seed
+        parts = build(splits, backbone, speed=SpeedConfig(compile_step="no", cache_eval_features=choice))
+        try:
+            results[choice] = evaluate(parts.model, parts.eval_loader, parts.accelerator, parts.class_names,
+                                       parts.eval_input_name)[0]
+        finally:
+            trainer_parts.reset()
+    images, features = results["no"], results["yes"]
+    print(f"evaluation from cached features vs images: val_loss {features['val_loss']:.5f} vs "
+          f"{images['val_loss']:.5f}, val_acc {features['val_acc']:.4f} vs {images['val_acc']:.4f}")
+    assert features["val_num_samples"] == images["val_num_samples"] == EVAL_IMAGES
+    # bf16 either way; the features only skip recomputing the trunk (layer4 may pick other kernels for them).
+    assert features["val_loss"] == pytest.approx(images["val_loss"], rel=1e-2)
+    assert abs(features["val_acc"] - images["val_acc"]) <= 0.01
 
 
 def test_feature_cache_matches_the_plain_path(splits, backbone, compiled_run):

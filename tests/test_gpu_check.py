@@ -39,14 +39,15 @@ def test_the_whole_check_on_the_cpu_reports_every_step_and_fails_for_want_of_a_g
     assert report["torch"] and report["datasets"] and report["card"] and report["cuda"] is None
     assert report["host_cpu"] and report["host_cores"] >= 1
 
-    for name in ("train_default", "train_cache"):
+    for name, cached in (("train_default", ""), ("train_cache", "; frozen-stage features cached")):
         run = steps[name]
         assert run["ok"] and run["optimizer_steps"] == 4 and run["train_images_per_s"] > 0
         # Checkpoints at steps 2 and 4 (mid-epoch), then the epoch end: each timed, with its size.
         assert run["checkpoints"] == 3 and run["checkpoint_mean_s"] > 0 and run["checkpoint_mb"] > 200
         assert 0 < run["launch_to_first_step_s"] < run["seconds"] and run["peak_host_rss_gib"] > 0
         assert "peak_gpu_memory_gib" not in run and run["missing"] == []
-        assert run["step"]["fast_path"] == "plain eager step" and run["step"]["compiled_step"] is False
+        assert run["step"]["fast_path"] == "plain eager step" + cached and run["step"]["compiled_step"] is False
+        assert run["step"]["features_cached"] == (["train", "test"] if cached else [])
         assert run["startup_s"]["data"] > 0 and run["startup_line"].startswith("start-up: ")
     assert steps["train_cache"]["feature_cache_line"].startswith("feature cache: 256 train + 64 test images")
     bench = steps["bench"]["report"]

@@ -13,12 +13,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import conftest
 from cifar_dist import trainer_parts
 from cifar_dist.config import ModelConfig, SpeedConfig, UserError
-from cifar_dist.feature_cache import DEVICE_HEADROOM_BYTES, check_cacheable, choose_location
+from cifar_dist.feature_cache import (
+    DEVICE_HEADROOM_BYTES,
+    DEVICE_IF_FITS,
+    cache_for_run,
+    check_cacheable,
+    choose_location,
+)
 from cifar_dist.model import ResNet50Classifier
 from cifar_dist.speed import adam_implementation, compile_for_training, match_optimizer_to_run, resolve_fast_path
 from cifar_dist.steps import evaluate, train_step
@@ -30,6 +37,7 @@ OPTIONS = {
     "fused_adam": ["--fused-adam", "yes"],
     "compiled": ["--compile-step", "yes"],
     "cache": ["--cache-frozen-features"],
+    "eval_cache": ["--cache-eval-features", "yes"],
 }
 GiB = 2**30
 
@@ -61,14 +69,18 @@ def test_each_speed_option_trains_the_same_weights(float64_runs, initial_weights
 @pytest.mark.slow
 def test_the_run_header_says_what_the_step_uses(float64_runs):
     _, procs = float64_runs
-    assert "- step: plain eager step; --compile-step, --channels-last, --fused-adam auto: off on cpu" \
-        in procs["plain"].stdout
+    assert ("- step: plain eager step; --compile-step, --channels-last, --fused-adam, --cache-eval-features auto: "
+            "off on cpu") in procs["plain"].stdout
     # Compiled before training, by a warm-up whose effects are undone (the weights still match the plain path's).
     assert re.search(r"- step: compiled step \(torch.compile reduce-overhead; compiled in \d+\.\d s: 1 graph, 0 graph "
                      r"breaks, no CUDA graphs on cpu\); ", procs["compiled"].stdout), procs["compiled"].stdout
     assert "- step: plain eager step; frozen-stage features cached" in procs["cache"].stdout
     # 256 train + 100 test images, layer3's output at 32 px (1024 x 2 x 2) in float64.
     assert "feature cache: 256 train + 100 test images -> 1024x2x2 float64 per image" in procs["cache"].stdout
+    # Evaluation alone from cached features: the test split's, once, before training.
+    assert ("- step: plain eager step; evaluation from the test images' cached frozen-stage features"
+            in procs["eval_cache"].stdout)
+    assert "feature cache: 100 test images -> 1024x2x2 float64 per image" in procs["eval_cache"].stdout
 
 
 @pytest.mark.slow
@@ -242,6 +254,36 @@ def test_cache_location_on_cpu_is_host_memory():
     assert choose_location("device", GiB, torch.device("cpu"), None, 2 * GiB) == "host"
 
 
+@pytest.mark.parametrize("device, device_free, expected", [
+    ("cuda", 11 * GiB, "device"),
+    ("cuda", 9 * GiB, None),  # fits, but leaves less than the headroom to train: not cached, and no error
+    ("cpu", None, None),
+])
+def test_a_cache_worth_having_only_in_device_memory(device, device_free, expected):
+    assert choose_location(DEVICE_IF_FITS, 4 * GiB, torch.device(device), device_free, 100 * GiB) == expected
+
+
+def test_evaluation_cache_under_auto_is_skipped_with_a_note_where_device_memory_cannot_hold_it():
+    # On the CPU no device memory holds it; the same path as a GPU too full for it.
+    splits = trainer_parts.synthetic_splits(4, 8)
+    model = _model("layer4").train()
+    wanted = dataclasses.replace(resolve_fast_path(SpeedConfig(), torch.device("cpu"), "no", 1), eval_cache=True)
+    accelerator = Accelerator(cpu=True)
+    data, fast = cache_for_run(model, splits, accelerator, 4, SpeedConfig(), wanted)
+    assert data is splits and fast.features_cached == ()
+    assert fast.notes[-1] == ("--cache-eval-features auto: off, the test images' frozen-stage features do not fit in "
+                              "device memory beside training (in host memory with 'yes')")
+    # With 'yes' it goes to host memory; the training images stay images.
+    data, fast = cache_for_run(model, splits, accelerator, 4, SpeedConfig(cache_eval_features="yes"), wanted)
+    assert fast.features_cached == ("test",) and data.train is splits.train
+    with torch.no_grad():  # computed in batches of 4, compared with one batch of 8: float32 rounding apart
+        torch.testing.assert_close(model.eval()(features=data.test.features), model(splits.test.images))
+    # Nothing frozen, nothing to cache.
+    data, fast = cache_for_run(_model("none"), splits, accelerator, 4, SpeedConfig(), wanted)
+    assert data is splits and fast.features_cached == () and fast.notes == wanted.notes
+    trainer_parts.reset()
+
+
 @pytest.mark.parametrize("choice, device_free, message", [
     ("device", 10 * GiB, "the feature cache needs 20.0 GiB, more than the 10.0 GiB free on cuda less 6 GiB for "
                          "training; use --feature-cache-location host"),
@@ -261,10 +303,18 @@ def test_fast_path_is_on_for_cuda_and_off_on_cpu_by_default():
         assert cuda.compile_step and cuda.channels_last and cuda.fused_adam
     cpu = resolve_fast_path(SpeedConfig(), torch.device("cpu"), "no", 1)
     assert not (cpu.compile_step or cpu.channels_last or cpu.fused_adam or cpu.bf16_grad_reduce)
-    assert cpu.notes == ["--compile-step, --channels-last, --fused-adam auto: off on cpu (on with 'yes')"]
-    forced = resolve_fast_path(SpeedConfig(compile_step="yes", channels_last="yes", fused_adam="yes"),
-                               torch.device("cpu"), "no", 1)
-    assert forced.compile_step and forced.channels_last and forced.fused_adam and not forced.notes
+    assert cpu.notes == ["--compile-step, --channels-last, --fused-adam, --cache-eval-features auto: off on cpu (on "
+                         "with 'yes')"]
+    assert not cpu.eval_cache and resolve_fast_path(SpeedConfig(cache_eval_features="yes"), torch.device("cpu"), "no",
+                                                    1).eval_cache
+    # --cache-frozen-features caches the test split too, whatever the device.
+    both = resolve_fast_path(SpeedConfig(cache_frozen_features=True), torch.device("cpu"), "no", 1)
+    assert both.eval_cache and both.notes == ["--compile-step, --channels-last, --fused-adam auto: off on cpu (on "
+                                              "with 'yes')"]
+    forced = resolve_fast_path(SpeedConfig(compile_step="yes", channels_last="yes", fused_adam="yes",
+                                           cache_eval_features="yes"), torch.device("cpu"), "no", 1)
+    assert forced.compile_step and forced.channels_last and forced.fused_adam and forced.eval_cache
+    assert not forced.notes
 
 
 def test_compile_auto_is_off_with_several_processes_or_gradient_accumulation(monkeypatch):
