@@ -30,6 +30,7 @@ from cifar_dist.cli import one_line_errors, parse_config
 # Exit codes (the README's table).
 EXIT_USER_ERROR = 2  # bad input or a busy output dir; nothing was changed
 EXIT_DIVERGED = 3  # the loss became NaN or inf
+EXIT_OUT_OF_MEMORY = 4  # the GPU ran out of memory; nothing was saved since the newest checkpoint
 EXIT_NO_SPACE = 74  # EX_IOERR: the disk filled up; the newest complete checkpoint is intact
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal with a checkpoint saved; run the same command to resume
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report it

@@ -8,7 +8,9 @@ checkpoint and resume exactly; SIGTERM/SIGUSR1 or a first Ctrl-C stop at a step 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import sys
 import time
@@ -45,8 +47,17 @@ from cifar_dist.tracking import (
     sample_predictions,
     tracker_backend,
 )
-from cifar_dist.train import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_STOPPED
+from cifar_dist.train import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OUT_OF_MEMORY, EXIT_STOPPED
 from cifar_dist.trainer_parts import assemble
+
+# What to change when the GPU runs out of memory, by what was running then. None of these settings changes what
+# the run computes, so a checkpoint resumes under the new value.
+LESS_MEMORY = {
+    "setting up": "lower --eval-batch-size (the feature cache is computed at it) or --per-device-batch-size "
+                  "(gradient accumulation keeps the global batch at 32), or free what other processes hold on the GPU",
+    "in a training step": "lower --per-device-batch-size (gradient accumulation keeps the global batch at 32)",
+    "in evaluation": "lower --eval-batch-size",
+}
 
 # How often (optimizer steps) the processes agree on whether to stop. Each check is one tiny all-reduce and
 # one wait for the device, so not every step; a signal is acted on within this many steps.
@@ -204,7 +215,8 @@ def run(cfg: Config, dtype: torch.dtype = torch.float32) -> list[dict]:
     startup.lap("preflight")
     stop = StopSignals()  # from here on a first Ctrl-C or SIGTERM waits for the next step boundary
     try:
-        r = setup(cfg, plan, claim, log_with, dtype, startup)
+        with out_of_memory_stops("setting up", claim.output_dir):
+            r = setup(cfg, plan, claim, log_with, dtype, startup)
         if stop.received:  # setup's end is the first boundary; there is nothing to save yet
             raise stopped(r, stop, "before training began", None)
         for epoch in range(r.position["epoch"], cfg.train.num_epochs + 1):
@@ -324,7 +336,8 @@ def train_one_epoch(r: Run, epoch: int, stop: StopSignals) -> None:
     meter = StepMeter(epoch_start)
     r.model.train()
     with tqdm(total=r.steps_per_epoch, initial=done, desc=f"epoch {epoch}/{cfg.train.num_epochs}", unit="step",
-              disable=no_progress_bar(accelerator), file=sys.stdout) as progress:
+              disable=no_progress_bar(accelerator), file=sys.stdout) as progress, \
+            out_of_memory_stops("in a training step", r.output_dir):
         for inputs, labels in loader:
             meter.batch_arrived()
             totals.add(train_step(r.model, r.step_model, inputs, labels, r.optimizer, accelerator, r.input_name))
@@ -422,7 +435,9 @@ def end_of_epoch_record(r: Run, epoch: int, totals: Totals, train_time: float, i
     """The epoch's line of metrics.jsonl: global training totals and a full evaluation."""
     sums = totals.global_values(r.accelerator)
     eval_start = time.perf_counter()
-    metrics, r.per_class_acc = evaluate(r.model, r.eval_loader, r.accelerator, r.splits.class_names, r.eval_input_name)
+    with out_of_memory_stops("in evaluation", r.output_dir):
+        metrics, r.per_class_acc = evaluate(r.model, r.eval_loader, r.accelerator, r.splits.class_names,
+                                            r.eval_input_name)
     return {"epoch": epoch, "step": r.step, "train_loss": sums["loss_sum"] / sums["count"],
             "train_acc": sums["correct"] / sums["count"], **metrics, "train_time_s": round(train_time, 3),
             "eval_time_s": round(time.perf_counter() - eval_start, 3),
@@ -474,6 +489,23 @@ def stopped(r: Run, stop: StopSignals, where: str, checkpoint: Path | None) -> T
     saved = f"saved {checkpoint}" if checkpoint else "nothing to save yet"
     return TrainingStopped(f"stopped by {stop.received or 'a signal to another process'} {where}; {saved}; "
                            "run the same command to resume", EXIT_INTERRUPTED if interrupted else EXIT_STOPPED)
+
+
+@contextlib.contextmanager
+def out_of_memory_stops(doing: str, output_dir: Path):
+    """The GPU running out of memory inside the block stops the run with one line: when, by how much, what to
+    change (LESS_MEMORY[doing]) and what is saved. Its traceback is dropped, and with it the memory it held."""
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        found = re.search(r"Tried to allocate ([\d.]+ \w+)\. GPU \d+ has a total capacity of ([\d.]+ \w+) of which "
+                          r"([\d.]+ \w+) is free", str(exc))
+        short = f" (another {found[1]} wanted, {found[3]} of {found[2]} free)" if found else ""
+        latest = find_latest(output_dir / CHECKPOINTS)
+        saved = (f"the newest checkpoint, {latest}, is intact: run again with that change to resume from it" if latest
+                 else "nothing was saved yet: run again with that change")
+        raise TrainingStopped(f"out of GPU memory {doing}{short}; {LESS_MEMORY[doing]}; {saved}",
+                              EXIT_OUT_OF_MEMORY) from None
 
 
 def check_health(r: Run, totals: Totals, stop: StopSignals) -> tuple[bool, bool]:

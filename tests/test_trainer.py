@@ -106,3 +106,51 @@ def test_the_process_age_is_read_from_proc_and_left_out_where_there_is_none(monk
     monkeypatch.setattr(trainer, "Path", lambda path: Path("/nonexistent") / path.lstrip("/"))
     assert trainer.process_age_s() is None
     assert "launch" not in trainer.StartUp().seconds
+
+
+# What the CUDA caching allocator says when it runs out (torch 2.x), cut short.
+CUDA_OUT_OF_MEMORY = ("CUDA out of memory. Tried to allocate 7.66 GiB. GPU 0 has a total capacity of 79.19 GiB of "
+                      "which 2.31 GiB is free. Including non-PyTorch memory, this process has 76.87 GiB memory in use.")
+
+
+@pytest.mark.parametrize("message, short", [
+    (CUDA_OUT_OF_MEMORY, " (another 7.66 GiB wanted, 2.31 GiB of 79.19 GiB free)"),
+    ("MPS backend out of memory", ""),  # another allocator's words: the line still says what to change
+])
+def test_running_out_of_gpu_memory_is_one_line_saying_what_to_change(tmp_path, message, short):
+    with pytest.raises(trainer.TrainingStopped) as info, trainer.out_of_memory_stops("setting up", tmp_path):
+        raise torch.OutOfMemoryError(message)
+    assert info.value.exit_code == 4 and info.value.__cause__ is None and info.value.__suppress_context__
+    assert str(info.value) == (f"out of GPU memory setting up{short}; lower --eval-batch-size (the feature cache is "
+                               "computed at it) or --per-device-batch-size (gradient accumulation keeps the global "
+                               "batch at 32), or free what other processes hold on the GPU; nothing was saved yet: run "
+                               "again with that change")
+    with trainer.out_of_memory_stops("in evaluation", tmp_path), pytest.raises(RuntimeError):
+        raise RuntimeError("anything else goes through")
+
+
+def test_running_out_of_gpu_memory_in_evaluation_stops_the_run_and_keeps_its_checkpoint(monkeypatch, tmp_path,
+                                                                                         capsys):
+    # The trainer's own path from evaluate to the exit code; a real out-of-memory is tests/test_gpu.py's.
+    from cifar_dist import train
+    from cifar_dist.checkpoint import checkpoint_problem
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError(CUDA_OUT_OF_MEMORY)
+
+    monkeypatch.setattr(trainer, "evaluate", out_of_memory)
+    out = tmp_path / "run"
+    try:
+        with pytest.raises(SystemExit) as info:
+            train.main(["--data-source", "synthetic", "--synthetic-train-samples", "128", "--synthetic-eval-samples",
+                        "16", "--image-size", "32", "--weights", "none", "--tracker", "none", "--max-steps", "3",
+                        "--checkpoint-every-steps", "2", "--output-dir", str(out)])
+    finally:
+        trainer_parts.reset()
+    assert info.value.code == 4
+    checkpoint = out / "checkpoints" / "step-00000002"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"cifar_dist.train: out of GPU memory in evaluation (another 7.66 GiB wanted, 2.31 GiB of 79.19 GiB free); "
+        f"lower --eval-batch-size; the newest checkpoint, {checkpoint}, is intact: run again with that change to "
+        f"resume from it")
+    assert checkpoint_problem(checkpoint) is None
