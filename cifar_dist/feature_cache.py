@@ -6,6 +6,8 @@ dropout, nothing trainable) are a fixed function of the image, so their output i
 produces under the run's autocast (bf16 under bf16: the very values the plain path hands to layer4), on the
 device when they fit, else in host memory. For the recipe at 224 px the trunk ends at layer3, 1024x14x14
 values per image: 20 GB for the 50,000 training images in bf16, 4 GB for the 10,000 test images.
+``--cache-eval-features`` (on by default on CUDA where it fits in device memory) caches the test images alone:
+every evaluation then runs layer4 and the head only, while training still runs the whole model.
 
 With several processes each computes a contiguous shard of the images and an all-gather fills every
 process's full copy: the data order (which image any process trains on at any step) stays exactly what it is
