@@ -43,7 +43,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 # Steps and their own time limits (seconds); each also stops where the overall budget ends.
 STEP_LIMITS = {"environment": 60, "data": 120, "train_default": 180, "train_cache": 150, "gpu_tests": 240,
-               "bench": 200, "profile": 90, "graphed": 150}
+               "bench": 200, "profile": 90, "graphed": 150, "end_to_end": 300}  # the last: with --end-to-end
 FIRST_STEPS = 20  # "time to the first steps": launch until this many optimizer steps have run
 TAIL_LINES = 25
 FACTS_ENV = "CIFAR_DIST_GPU_CHECK_FACTS"
@@ -320,6 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--graphed-args", default="--variants graphed graphed_compiled cached_graphed --steps 20 "
                         "--warmup 5 --no-floor --no-checkpoint",
                         help="flags of the benchmark run of the one-graph experiments (one string)")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="also time the recipe's whole workload, launch to final report, without and with the "
+                        "feature cache (the benchmark's --end-to-end: about 3 minutes on an H200); its compile "
+                        "cache is warm from the steps before, as for a user's second run")
+    parser.add_argument("--e2e-args", default="--variants eval_cached --steps 5 --warmup 2 --no-floor "
+                        "--no-checkpoint --end-to-end", help="flags of that benchmark run (one string)")
     parser.add_argument("--skip", nargs="*", default=[], choices=[s for s in STEP_LIMITS if s != "environment"])
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -358,6 +364,10 @@ def main(argv: list[str] | None = None) -> int:
             graphed_json = scratch / "graphed.json"
             check.run("graphed", [py, "-m", "cifar_dist.bench", *shlex.split(args.graphed_args), "--json",
                                   str(graphed_json)], parse_bench(graphed_json))
+        if args.end_to_end and "end_to_end" not in args.skip:
+            e2e_json = scratch / "e2e.json"
+            check.run("end_to_end", [py, "-m", "cifar_dist.bench", *shlex.split(args.e2e_args), "--json",
+                                     str(e2e_json)], parse_bench(e2e_json, "end_to_end"))
         header = {"started": started, "host": platform.node(), "skipped_steps": args.skip,
                   "command": os.environ.get(COMMAND_ENV) or shlex.join(["python", "-m", "cifar_dist.gpu_check", *argv]),
                   **{k: env.get(k) for k in ("card", "host_cpu", "host_cores", "cuda", "torch", "torchvision",
@@ -453,6 +463,12 @@ def render(report: dict) -> str:
 
         lines += ["", f"## The whole step as one CUDA graph, an experiment (`{graphed['command']}`)", "",
                   format_table(graphed["report"])]
+    e2e = steps.get("end_to_end", {})
+    if e2e.get("report"):
+        from cifar_dist.bench import format_table
+
+        lines += ["", f"## End to end, compile cache warm from the steps above (`{e2e['command']}`)", "",
+                  format_table(e2e["report"])]
     return "\n".join(lines) + "\n"
 
 

@@ -9,7 +9,9 @@
 #   - the benchmark at reduced steps (python -m cifar_dist.bench --steps 20 --warmup 5);
 #   - a profile of the compiled step: host or device, which sets the pace (cifar_dist/step_profile.py);
 #   - the whole step as one CUDA graph, with eager and with inductor's kernels, and from the feature cache
-#     (experiments, cifar_dist/graphed_step.py), to set beside the compiled steps.
+#     (experiments, cifar_dist/graphed_step.py), to set beside the compiled steps;
+#   - with --end-to-end (about 3 minutes more; raise --budget-s to match): the recipe's whole workload, launch to
+#     final report, without and with the feature cache, its compile cache warm from the steps before.
 # Writes gpu_check.json, gpu_check.md (the tables, with card, torch version and command) and gpu_check.log into
 # $OUT when it is set, else ./gpu_check_out. A step that fails is recorded and the next one runs; the exit status
 # is 1 if any failed. Extra arguments go to `python -m cifar_dist.gpu_check` (see its --help).

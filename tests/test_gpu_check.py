@@ -15,7 +15,10 @@ TINY_CHECK = ["--image-size", "32", "--train-images", "256", "--eval-images", "6
               ("--profile-args=--image-size 32 --steps 2 --warmup 1 --eval-batch-size 64 --no-floor --no-checkpoint "
                "--variants eager --profile eager"),
               # graphed is GPU-only: on the CPU its step records the benchmark's one-line refusal
-              "--graphed-args=--image-size 32 --steps 1 --warmup 1 --variants graphed --no-floor --no-checkpoint"]
+              "--graphed-args=--image-size 32 --steps 1 --warmup 1 --variants graphed --no-floor --no-checkpoint",
+              "--end-to-end", ("--e2e-args=--image-size 32 --steps 1 --warmup 1 --eval-batch-size 16 --variants eval "
+                               "--no-floor --no-checkpoint --end-to-end --e2e-epochs 1 --e2e-train-samples 64 "
+                               "--e2e-eval-samples 16")]
 
 
 @pytest.mark.slow
@@ -29,7 +32,7 @@ def test_the_whole_check_on_the_cpu_reports_every_step_and_fails_for_want_of_a_g
     report = json.loads((out / "gpu_check.json").read_text())
     steps = report["steps"]
     assert list(steps) == ["environment", "data", "train_default", "train_cache", "gpu_tests", "bench", "profile",
-                           "graphed"]
+                           "graphed", "end_to_end"]
     assert report["failed_steps"] == ["gpu_tests", "graphed"] and not report["ok"]
     assert steps["graphed"]["error"] == "exit code 2"
     assert steps["graphed"]["output_tail"][-1] == ("cifar_dist.bench: error: graphed: one CUDA graph for the whole "
@@ -63,6 +66,9 @@ def test_the_whole_check_on_the_cpu_reports_every_step_and_fails_for_want_of_a_g
     assert "\ndefault: start-up: " in md and "\ncache: start-up: " in md and ", feature cache " in md
     assert "checkpoint (the trainer's save_checkpoint" in md
     assert "## Where a step's time goes (" in md and "profile of eager, per step over 2 steps: wall " in md
+    e2e = {r["variant"]: r for r in steps["end_to_end"]["report"]["end_to_end"]}
+    assert set(e2e) == {"end_to_end", "end_to_end_cached"} and all(r["epochs"] == 1 for r in e2e.values())
+    assert "## End to end, compile cache warm from the steps above (" in md and "\nend_to_end_cached: " in md
     assert "0 passed, 0 failed, 0 errors, " in md
     assert "===== train_default: " in (out / "gpu_check.log").read_text()
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]
