@@ -108,6 +108,7 @@ class Totals:
         self.sums = torch.zeros(len(self.NAMES), device=device, dtype=torch.float64)
         if saved:
             self.sums[:3] = torch.tensor(saved, dtype=torch.float64)
+        self._copied: HostCopy | None = None
 
     def add(self, stats: torch.Tensor) -> None:
         self.sums += stats
@@ -115,6 +116,29 @@ class Totals:
     def global_values(self, accelerator) -> dict[str, float]:
         """Summed over all processes (a collective: every process calls it at the same step)."""
         return dict(zip(self.NAMES, accelerator.reduce(self.sums.clone(), reduction="sum").tolist()))
+
+    def nonfinite(self, wait: bool = True) -> bool:
+        """Whether a non-finite loss was summed in on this process. Reading it waits for a GPU, unless ``wait``
+        is False: then the flag is copied to the host without waiting and read at the next call, when the GPU
+        has long produced it, so the answer is as of the previous call."""
+        if wait or self.sums.device.type != "cuda":
+            return bool(self.sums[3].item())
+        previous, self._copied = self._copied, HostCopy(self.sums[3])
+        return previous is not None and bool(previous.value())
+
+
+class HostCopy:
+    """A device value on its way to the host, the host not waiting for it."""
+
+    def __init__(self, value: torch.Tensor):
+        self.copy = value.to("cpu", non_blocking=True)  # from a GPU into pinned memory, asynchronously
+        self.done = torch.cuda.Event()
+        self.done.record()
+
+    def value(self) -> float:
+        if not self.done.query():  # (recorded a check ago, so long done)
+            self.done.synchronize()
+        return self.copy.item()
 
 
 class StartUp:
@@ -351,10 +375,11 @@ def train_one_epoch(r: Run, epoch: int, stop: StopSignals) -> None:
             mid_epoch = done < r.steps_per_epoch
             save_due, stopping = mid_epoch and r.schedule.due_at(r.step), False
             if save_due or r.step % CHECK_EVERY_STEPS == 0:
-                stopping, time_due = check_health(r, totals, stop)
+                stopping, time_due = check_health(r, totals, stop, wait=False)
                 save_due = save_due or (mid_epoch and time_due)
             if save_due or stopping:  # timed apart, so that images/s and the data wait measure training alone
                 save_start = time.perf_counter()
+                stopping = check_health(r, totals, stop)[0] or stopping  # no checkpoint after a non-finite loss
                 path = save(r, epoch, done, totals)
                 save_s = time.perf_counter() - save_start
                 meter.leave_out(save_s)
@@ -508,12 +533,21 @@ def out_of_memory_stops(doing: str, output_dir: Path):
                               EXIT_OUT_OF_MEMORY) from None
 
 
-def check_health(r: Run, totals: Totals, stop: StopSignals) -> tuple[bool, bool]:
+def check_health(r: Run, totals: Totals, stop: StopSignals, wait: bool = True) -> tuple[bool, bool]:
     """All processes agree whether the loss went non-finite (raises), whether to stop (a signal arrived
-    somewhere) and whether a time-based checkpoint is due (any process's clock says so)."""
-    flags = r.accelerator.reduce(torch.stack([
-        totals.sums[3].clamp(max=1), totals.sums.new_tensor(stop.received is not None),
-        totals.sums.new_tensor(r.schedule.time_vote())]), reduction="sum").tolist()
+    somewhere) and whether a time-based checkpoint is due (any process's clock says so).
+
+    Agreeing means reading a collective's result, which waits for the GPU. A lone process has no one to agree
+    with: its signal and clock are on the host, and with ``wait`` False it reads the loss flag one check late
+    (Totals.nonfinite), so that its steady steps never wait and the GPU never runs dry behind a waiting host.
+    Every checkpoint is preceded by a check that waits: none holds weights a non-finite loss produced.
+    """
+    if r.accelerator.num_processes == 1:
+        flags = [totals.nonfinite(wait), stop.received is not None, r.schedule.time_vote()]
+    else:
+        flags = r.accelerator.reduce(torch.stack([
+            totals.sums[3].clamp(max=1), totals.sums.new_tensor(stop.received is not None),
+            totals.sums.new_tensor(r.schedule.time_vote())]), reduction="sum").tolist()
     if flags[0]:
         latest = find_latest(r.output_dir / CHECKPOINTS)
         raise TrainingStopped(f"training loss became NaN or inf by step {r.step}; nothing was saved after it "

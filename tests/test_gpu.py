@@ -188,6 +188,26 @@ def test_steady_steps_and_the_eval_loop_never_wait_for_the_device(compiled_run):
     assert metrics["val_num_samples"] == EVAL_IMAGES
 
 
+def test_a_lone_process_reads_the_loss_flag_a_check_late_without_waiting():
+    """The trainer's 10-step health check with one process: the non-finite-loss flag is copied to the host
+    without waiting and read at the next check."""
+    from cifar_dist.trainer import Totals
+
+    totals = Totals(torch.device("cuda"))
+    bad_step = torch.tensor([float("nan"), 0, 32, 1], dtype=torch.float64, device="cuda")  # [loss, ..., non-finite]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising CUDA call raises
+    try:
+        first = totals.nonfinite(wait=False)  # nothing was copied before
+        totals.add(bad_step)
+        second = totals.nonfinite(wait=False)  # the copy made before the bad step
+        third = totals.nonfinite(wait=False)  # the copy made at the last call
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert (first, second, third) == (False, False, True)
+    assert totals.nonfinite()  # waiting: as of now
+
+
 def test_evaluation_from_cached_features_matches_evaluation_from_images(splits, backbone):
     results = {}
     for choice in ("no", "yes"):  # the same weights: both built from the backbone and the same seed

@@ -154,3 +154,12 @@ def test_running_out_of_gpu_memory_in_evaluation_stops_the_run_and_keeps_its_che
         f"lower --eval-batch-size; the newest checkpoint, {checkpoint}, is intact: run again with that change to "
         f"resume from it")
     assert checkpoint_problem(checkpoint) is None
+
+
+def test_the_loss_flag_on_the_cpu_is_read_at_once_whether_or_not_the_check_may_wait():
+    # Reading a CPU tensor waits for nothing, so the check a GPU makes a step late is immediate here.
+    totals = trainer.Totals(torch.device("cpu"))
+    assert not totals.nonfinite(wait=False) and not totals.nonfinite()
+    totals.add(torch.tensor([float("nan"), 0, 32, 1], dtype=torch.float64))
+    assert totals.nonfinite(wait=False) and totals.nonfinite()
+    assert totals.global_values(Accelerator(cpu=True))["count"] == 32
