@@ -131,7 +131,9 @@ class HostCopy:
     """A device value on its way to the host, the host not waiting for it."""
 
     def __init__(self, value: torch.Tensor):
-        self.copy = value.to("cpu", non_blocking=True)  # from a GPU into pinned memory, asynchronously
+        # Into pinned memory: only from there does a copy leave the host free (from pageable memory it waits).
+        self.copy = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+        self.copy.copy_(value, non_blocking=True)
         self.done = torch.cuda.Event()
         self.done.record()
 
