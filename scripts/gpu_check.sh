@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU acceptance run of cifar_dist, one command: 4.3 minutes on one H200 before the last two steps, which are
-# experiments not yet timed on a GPU (give --budget-s 480 so that the default budget does not cut them):
-#   - the GPU tests (tests/test_gpu.py: compiled vs eager, accumulation, no host syncs, feature cache, BatchNorm
-#     counters, resume under other speed options);
+# experiments not yet timed on a GPU, and GPU tests added since (give --budget-s 540 so that the default
+# budget does not cut them):
+#   - the GPU tests (tests/test_gpu.py: compiled vs eager, accumulation, no host syncs, feature caches, BatchNorm
+#     counters, resume under other speed options, a real out-of-memory);
 #   - the trainer with default flags and with --cache-frozen-features on synthetic data of CIFAR-100's size
 #     (50,000 + 10,000 images) at 224 px, 500 steps each: images/s, time to the first steps (compile),
 #     checkpoint seconds, peak GPU memory, what was compiled;
