@@ -379,9 +379,11 @@ def train_one_epoch(r: Run, epoch: int, stop: StopSignals) -> None:
             if save_due or r.step % CHECK_EVERY_STEPS == 0:
                 stopping, time_due = check_health(r, totals, stop, wait=False)
                 save_due = save_due or (mid_epoch and time_due)
-            if save_due or stopping:  # timed apart, so that images/s and the data wait measure training alone
-                save_start = time.perf_counter()
-                stopping = check_health(r, totals, stop)[0] or stopping  # no checkpoint after a non-finite loss
+            if save_due or stopping:
+                # Waits, so the GPU's queued steps count as training, not as the save; and no checkpoint follows
+                # a non-finite loss.
+                stopping = check_health(r, totals, stop)[0] or stopping
+                save_start = time.perf_counter()  # timed apart: images/s and the data wait measure training alone
                 path = save(r, epoch, done, totals)
                 save_s = time.perf_counter() - save_start
                 meter.leave_out(save_s)
