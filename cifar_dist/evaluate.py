@@ -259,8 +259,8 @@ def evaluate_model(found: TrainedModel, args):
     if accelerator.device.type == "cuda":
         splits = splits.to(accelerator.device)
     model = accelerator.prepare(prepare_model_layout(model, fast))
-    loader, input_name, labels = build_eval_loader(found, model, splits, args.split, accelerator, eval_batch_size,
-                                                 fast)
+    loader, input_name, labels = build_eval_loader(found, model, splits, args.split, accelerator,
+                                                   eval_batch_size, fast)
     gather = GatherLogits(accelerator)
     hook = accelerator.unwrap_model(model).register_forward_hook(gather)
     start = time.perf_counter()

@@ -59,8 +59,9 @@ LESS_MEMORY = {
     "in evaluation": "lower --eval-batch-size",
 }
 
-# How often (optimizer steps) the processes agree on whether to stop. Each check is one tiny all-reduce and
-# one wait for the device, so not every step; a signal is acted on within this many steps.
+# How often (optimizer steps) the processes agree on whether to stop. With several processes each check is one
+# tiny all-reduce and one wait for the device, so not every step (a lone process's waits for nothing: see
+# check_health); a signal is acted on within this many steps.
 CHECK_EVERY_STEPS = 10
 
 
