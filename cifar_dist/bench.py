@@ -10,10 +10,11 @@ Every variant but straight_port is the trainer's own step: cifar_dist/trainer_pa
 functions cifar_dist.train.setup uses (fast path, layout, optimizer, loaders, feature cache, compilation) and
 drives it through cifar_dist.train.train_step (eval: its evaluate). In one process, warm-up not timed:
   straight_port   the plain PyTorch port: PIL resize to the image size in DataLoader workers, float32, eager
-  eager           the trainer with --compile-step no --channels-last no --fused-adam no: uint8 batches on the
-                  device, resize + normalise in the model, autocast under bf16
-  channels_last   eager + --channels-last yes --fused-adam yes
+  eager           the trainer with --compile-step no --channels-last no --fused-adam no --cudnn-benchmark no:
+                  uint8 batches on the device, resize + normalise in the model, autocast under bf16
+  channels_last   eager + --channels-last yes --fused-adam yes (and cuDNN's autotuning, auto: on a GPU)
   compiled        channels_last + --compile-step yes (CUDA graphs; compile s: the trainer's warm-up); GPU only
+  compiled_heuristic  compiled with --cudnn-benchmark no: cuDNN's own choice of algorithm; GPU only
   graphed         an experiment: channels_last's model and Adam settings with the whole step (forward, loss,
                   backward, capturable fused Adam) as one CUDA graph (cifar_dist/graphed_step.py); GPU only
   graphed_compiled the same with the model compiled by inductor inside the graph (its fused kernels, without the
@@ -73,22 +74,25 @@ from cifar_dist.speed import resolve_mixed_precision, sync_device
 from cifar_dist.step_profile import format_profile, profile_steps
 from cifar_dist.steps import evaluate
 
-VARIANTS = ("straight_port", "eager", "channels_last", "compiled", "graphed", "graphed_compiled", "cached_trunk",
-            "cached_compiled", "cached_graphed", "eval", "eval_cached", "host", "ddp")
+VARIANTS = ("straight_port", "eager", "channels_last", "compiled", "compiled_heuristic", "graphed", "graphed_compiled",
+            "cached_trunk", "cached_compiled", "cached_graphed", "eval", "eval_cached", "host", "ddp")
 EVALS = ("eval", "eval_cached")
 # The one-graph experiments (cifar_dist/graphed_step.py), and whether each compiles the model inside the graph.
 GRAPHED = {"graphed": False, "graphed_compiled": True, "cached_graphed": True}
-GPU_ONLY = ("compiled", "cached_compiled", *GRAPHED)  # CUDA graphs; on a CPU only when named
+GPU_ONLY = ("compiled", "compiled_heuristic", "cached_compiled", *GRAPHED)  # CUDA graphs; on a CPU only when named
 ONLY_WHEN_NAMED = (*GRAPHED, "ddp")  # experiments, and the variant to run under torchrun
 # The workload the targets are about: the recipe's 10 epochs over CIFAR-100's 50,000 + 10,000 images.
 EPOCHS, TRAIN_IMAGES, EVAL_IMAGES = 10, 50_000, 10_000
 # The trainer's speed options (--compile-step, --channels-last, --fused-adam, --cache-frozen-features) each
 # variant is built with; 'yes' rather than 'auto', so that a variant that cannot run as named stops.
-# The training variants evaluate nothing, so none builds the evaluation's feature cache.
-OFF, FAST = ({"compile_step": "no", "channels_last": v, "fused_adam": v, "cache_eval_features": "no"}
-             for v in ("no", "yes"))
+# The training variants evaluate nothing, so none builds the evaluation's feature cache. cuDNN's autotuning is
+# left at the trainer's 'auto' (there is no cuDNN on a CPU); compiled_heuristic is the compiled step without it.
+OFF = {"compile_step": "no", "channels_last": "no", "fused_adam": "no", "cache_eval_features": "no",
+       "cudnn_benchmark": "no"}
+FAST = {"compile_step": "no", "channels_last": "yes", "fused_adam": "yes", "cache_eval_features": "no"}
 CACHED = {"cache_frozen_features": True, "cache_eval_features": "auto"}
-STEP_SPEED = {"eager": OFF, "channels_last": FAST, "compiled": {**FAST, "compile_step": "yes"}, "graphed": FAST,
+STEP_SPEED = {"eager": OFF, "channels_last": FAST, "compiled": {**FAST, "compile_step": "yes"},
+              "compiled_heuristic": {**FAST, "compile_step": "yes", "cudnn_benchmark": "no"}, "graphed": FAST,
               "graphed_compiled": FAST, "cached_graphed": {**FAST, **CACHED},
               "cached_trunk": {**OFF, **CACHED},
               "cached_compiled": {**FAST, "compile_step": "yes", **CACHED},
@@ -155,6 +159,7 @@ def _slowest(seconds: float, device) -> float:
 
 def bench_straight_port(images, labels, args, device) -> Result:
     """The plain PyTorch port, deliberately naive: its own model, Adam and loop, PIL resize in the workers."""
+    torch.backends.cudnn.benchmark = False  # torch's default, whichever variant ran before
     model = ResNet50Classifier(ModelConfig(weights="none"), args.image_size).to(device).train()
     model.preprocess = torch.nn.Identity()  # the port resizes and normalises on the CPU instead
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3, eps=1e-7)

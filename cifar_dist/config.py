@@ -198,6 +198,10 @@ class SpeedConfig(_Section):
         "layer4 + head gradients go in few all-reduces, as a 32-image backward leaves little to overlap them with")
     grad_reduce_dtype: GradReduceDtype = _field(
         "auto", "dtype of the gradient all-reduce between processes; auto: bf16 when training in bf16, else fp32")
+    cudnn_benchmark: AutoYesNo = _field(
+        "auto", "let cuDNN time its convolution algorithms on each new input shape and keep the fastest "
+        "(torch.backends.cudnn.benchmark; every batch of a run has one of a few shapes); auto: on CUDA unless "
+        "--deterministic")
 
     def validate(self):
         _positive(self, "ddp_bucket_mb")
@@ -222,6 +226,9 @@ class Config:
         if self.speed.cache_eval_features == "yes" and self.model.freeze_until == "none":
             raise UserError("--cache-eval-features yes: nothing is frozen (--freeze-until none), so there is nothing "
                             "to cache; freeze some stages or use --cache-eval-features auto")
+        if self.speed.cudnn_benchmark == "yes" and self.train.deterministic:
+            raise UserError("--cudnn-benchmark yes contradicts --deterministic: cuDNN's timed choice of algorithm can "
+                            "differ between a run and its resumption; drop one of them")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -242,7 +242,13 @@ def evaluate_model(found: TrainedModel, args):
     from accelerate import Accelerator
 
     from cifar_dist.data import build_splits
-    from cifar_dist.speed import device_name, prepare_model_layout, resolve_fast_path, resolve_mixed_precision
+    from cifar_dist.speed import (
+        apply_backends,
+        device_name,
+        prepare_model_layout,
+        resolve_fast_path,
+        resolve_mixed_precision,
+    )
     from cifar_dist.steps import evaluate
 
     cfg = found.config
@@ -253,7 +259,9 @@ def evaluate_model(found: TrainedModel, args):
     cpu = not torch.accelerator.is_available()
     precision = resolve_mixed_precision(args.mixed_precision or cfg.train.mixed_precision)
     accelerator = Accelerator(cpu=cpu, mixed_precision=precision)
-    fast = resolve_fast_path(cfg.speed, accelerator.device, precision, accelerator.num_processes)
+    fast = resolve_fast_path(cfg.speed, accelerator.device, precision, accelerator.num_processes,
+                             deterministic=cfg.train.deterministic)
+    apply_backends(fast)
     with accelerator.main_process_first():
         splits = build_splits(data_cfg, seed=cfg.train.seed)
     if accelerator.device.type == "cuda":

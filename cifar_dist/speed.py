@@ -72,6 +72,7 @@ class FastPath:
     grad_accum_steps: int = 1
     compiled: CompileReport | None = None  # set once the step is compiled and warmed up
     eval_cache: bool = False  # evaluate from the test images' cached frozen-stage features, if they fit
+    cudnn_benchmark: bool = False  # cuDNN times its convolution algorithms per input shape (set by apply_backends)
     features_cached: tuple[str, ...] = ()  # the splits whose frozen-stage features are cached, once built
 
     def describe(self) -> str:
@@ -82,6 +83,7 @@ class FastPath:
                      f"{report.graph_breaks} graph break{'s' * (report.graph_breaks != 1)}, {_cuda_graphs(report)}")
         on = [name for name, value in ((step + ")", self.compile_step), ("channels_last", self.channels_last),
                                        ("fused Adam", self.fused_adam),
+                                       ("cuDNN-autotuned convolutions", self.cudnn_benchmark),
                                        ("bf16 gradient all-reduce", self.bf16_grad_reduce)) if value]
         cached = {("train", "test"): "; frozen-stage features cached",
                   ("test",): "; evaluation from the test images' cached frozen-stage features"}
@@ -91,6 +93,7 @@ class FastPath:
         """What the run records beside its settings (W&B config): the step as it actually runs."""
         facts = {"fast_path": self.describe(), "compiled_step": self.compile_step, "channels_last": self.channels_last,
                  "fused_adam": self.fused_adam, "bf16_grad_reduce": self.bf16_grad_reduce,
+                 "cudnn_benchmark": self.cudnn_benchmark,
                  "features_cached": list(self.features_cached), "fast_path_notes": list(self.notes)}
         if self.compiled is not None:
             report = self.compiled
@@ -109,8 +112,9 @@ def _cuda_graphs(report: CompileReport) -> str:
 
 
 def resolve_fast_path(cfg: SpeedConfig, device: torch.device, mixed_precision: str, num_processes: int,
-                      grad_accum_steps: int = 1) -> FastPath:
-    """Turn the 'auto'/'yes'/'no' settings into decisions for ``device`` and this batch layout."""
+                      grad_accum_steps: int = 1, deterministic: bool = False) -> FastPath:
+    """Turn the 'auto'/'yes'/'no' settings into decisions for ``device``, this batch layout and, for cuDNN's
+    autotuning, whether the run asked for deterministic algorithms."""
     cuda = device.type == "cuda"
     notes = []
 
@@ -136,6 +140,7 @@ def resolve_fast_path(cfg: SpeedConfig, device: torch.device, mixed_precision: s
     fused_adam = decide("fused_adam", cfg.fused_adam, True, "")
     # --cache-frozen-features caches the test images' features with the training images'.
     eval_cache = cfg.cache_frozen_features or decide("cache_eval_features", cfg.cache_eval_features, True, "")
+    cudnn_benchmark = _decide_cudnn_benchmark(cfg.cudnn_benchmark, cuda, deterministic, notes)
     auto_names = ["compile_step", "channels_last", "fused_adam", *([] if eval_cache else ["cache_eval_features"])]
     auto_off = [f"--{name.replace('_', '-')}" for name in auto_names if getattr(cfg, name) == "auto" and not cuda]
     if auto_off:
@@ -143,7 +148,29 @@ def resolve_fast_path(cfg: SpeedConfig, device: torch.device, mixed_precision: s
     reduce = cfg.grad_reduce_dtype
     bf16_grad_reduce = num_processes > 1 and (reduce == "bf16" or (reduce == "auto" and mixed_precision == "bf16"))
     return FastPath(compile_step, channels_last, fused_adam, bf16_grad_reduce, notes, cfg.compile_step,
-                    grad_accum_steps, eval_cache=eval_cache)
+                    grad_accum_steps, eval_cache=eval_cache, cudnn_benchmark=cudnn_benchmark)
+
+
+def _decide_cudnn_benchmark(choice: str, cuda: bool, deterministic: bool, notes: list[str]) -> bool:
+    # Every training batch has one shape and evaluation two, so the timing costs a few calls per shape, once; the
+    # choice it makes can differ from process to process and launch to launch, hence never under --deterministic
+    # ('yes' with it is refused in Config). Nothing to say on a CPU under 'auto': cuDNN is CUDA's.
+    if choice == "no" or (choice == "auto" and not cuda):
+        return False
+    if not cuda:
+        notes.append("--cudnn-benchmark yes: off, cuDNN runs on CUDA GPUs only")
+        return False
+    if deterministic:
+        notes.append("--cudnn-benchmark auto: off with --deterministic (its timed choice of algorithm can differ "
+                     "between a run and its resumption)")
+        return False
+    return True
+
+
+def apply_backends(fast: FastPath) -> None:
+    """Process-wide backend switches the fast path decided; before the first convolution, so every shape is
+    timed under them. Set both ways: the benchmark builds variants with and without in one process."""
+    torch.backends.cudnn.benchmark = fast.cudnn_benchmark
 
 
 def _compile_support(device: torch.device) -> tuple[bool, str]:

@@ -286,7 +286,7 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
     output dir is written to only once all of them have loaded. ``startup`` times each phase."""
     mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision)
     fast = resolve_fast_path(cfg.speed, PartialState().device, mixed_precision, plan.num_processes,
-                             plan.grad_accum_steps)
+                             plan.grad_accum_steps, cfg.train.deterministic)
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any matmul
     accelerator = Accelerator(

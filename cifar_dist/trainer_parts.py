@@ -23,6 +23,7 @@ from cifar_dist.feature_cache import cache_for_run
 from cifar_dist.model import ResNet50Classifier, convert_sync_batchnorm
 from cifar_dist.speed import (
     FastPath,
+    apply_backends,
     build_optimizer,
     compile_for_training,
     ddp_kwargs,
@@ -55,6 +56,7 @@ def assemble(accelerator, model: torch.nn.Module, splits: CifarSplits, plan: Bat
     """Data on the GPU, SyncBatchNorm and DDP with several processes (unless ``ddp`` is False: each process
     alone on its share of the batch), layout, optimizer, accelerate's prepare, the feature cache if asked, the
     loaders, and the step compiled and warmed up when the fast path says so."""
+    apply_backends(fast)
     if accelerator.device.type == "cuda":
         splits = splits.to(accelerator.device)
     communicate = plan.num_processes > 1 and ddp

@@ -176,6 +176,7 @@ def test_yaml_merge_keys_may_be_overridden(tmp_path):
     ("cache_eval_features: no\ncache_frozen_features: true\n", "--cache-eval-features no contradicts "
                                                                 "--cache-frozen-features"),
     ("cache_eval_features: maybe\n", "--cache-eval-features 'maybe': expected one of auto, yes, no"),
+    ("cudnn_benchmark: yes\ndeterministic: true\n", "--cudnn-benchmark yes contradicts --deterministic"),
     ("- 1\n- 2\n", "expected a mapping"),
     ("num_epochs: [\n", "not valid YAML (expected the node content, but found '<stream end>' on line 2)"),
 ])

@@ -124,6 +124,7 @@ def test_the_default_path_on_cuda_is_the_compiled_fast_path(compiled_run):
     fast = compiled_run["parts"].fast
     print(fast.describe(), fast.notes)
     assert fast.compile_step and fast.channels_last and fast.fused_adam and fast.compiled is not None
+    assert fast.cudnn_benchmark and "cuDNN-autotuned convolutions" in fast.describe()  # --cudnn-benchmark auto
     assert adam_implementation(compiled_run["parts"].optimizer) == "fused"
     assert fast.compiled.cudagraph_skips == 0, fast.compiled.skip_reasons
     assert "CUDA graphs recorded" in fast.describe()

@@ -22,6 +22,8 @@ def test_a_deterministic_gpu_run_resumes_bit_for_bit(test_env, tmp_path):
     run_train(test_env, [*RUN, "--max-steps", "5", "--output-dir", str(tmp_path / "split")])
     resumed = run_train(test_env, [*RUN, "--output-dir", str(tmp_path / "split")])
     assert "(epoch 1, step 5)" in resumed.stdout
+    # cuDNN's timed choice of algorithm could differ between the launches; --deterministic leaves it off.
+    assert "--cudnn-benchmark auto: off with --deterministic" in resumed.stdout
     whole, split = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("whole", "split"))
     different = [k for k in whole if not torch.equal(whole[k], split[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"

@@ -27,7 +27,13 @@ from cifar_dist.feature_cache import (
     choose_location,
 )
 from cifar_dist.model import ResNet50Classifier
-from cifar_dist.speed import adam_implementation, compile_for_training, match_optimizer_to_run, resolve_fast_path
+from cifar_dist.speed import (
+    adam_implementation,
+    apply_backends,
+    compile_for_training,
+    match_optimizer_to_run,
+    resolve_fast_path,
+)
 from cifar_dist.steps import evaluate, train_step
 from conftest import FLOAT64, TINY, records, run_train
 
@@ -276,8 +282,10 @@ def test_evaluation_cache_under_auto_is_skipped_with_a_note_where_device_memory_
     # With 'yes' it goes to host memory; the training images stay images.
     data, fast = cache_for_run(model, splits, accelerator, 4, SpeedConfig(cache_eval_features="yes"), wanted)
     assert fast.features_cached == ("test",) and data.train is splits.train
-    with torch.no_grad():  # computed in batches of 4, compared with one batch of 8: float32 rounding apart
-        torch.testing.assert_close(model.eval()(features=data.test.features), model(splits.test.images))
+    with torch.no_grad():  # computed in batches of 4, compared with one batch of 8: float32 rounding apart (the
+        # convolutions' summation order follows the batch size), so a tolerance above float32's default
+        torch.testing.assert_close(model.eval()(features=data.test.features), model(splits.test.images),
+                                   rtol=1e-4, atol=1e-4)
     # Nothing frozen, nothing to cache.
     data, fast = cache_for_run(_model("none"), splits, accelerator, 4, SpeedConfig(), wanted)
     assert data is splits and fast.features_cached == () and fast.notes == wanted.notes
@@ -377,6 +385,31 @@ def test_compile_falls_back_on_a_gpu_too_old_for_it(monkeypatch):
     fast = resolve_fast_path(SpeedConfig(), torch.device("cuda"), "fp16", 1)
     assert not fast.compile_step and fast.channels_last and fast.fused_adam
     assert fast.notes == ["--compile-step auto: off, this GPU has compute capability 6.0; torch.compile needs 7.0+"]
+
+
+def test_cudnn_autotuning_is_on_for_cuda_unless_deterministic(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    on = resolve_fast_path(SpeedConfig(), cuda, "bf16", 1)
+    assert on.cudnn_benchmark and not on.notes and "cuDNN-autotuned convolutions" in on.describe()
+    assert on.facts()["cudnn_benchmark"] is True
+    deterministic = resolve_fast_path(SpeedConfig(), cuda, "bf16", 1, deterministic=True)
+    assert not deterministic.cudnn_benchmark and "cuDNN" not in deterministic.describe()
+    assert deterministic.notes == ["--cudnn-benchmark auto: off with --deterministic (its timed choice of algorithm "
+                                   "can differ between a run and its resumption)"]
+    assert not resolve_fast_path(SpeedConfig(cudnn_benchmark="no"), cuda, "bf16", 1).cudnn_benchmark
+    # There is no cuDNN on a CPU: nothing to say under auto, one line under yes.
+    assert not resolve_fast_path(SpeedConfig(), cpu, "no", 1).cudnn_benchmark
+    asked = resolve_fast_path(SpeedConfig(cudnn_benchmark="yes"), cpu, "no", 1)
+    assert not asked.cudnn_benchmark and "--cudnn-benchmark yes: off, cuDNN runs on CUDA GPUs only" in asked.notes
+
+
+def test_the_backend_switch_follows_the_fast_path_both_ways(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # restored afterwards
+    base = resolve_fast_path(SpeedConfig(), torch.device("cpu"), "no", 1)
+    for wanted in (True, False, True):
+        apply_backends(dataclasses.replace(base, cudnn_benchmark=wanted))
+        assert torch.backends.cudnn.benchmark is wanted
 
 
 @pytest.mark.parametrize("choice, precision, processes, expected", [
