@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cifar_dist.atomic import atomic_write_text
+from cifar_dist.atomic import atomic_write_text, unfinished_writes
 from cifar_dist.checkpoint import CHECKPOINTS, check_compatible, checkpoint_problem, find_latest
 from cifar_dist.config import Config, TrainConfig, UserError
 from cifar_dist.preflight import node_name
@@ -230,6 +230,9 @@ def clear_leftovers(output_dir: Path) -> list[str]:
     for tmp in (output_dir / CHECKPOINTS).glob(".tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)
         notes.append(f"removed the unfinished checkpoint {tmp}")
+    # A process killed inside an atomic write leaves its temporary file (the file itself is old or new, whole).
+    for tmp in unfinished_writes(output_dir, (*RUN_FILES, STARTING)):
+        tmp.unlink(missing_ok=True)
     return notes
 
 

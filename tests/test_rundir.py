@@ -146,3 +146,18 @@ def test_half_written_checkpoints_are_removed_once_the_lock_is_held(tmp_path):
     notes = clear_leftovers(tmp_path)
     assert notes == [f"removed the unfinished checkpoint {tmp_path / 'checkpoints' / '.tmp-step-00000003'}"]
     assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_a_write_cut_short_leaves_no_temporary_file_once_the_lock_is_held(tmp_path):
+    # A process killed (SIGKILL) inside atomic_write_bytes, between mkstemp and the rename, leaves its temporary
+    # file, named as mkstemp names it there; the next start removes those of the run's files and nothing else.
+    (tmp_path / "wandb_run_id").write_text("old")
+    kept = [tmp_path / ".notes.1.tmp", tmp_path / "mine.tmp"]
+    for path in kept:
+        path.write_text("the user's")
+    leftovers = [tmp_path / ".wandb_run_id.k2j8s.tmp", tmp_path / ".metrics.jsonl.x81.tmp"]
+    for path in leftovers:
+        path.write_text("half")
+    assert clear_leftovers(tmp_path) == []
+    assert sorted(tmp_path.iterdir()) == sorted([tmp_path / "wandb_run_id", *kept])
+    assert (tmp_path / "wandb_run_id").read_text() == "old"
