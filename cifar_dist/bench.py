@@ -15,10 +15,10 @@ drives it through cifar_dist.train.train_step (eval: its evaluate). In one proce
   channels_last   eager + --channels-last yes --fused-adam yes (and cuDNN's autotuning, auto: on a GPU)
   compiled        channels_last + --compile-step yes (CUDA graphs; compile s: the trainer's warm-up); GPU only
   compiled_heuristic  compiled with --cudnn-benchmark no: cuDNN's own choice of algorithm; GPU only
-  graphed         an experiment: channels_last's model and Adam settings with the whole step (forward, loss,
-                  backward, capturable fused Adam) as one CUDA graph (cifar_dist/graphed_step.py); GPU only
-  graphed_compiled the same with the model compiled by inductor inside the graph (its fused kernels, without the
-                  compiled step's per-call checks); GPU only
+  graphed         channels_last + --whole-step-graph yes: the whole step (forward, loss, backward, capturable
+                  fused Adam) as one CUDA graph (cifar_dist/graphed_step.py; compile s: its recording); GPU only
+  graphed_compiled the same with --compile-step yes: inductor's kernels inside the graph (its fused kernels,
+                  without the compiled step's per-call checks); GPU only
   cached_graphed  graphed_compiled from the feature cache: layer4 + head's whole step as one graph; images/s of
                   a whole pass, as cached_trunk's; GPU only
   cached_trunk    eager + --cache-frozen-features (the frozen trunk once per image at the eval batch, then
@@ -68,7 +68,6 @@ from cifar_dist import trainer_parts
 from cifar_dist.checkpoint import save_checkpoint
 from cifar_dist.config import ModelConfig, SpeedConfig, UserError
 from cifar_dist.data import ImageTensorDataset
-from cifar_dist.graphed_step import GraphedStep, train_graphed
 from cifar_dist.model import IMAGENET_MEAN, IMAGENET_STD, ResNet50Classifier
 from cifar_dist.speed import resolve_mixed_precision, sync_device
 from cifar_dist.step_profile import format_profile, profile_steps
@@ -77,8 +76,8 @@ from cifar_dist.steps import evaluate
 VARIANTS = ("straight_port", "eager", "channels_last", "compiled", "compiled_heuristic", "graphed", "graphed_compiled",
             "cached_trunk", "cached_compiled", "cached_graphed", "eval", "eval_cached", "host", "ddp")
 EVALS = ("eval", "eval_cached")
-# The one-graph experiments (cifar_dist/graphed_step.py), and whether each compiles the model inside the graph.
-GRAPHED = {"graphed": False, "graphed_compiled": True, "cached_graphed": True}
+# The whole step as one CUDA graph (--whole-step-graph, cifar_dist/graphed_step.py): 'compile s' is its recording.
+GRAPHED = ("graphed", "graphed_compiled", "cached_graphed")
 GPU_ONLY = ("compiled", "compiled_heuristic", "cached_compiled", *GRAPHED)  # CUDA graphs; on a CPU only when named
 ONLY_WHEN_NAMED = (*GRAPHED, "ddp")  # experiments, and the variant to run under torchrun
 # The workload the targets are about: the recipe's 10 epochs over CIFAR-100's 50,000 + 10,000 images.
@@ -92,8 +91,10 @@ OFF = {"compile_step": "no", "channels_last": "no", "fused_adam": "no", "cache_e
 FAST = {"compile_step": "no", "channels_last": "yes", "fused_adam": "yes", "cache_eval_features": "no"}
 CACHED = {"cache_frozen_features": True, "cache_eval_features": "auto"}
 STEP_SPEED = {"eager": OFF, "channels_last": FAST, "compiled": {**FAST, "compile_step": "yes"},
-              "compiled_heuristic": {**FAST, "compile_step": "yes", "cudnn_benchmark": "no"}, "graphed": FAST,
-              "graphed_compiled": FAST, "cached_graphed": {**FAST, **CACHED},
+              "compiled_heuristic": {**FAST, "compile_step": "yes", "cudnn_benchmark": "no"},
+              "graphed": {**FAST, "whole_step_graph": "yes"},
+              "graphed_compiled": {**FAST, "compile_step": "yes", "whole_step_graph": "yes"},
+              "cached_graphed": {**FAST, "compile_step": "yes", "whole_step_graph": "yes", **CACHED},
               "cached_trunk": {**OFF, **CACHED},
               "cached_compiled": {**FAST, "compile_step": "yes", **CACHED},
               # Evaluation on the model as the trainer lays it out, from images: the whole model's forward pass.
@@ -206,24 +207,17 @@ def bench_trainer_step(variant: str, splits, args, mixed_precision: str) -> Resu
     whole pass: the trainer's feature cache (trunk once per image, at the eval batch), then layer4 + head steps."""
     parts = _variant_parts(variant, splits, args, mixed_precision)
     if variant in GRAPHED:
-        compile_s, steps = graphed_steps(parts, variant)
+        compile_s = parts.fast.graph_record_s
     elif STEP_SPEED[variant]["compile_step"] == "yes" and parts.fast.compiled is None:
         raise UserError(f"{variant}: the step could not be compiled ({'; '.join(parts.fast.notes)})")
     else:
         compile_s = parts.fast.compiled.warmup_s if parts.fast.compiled else 0.0
-        steps = partial(trainer_parts.train, parts)
+    steps = partial(trainer_parts.train, parts)
     device = parts.accelerator.device
     per_image = _timed(steps, args, device) / args.batch_size
     if parts.feature_cache_s:  # the cache covers both splits
         per_image += _slowest(parts.feature_cache_s, device) / (len(splits.train) + len(splits.test))
     return Result(variant, 1.0 / per_image, compile_s)
-
-
-def graphed_steps(parts: trainer_parts.Parts, variant: str):
-    """(the captured GraphedStep's build seconds, ``steps(n, epoch=1)`` running n of its replays)."""
-    start = time.perf_counter()
-    step = GraphedStep(parts, compile_model=GRAPHED[variant])
-    return time.perf_counter() - start, partial(train_graphed, parts, step)
 
 
 def bench_eval(variant: str, splits, args, mixed_precision: str) -> Result:
@@ -415,8 +409,7 @@ def run(args) -> dict:
         report["checkpoint"] = checkpoint_cost(args, mixed_precision)
     if args.profile and world_size == 1:
         parts = _variant_parts(args.profile, train_splits, args, mixed_precision)
-        steps = (graphed_steps(parts, args.profile)[1] if args.profile in GRAPHED
-                 else partial(trainer_parts.train, parts))
+        steps = partial(trainer_parts.train, parts)
         report["profile"] = {"variant": args.profile, **profile_steps(parts.accelerator.device, steps, args.steps,
                                                                       args.warmup, trace=args.profile_trace)}
     if args.end_to_end and main_process:

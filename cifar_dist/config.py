@@ -198,6 +198,10 @@ class SpeedConfig(_Section):
         "layer4 + head gradients go in few all-reduces, as a 32-image backward leaves little to overlap them with")
     grad_reduce_dtype: GradReduceDtype = _field(
         "auto", "dtype of the gradient all-reduce between processes; auto: bf16 when training in bf16, else fp32")
+    whole_step_graph: AutoYesNo = _field(
+        "auto", "record the whole training step (forward, loss, backward, fused Adam) as one CUDA graph and replay "
+        "it (one process, no gradient accumulation; with --compile-step, inductor's kernels inside it); auto: off "
+        "until measured against the compiled step")
     cudnn_benchmark: AutoYesNo = _field(
         "auto", "let cuDNN time its convolution algorithms on each new input shape and keep the fastest "
         "(torch.backends.cudnn.benchmark; every batch of a run has one of a few shapes); auto: on CUDA unless "
@@ -205,6 +209,8 @@ class SpeedConfig(_Section):
 
     def validate(self):
         _positive(self, "ddp_bucket_mb")
+        if self.whole_step_graph == "yes" and self.fused_adam == "no":
+            raise UserError("--whole-step-graph yes records fused Adam's step in the graph; drop --fused-adam no")
         if self.cache_eval_features == "no" and self.cache_frozen_features:
             raise UserError("--cache-eval-features no contradicts --cache-frozen-features, which caches the test "
                             "images' features too; drop one of them")

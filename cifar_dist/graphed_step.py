@@ -1,104 +1,124 @@
-"""One CUDA graph for the whole training step (forward, loss, backward, Adam): an experiment, not the trainer's step.
+"""``--whole-step-graph``: the whole training step (forward, loss, backward, Adam) as one CUDA graph.
 
-The trainer's compiled step replays CUDA graphs for the forward and backward passes; the loss, the running
-totals, the optimizer step and the loop around them still cost host work every step, and at batch 32 on a
-current GPU that work may set the pace. ``GraphedStep`` captures everything a step does on the device in one
-graph, so that a step costs two input copies and one replay. The benchmark's ``graphed`` variant times it (the
-most that removing per-step host work can give) and tests/test_gpu.py checks that it trains as the eager step
-does. With ``compile_model`` the model inside the graph is inductor's (``torch.compile`` without its own CUDA
-graphs): its fused kernels, without the compiled step's per-call guard and CUDA-graph-tree checks (the
-``graphed_compiled`` variant). One process, no gradient accumulation, CUDA only; unmeasured until a GPU runs it.
+The compiled step (``--compile-step``, torch.compile's reduce-overhead mode) replays CUDA graphs for the forward
+and backward passes; the loss, the optimizer step and the compiled function's per-call checks (its guards, and
+cudagraph trees' checks of every parameter's address before a replay) still cost host work every step, and at
+batch 32 on a current GPU that work may set the pace. ``GraphedStep`` records everything a step does on the
+device once, so that a step costs two input copies and one replay. With ``--compile-step`` the model inside
+the graph is inductor's (``torch.compile`` without CUDA graphs of its own; its guards are checked once, while
+recording, never at a replay).
+
+What the graph holds fixed, and why that is safe here: the batch shape (epochs are cut to whole global
+batches), the learning rate (the recipe's Adam has no schedule), the step's mode (train, frozen stages in
+eval), and the addresses of the parameters, BatchNorm buffers and Adam's state, which everything else (the
+checkpoint, evaluation, resume) reads and writes in place. It is recorded after any resume, so it holds the
+loaded state. One process, no gradient accumulation, no fp16 loss scaling (its inf checks read the device).
+On a CPU there are no CUDA graphs: the same step runs over the same static buffers without recording, which
+is what the CPU tests exercise.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 import torch.nn.functional as F
 
-from cifar_dist.config import UserError
-from cifar_dist.steps import step_figures
+from cifar_dist.steps import optimizer_to_step, step_figures
 
-WARMUP_STEPS = 3  # on a side stream before capture: cuDNN/cuBLAS choose their kernels, Adam makes its state
+# Steps before recording, on a side stream: cuDNN/cuBLAS choose their kernels (and time them under
+# --cudnn-benchmark), inductor compiles, Adam makes its state. Their effects are undone before recording.
+WARMUP_STEPS = 3
 
 
 class GraphedStep:
     """``step(inputs, labels)`` -> this step's [loss sum, correct, count, non-finite loss], as train_step returns.
 
-    Built from the trainer's pieces (``trainer_parts.build`` with ``--compile-step no``): their model, with
-    accelerate's autocast wrapper taken off (autocast is entered here, with its cache off as CUDA graphs need),
-    and a capturable fused Adam with the trainer's Adam settings. The warm-up's effects on weights, BatchNorm
-    statistics and Adam's state are undone before capture, so the first replay is the run's first step.
+    ``model`` and ``optimizer`` are the trainer's, prepared by accelerate (autocast is the prepared model's
+    own, entered inside each recorded forward), the optimizer a fused Adam built with ``capturable=True``.
+    ``example`` is one training batch (inputs, labels) on the device: the static buffers' shapes. Nothing is
+    recorded until ``record`` (the trainer's, after any resume) or the first call.
     """
 
-    def __init__(self, parts, compile_model: bool = False):
-        if parts.accelerator.device.type != "cuda":
-            raise UserError("graphed: one CUDA graph for the whole step needs a CUDA GPU")
-        if parts.grad_accum_steps != 1 or parts.accelerator.num_processes != 1:
-            raise UserError("graphed: one process without gradient accumulation only")
-        self.model = parts.accelerator.unwrap_model(parts.model, keep_fp32_wrapper=False).train()
-        # Compiled on the first warm-up call; its guards are checked once, at capture, never at a replay.
-        self.forward = torch.compile(self.model, dynamic=False) if compile_model else self.model
-        self.input_name = parts.input_name
-        group = parts.optimizer.param_groups[0]
-        self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad], lr=group["lr"],
-                                          betas=group["betas"], eps=group["eps"], fused=True, capturable=True)
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(parts.accelerator.mixed_precision)
-        # Static inputs, recorded once: every training batch has this shape (epochs are cut to whole batches).
-        examples = parts.train_loader.dataset.__getitems__(list(range(parts.global_batch_size)))
-        self.inputs, self.labels = (t.to(parts.accelerator.device).clone() for t in examples)
-        saved = [t.detach().clone() for t in self._state()]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+    def __init__(self, model, optimizer, example: tuple[torch.Tensor, torch.Tensor], input_name: str,
+                 compile_model: bool):
+        self.model = model
+        self.optimizer = optimizer_to_step(optimizer)
+        self.forward = torch.compile(model, dynamic=False) if compile_model else model
+        self.input_name = input_name
+        self.inputs, self.labels = (t.clone() for t in example)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.stats: torch.Tensor | None = None
+        self.record_s: float | None = None
+
+    @property
+    def captures(self) -> bool:
+        return self.inputs.device.type == "cuda"
+
+    def record(self) -> float:
+        """Warm up, undo the warm-up, record the graph (on CUDA); seconds taken."""
+        start = time.perf_counter()
+        self.model.train()
+        with _undone(self.model, self.optimizer), _side_stream(self.captures):
             for _ in range(WARMUP_STEPS):
                 self.optimizer.zero_grad(set_to_none=True)
                 self._step()
-        torch.cuda.current_stream().wait_stream(side)
-        with torch.no_grad():
-            for tensor, value in zip(self._state(), saved):
-                tensor.copy_(value)  # in place: the graph records these addresses
-            for state in self.optimizer.state.values():
-                for value in state.values():
-                    value.zero_()  # Adam's moments and step counts as before any step
-        self.optimizer.zero_grad(set_to_none=True)  # the graph's backward makes the gradients, in its own memory
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.stats = self._step()
+        self.optimizer.zero_grad(set_to_none=True)  # the recorded backward makes the gradients, in graph memory
+        if self.captures:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.stats = self._step()
+            torch.cuda.synchronize(self.inputs.device)
+        self.record_s = time.perf_counter() - start
+        return self.record_s
 
     def __call__(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.record_s is None:
+            self.record()
         self.inputs.copy_(inputs, non_blocking=True)
         self.labels.copy_(labels, non_blocking=True)
+        if self.graph is None:  # a CPU: the same step, run rather than replayed
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._step()
         self.graph.replay()
         return self.stats.clone()  # the next replay overwrites the graph's own
 
-    def _state(self) -> list[torch.Tensor]:
-        return [*self.model.parameters(), *self.model.buffers()]
-
-    def _autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.dtype, cache_enabled=False)
-
     def _step(self) -> torch.Tensor:
-        with self._autocast():
-            logits = self.forward(**{self.input_name: self.inputs})
-            loss = F.cross_entropy(logits, self.labels)
+        logits = self.forward(**{self.input_name: self.inputs})
+        loss = F.cross_entropy(logits, self.labels)
         stats = step_figures(loss, logits, self.labels)
         loss.backward()
         self.optimizer.step()
         return stats
 
 
-def train_graphed(parts, step: GraphedStep, num_steps: int, epoch: int = 1) -> list[torch.Tensor]:
-    """``num_steps`` replays of ``step`` over the trainer's loader, in the trainer's data order; each step's
-    figures as ``trainer_parts.train`` returns them."""
-    parts.train_loader.set_epoch(epoch)
-    stats = []
-    for inputs, labels in parts.train_loader:
-        stats.append(step(inputs, labels))
-        if len(stats) == num_steps:
-            break
-    assert len(stats) == num_steps, f"the loader ran out after {len(stats)} steps"
-    return stats
+@contextlib.contextmanager
+def _undone(model, optimizer):
+    """Puts parameters, buffers and Adam's state back as they were (in place: the graph records these
+    addresses); state Adam made inside goes back to zero, which is what a fresh Adam starts from."""
+    tensors = [*model.parameters(), *model.buffers()]
+    saved = [t.detach().clone() for t in tensors]
+    adam = {(p, k): v.clone() for p, s in optimizer.state.items() for k, v in s.items() if torch.is_tensor(v)}
+    yield
+    with torch.no_grad():
+        for tensor, value in zip(tensors, saved):
+            tensor.copy_(value)
+        for param, state in optimizer.state.items():
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    before = adam.get((param, key))
+                    value.copy_(before) if before is not None else value.zero_()
+
+
+@contextlib.contextmanager
+def _side_stream(cuda: bool):
+    """The warm-up on a side stream, as CUDA graph recording wants; nothing to do off CUDA."""
+    if not cuda:
+        yield
+        return
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        yield
+    torch.cuda.current_stream().wait_stream(side)

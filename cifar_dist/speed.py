@@ -73,15 +73,21 @@ class FastPath:
     compiled: CompileReport | None = None  # set once the step is compiled and warmed up
     eval_cache: bool = False  # evaluate from the test images' cached frozen-stage features, if they fit
     cudnn_benchmark: bool = False  # cuDNN times its convolution algorithms per input shape (set by apply_backends)
+    whole_step_graph: bool = False  # the whole step (Adam included) as one CUDA graph (cifar_dist/graphed_step.py)
+    graph_record_s: float | None = None  # set once that graph is recorded
+    device_type: str = "cuda"
     features_cached: tuple[str, ...] = ()  # the splits whose frozen-stage features are cached, once built
 
     def describe(self) -> str:
         step = "compiled step (torch.compile reduce-overhead"
-        if self.compiled is not None:
+        if self.whole_step_graph:
+            step = self._graph_step()
+        elif self.compiled is not None:
             report = self.compiled
             step += (f"; compiled in {report.warmup_s:.1f} s: {report.graphs} graph{'s' * (report.graphs != 1)}, "
                      f"{report.graph_breaks} graph break{'s' * (report.graph_breaks != 1)}, {_cuda_graphs(report)}")
-        on = [name for name, value in ((step + ")", self.compile_step), ("channels_last", self.channels_last),
+        on = [name for name, value in ((step + ")", self.compile_step or self.whole_step_graph),
+                                       ("channels_last", self.channels_last),
                                        ("fused Adam", self.fused_adam),
                                        ("cuDNN-autotuned convolutions", self.cudnn_benchmark),
                                        ("bf16 gradient all-reduce", self.bf16_grad_reduce)) if value]
@@ -89,12 +95,22 @@ class FastPath:
                   ("test",): "; evaluation from the test images' cached frozen-stage features"}
         return (", ".join(on) or "plain eager step") + cached.get(self.features_cached, "")
 
+    def _graph_step(self) -> str:
+        kernels = "inductor's kernels" if self.compile_step else "eager kernels"
+        if self.device_type != "cuda":
+            return (f"whole step over static buffers ({kernels}; not recorded as a graph: CUDA graphs need a CUDA "
+                    "GPU")
+        recorded = f"; recorded in {self.graph_record_s:.1f} s" if self.graph_record_s is not None else ""
+        return f"whole step as one CUDA graph (forward, loss, backward and fused Adam; {kernels}{recorded}"
+
     def facts(self) -> dict:
         """What the run records beside its settings (W&B config): the step as it actually runs."""
         facts = {"fast_path": self.describe(), "compiled_step": self.compile_step, "channels_last": self.channels_last,
                  "fused_adam": self.fused_adam, "bf16_grad_reduce": self.bf16_grad_reduce,
-                 "cudnn_benchmark": self.cudnn_benchmark,
+                 "cudnn_benchmark": self.cudnn_benchmark, "whole_step_graph": self.whole_step_graph,
                  "features_cached": list(self.features_cached), "fast_path_notes": list(self.notes)}
+        if self.graph_record_s is not None:
+            facts["graph_record_s"] = round(self.graph_record_s, 2)
         if self.compiled is not None:
             report = self.compiled
             facts.update({"compile_warmup_s": round(report.warmup_s, 2), "compile_graphs": report.graphs,
@@ -137,18 +153,38 @@ def resolve_fast_path(cfg: SpeedConfig, device: torch.device, mixed_precision: s
         notes.append("--compile-step auto: off with gradient accumulation (each micro-batch's graph replay would "
                      "reuse the memory of the gradients being accumulated); on with 'yes', which keeps them apart")
     channels_last = decide("channels_last", cfg.channels_last, True, "")
-    fused_adam = decide("fused_adam", cfg.fused_adam, True, "")
+    whole_step_graph = _decide_whole_step_graph(cfg.whole_step_graph, mixed_precision, num_processes,
+                                                grad_accum_steps, notes)
+    # The graph records fused Adam's step ('no' with the graph is refused in SpeedConfig).
+    fused_adam = decide("fused_adam", cfg.fused_adam, True, "") or whole_step_graph
     # --cache-frozen-features caches the test images' features with the training images'.
     eval_cache = cfg.cache_frozen_features or decide("cache_eval_features", cfg.cache_eval_features, True, "")
     cudnn_benchmark = _decide_cudnn_benchmark(cfg.cudnn_benchmark, cuda, deterministic, notes)
-    auto_names = ["compile_step", "channels_last", "fused_adam", *([] if eval_cache else ["cache_eval_features"])]
+    auto_names = ["compile_step", "channels_last", *([] if whole_step_graph else ["fused_adam"]),
+                  *([] if eval_cache else ["cache_eval_features"])]
     auto_off = [f"--{name.replace('_', '-')}" for name in auto_names if getattr(cfg, name) == "auto" and not cuda]
     if auto_off:
         notes.append(f"{', '.join(auto_off)} auto: off on {device.type} (on with 'yes')")
     reduce = cfg.grad_reduce_dtype
     bf16_grad_reduce = num_processes > 1 and (reduce == "bf16" or (reduce == "auto" and mixed_precision == "bf16"))
     return FastPath(compile_step, channels_last, fused_adam, bf16_grad_reduce, notes, cfg.compile_step,
-                    grad_accum_steps, eval_cache=eval_cache, cudnn_benchmark=cudnn_benchmark)
+                    grad_accum_steps, eval_cache=eval_cache, cudnn_benchmark=cudnn_benchmark,
+                    whole_step_graph=whole_step_graph, device_type=device.type)
+
+
+def _decide_whole_step_graph(choice: str, mixed_precision: str, num_processes: int, grad_accum_steps: int,
+                             notes: list[str]) -> bool:
+    # 'auto' stays off until the graph is measured against the compiled step on a GPU (the benchmark's graphed
+    # variants, scripts/gpu_check.sh). What it cannot hold: a collective (DDP's all-reduce), gradients summed
+    # over replays, and fp16's loss scaler, whose inf checks read the device.
+    if choice != "yes":
+        return False
+    why_not = ("with several processes (DDP's all-reduce is not recorded)" if num_processes > 1 else
+               "with gradient accumulation (one replay is one optimizer step)" if grad_accum_steps > 1 else
+               "under fp16 (the loss scaler reads the device every step)" if mixed_precision == "fp16" else "")
+    if why_not:
+        notes.append(f"--whole-step-graph yes: off {why_not}; the step runs as without it")
+    return not why_not
 
 
 def _decide_cudnn_benchmark(choice: str, cuda: bool, deterministic: bool, notes: list[str]) -> bool:
@@ -202,9 +238,11 @@ def prepare_model_layout(model: torch.nn.Module, fast: FastPath) -> torch.nn.Mod
 
 
 def build_optimizer(params, cfg_optim, fast: FastPath) -> torch.optim.Adam:
-    """Adam with the recipe's (Keras) hyperparameters; fused or not, its state dict is the same."""
+    """Adam with the recipe's (Keras) hyperparameters; fused or not, capturable or not, its state dict is the
+    same. Capturable (its step counters on the device, no host reads) when the whole step is one CUDA graph."""
     return torch.optim.Adam(params, lr=cfg_optim.lr, betas=(cfg_optim.adam_beta1, cfg_optim.adam_beta2),
-                            eps=cfg_optim.adam_eps, fused=fast.fused_adam or None)
+                            eps=cfg_optim.adam_eps, fused=fast.fused_adam or None,
+                            capturable=fast.whole_step_graph)
 
 
 def match_optimizer_to_run(optimizer) -> None:
@@ -292,7 +330,7 @@ def compile_for_training(model: torch.nn.Module, fast: FastPath, train_data, bat
         _warm_up(step, model, inputs, labels, accelerator, input_name)
         sync_device(accelerator.device)
     except Exception as exc:  # dynamo, inductor, triton and CUDA graphs raise many types
-        reason = _first_line(exc)
+        reason = first_line(exc)
         if fast.compile_choice == "yes" or accelerator.num_processes > 1:
             raise UserError(f"--compile-step {fast.compile_choice}: torch.compile failed ({reason}); "
                             f"use --compile-step no") from exc
@@ -350,7 +388,7 @@ class _SkipLog(logging.Handler):
         self.messages: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(_first_line(record.getMessage()).removeprefix("skipping cudagraphs due to "))
+        self.messages.append(first_line(record.getMessage()).removeprefix("skipping cudagraphs due to "))
 
 
 _SKIPS = _SkipLog()
@@ -362,7 +400,7 @@ def _watch_cudagraph_skips() -> None:
         logger.addHandler(_SKIPS)
 
 
-def _first_line(what) -> str:
+def first_line(what) -> str:
     if isinstance(what, BaseException):
         text = str(what).strip().splitlines()
         return f"{type(what).__name__}: {text[0]}" if text else type(what).__name__

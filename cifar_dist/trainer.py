@@ -14,6 +14,7 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from cifar_dist.speed import (
     resolve_fast_path,
     resolve_mixed_precision,
 )
-from cifar_dist.steps import evaluate, no_progress_bar, train_step
+from cifar_dist.steps import evaluate, no_progress_bar
 from cifar_dist.tracking import (
     RunLog,
     compares_to_seed,
@@ -48,7 +49,7 @@ from cifar_dist.tracking import (
     tracker_backend,
 )
 from cifar_dist.train import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OUT_OF_MEMORY, EXIT_STOPPED
-from cifar_dist.trainer_parts import assemble
+from cifar_dist.trainer_parts import assemble, record_step
 
 # What to change when the GPU runs out of memory, by what was running then. None of these settings changes what
 # the run computes, so a checkpoint resumes under the new value.
@@ -204,6 +205,7 @@ class Run:
     fast: FastPath
     model: torch.nn.Module
     step_model: torch.nn.Module
+    run_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # train_step, or the recorded whole step
     optimizer: torch.optim.Optimizer
     splits: CifarSplits
     train_loader: DataLoader
@@ -325,6 +327,10 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
         match_optimizer_to_run(optimizer)  # this run's Adam implementation and layouts, whatever the checkpoint's
         position.update({k: v for k, v in read_state(claim.resume_from).items() if k in position})
         startup.lap("resume")
+    parts = record_step(parts)  # --whole-step-graph: after the resume, as the graph keeps what it loaded
+    fast = parts.fast
+    if fast.whole_step_graph:
+        startup.lap("graph")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         claim.begin(cfg.train.overwrite)  # every input has loaded: only now is the output dir changed
@@ -343,7 +349,7 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
     total_steps = steps_per_epoch * cfg.train.num_epochs
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
-    return Run(cfg, plan, accelerator, claim, fast, model, parts.step_model, optimizer, splits,
+    return Run(cfg, plan, accelerator, claim, fast, model, parts.step_model, parts.run_step, optimizer, splits,
                parts.train_loader, parts.eval_loader, parts.input_name, parts.eval_input_name, run_log,
                SaveSchedule(cfg.train.checkpoint_every_steps, cfg.train.checkpoint_every_minutes), position,
                steps_per_epoch, total_steps, startup, step=position["step"])
@@ -367,7 +373,7 @@ def train_one_epoch(r: Run, epoch: int, stop: StopSignals) -> None:
             out_of_memory_stops("in a training step", r.output_dir):
         for inputs, labels in loader:
             meter.batch_arrived()
-            totals.add(train_step(r.model, r.step_model, inputs, labels, r.optimizer, accelerator, r.input_name))
+            totals.add(r.run_step(inputs, labels))
             meter.batch_requested()
             if not accelerator.sync_gradients:
                 continue

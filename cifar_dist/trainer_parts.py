@@ -2,24 +2,38 @@
 (``cifar_dist.trainer.setup``), the benchmark and the GPU tests all use.
 
 ``build`` makes them in-process from a few arguments instead of a config and a run directory, and ``train``
-drives them through the trainer's own ``train_step``: the benchmark times that, and tests that look inside a
-step (which operations it runs, its per-step losses, its gradients, what it leaves in BatchNorm) drive it,
-neither of which can be done through a trainer subprocess.
+drives them through the trainer's own step (``train_step``, or with --whole-step-graph the recorded
+``GraphedStep``): the benchmark times that, and tests that look inside a step (which operations it runs, its
+per-step losses, its gradients, what it leaves in BatchNorm) drive it, neither of which can be done through a
+trainer subprocess.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 
-from cifar_dist.config import BatchPlan, DataConfig, ModelConfig, OptimConfig, SpeedConfig, TrainConfig, plan_batches
+from cifar_dist.config import (
+    BatchPlan,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    SpeedConfig,
+    TrainConfig,
+    UserError,
+    plan_batches,
+)
 from cifar_dist.data import CifarSplits, build_dataloaders, build_splits
 from cifar_dist.feature_cache import cache_for_run
+from cifar_dist.graphed_step import GraphedStep
 from cifar_dist.model import ResNet50Classifier, convert_sync_batchnorm
 from cifar_dist.speed import (
     FastPath,
@@ -27,6 +41,7 @@ from cifar_dist.speed import (
     build_optimizer,
     compile_for_training,
     ddp_kwargs,
+    first_line,
     prepare_model_layout,
     resolve_fast_path,
     sync_device,
@@ -36,12 +51,13 @@ from cifar_dist.steps import train_step
 
 @dataclass
 class Assembled:
-    """What ``assemble`` returns: the prepared model and optimizer, what the step calls, and the loaders, which
-    serve images, or with the feature cache the frozen stages' output (``input_name`` and ``eval_input_name``
-    say which)."""
+    """What ``assemble`` returns: the prepared model and optimizer, what the step calls (``step_model``), the
+    step itself (``run_step``), and the loaders, which serve images, or with the feature cache the frozen
+    stages' output (``input_name`` and ``eval_input_name`` say which)."""
 
     model: torch.nn.Module
     step_model: object
+    run_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # one micro-batch's step, as train_step's
     optimizer: object
     fast: FastPath
     train_loader: object
@@ -78,10 +94,31 @@ def assemble(accelerator, model: torch.nn.Module, splits: CifarSplits, plan: Bat
     input_name, eval_input_name = ("features" if name in fast.features_cached else "images"
                                    for name in ("train", "test"))
     train_loader, eval_loader = accelerator.prepare(*build_dataloaders(data, plan, eval_batch_size, seed=seed))
-    step_model, fast = compile_for_training(model, fast, data.train, plan.per_device_batch_size, accelerator,
-                                            input_name)
-    return Assembled(model, step_model, optimizer, fast, train_loader, eval_loader, input_name, eval_input_name,
-                     cache_s)
+    if fast.whole_step_graph:  # recorded by record_step, after any resume
+        example = (t.to(accelerator.device) for t in data.train.__getitems__(list(range(plan.per_device_batch_size))))
+        step_model, run_step = model, GraphedStep(model, optimizer, tuple(example), input_name, fast.compile_step)
+    else:
+        step_model, fast = compile_for_training(model, fast, data.train, plan.per_device_batch_size, accelerator,
+                                                input_name)
+        run_step = partial(train_step, model, step_model, optimizer=optimizer, accelerator=accelerator,
+                           input_name=input_name)
+    return Assembled(model, step_model, run_step, optimizer, fast, train_loader, eval_loader, input_name,
+                     eval_input_name, cache_s)
+
+
+def record_step(a: Assembled) -> Assembled:
+    """With --whole-step-graph, record the step's graph: once the model and Adam hold what the run starts from
+    (after any resume), as the graph keeps their addresses. A failure stops the run with one line."""
+    if not isinstance(a.run_step, GraphedStep):
+        return a
+    try:
+        seconds = a.run_step.record()
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # dynamo, inductor, triton and CUDA graphs raise many types
+        raise UserError(f"--whole-step-graph yes: recording the step failed ({first_line(exc)}); use "
+                        "--whole-step-graph no") from exc
+    return dataclasses.replace(a, fast=dataclasses.replace(a.fast, graph_record_s=seconds))
 
 
 @dataclass
@@ -129,8 +166,8 @@ def build(splits: CifarSplits, image_size: int, *, speed: SpeedConfig | None = N
         model = ResNet50Classifier(ModelConfig(weights="none"), image_size)
         if backbone is not None:
             model.load_state_dict({k: v for k, v in backbone.items() if not k.startswith("fc.")}, strict=False)
-    a = assemble(accelerator, model.to(dtype), splits, plan, fast, OptimConfig(lr=lr), speed, eval_batch_size,
-                 seed=0, ddp=ddp != "none")
+    a = record_step(assemble(accelerator, model.to(dtype), splits, plan, fast, OptimConfig(lr=lr), speed,
+                             eval_batch_size, seed=0, ddp=ddp != "none"))
     return Parts(**vars(a), accelerator=accelerator, class_names=splits.class_names,
                  grad_accum_steps=plan.grad_accum_steps, global_batch_size=plan.global_batch_size)
 
@@ -140,16 +177,16 @@ def reset() -> None:
 
 
 def train(parts: Parts, num_steps: int, epoch: int = 1, between_steps=None) -> list[torch.Tensor]:
-    """``num_steps`` optimizer steps through the trainer's train_step; each step's [loss sum, correct, count,
-    non-finite] summed over its micro-batches, left on the device. ``between_steps(step)`` runs before each."""
+    """``num_steps`` optimizer steps through the trainer's step (``run_step``); each step's [loss sum, correct,
+    count, non-finite] summed over its micro-batches, left on the device. ``between_steps(step)`` runs before
+    each."""
     parts.train_loader.set_epoch(epoch)
     parts.model.train()
     stats, step_sums = [], None
     for inputs, labels in parts.train_loader:
         if step_sums is None and between_steps is not None:
             between_steps(len(stats))
-        out = train_step(parts.model, parts.step_model, inputs, labels, parts.optimizer, parts.accelerator,
-                         parts.input_name)
+        out = parts.run_step(inputs, labels)
         step_sums = out if step_sums is None else step_sums + out
         if parts.accelerator.sync_gradients:
             stats.append(step_sums)

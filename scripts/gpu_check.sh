@@ -2,15 +2,15 @@
 # The GPU acceptance run of cifar_dist, one command: 4.3 minutes on one H200 before the last two steps, which are
 # experiments not yet timed on a GPU, and GPU tests added since (give --budget-s 540 so that the default
 # budget does not cut them):
-#   - the GPU tests (tests/test_gpu.py: compiled vs eager, accumulation, no host syncs, feature caches, BatchNorm
-#     counters, resume under other speed options, a real out-of-memory);
+#   - the GPU tests (tests/test_gpu.py: compiled vs eager, the whole-step graph vs eager, accumulation, no host
+#     syncs, feature caches, BatchNorm counters, resume under other speed options, a real out-of-memory);
 #   - the trainer with default flags and with --cache-frozen-features on synthetic data of CIFAR-100's size
 #     (50,000 + 10,000 images) at 224 px, 500 steps each: images/s, time to the first steps (compile),
 #     checkpoint seconds, peak GPU memory, what was compiled;
 #   - the benchmark at reduced steps (python -m cifar_dist.bench --steps 20 --warmup 5);
 #   - a profile of the compiled step: host or device, which sets the pace (cifar_dist/step_profile.py);
-#   - the whole step as one CUDA graph, with eager and with inductor's kernels, and from the feature cache
-#     (experiments, cifar_dist/graphed_step.py), to set beside the compiled steps;
+#   - the whole step as one CUDA graph (--whole-step-graph, cifar_dist/graphed_step.py), with eager and with
+#     inductor's kernels, and from the feature cache, to set beside the compiled steps;
 #   - with --end-to-end (about 3 minutes more; raise --budget-s to match): the recipe's whole workload, launch to
 #     final report, without and with the feature cache, its compile cache warm from the steps before.
 # Writes gpu_check.json, gpu_check.md (the tables, with card, torch version and command) and gpu_check.log into

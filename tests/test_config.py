@@ -177,6 +177,8 @@ def test_yaml_merge_keys_may_be_overridden(tmp_path):
                                                                 "--cache-frozen-features"),
     ("cache_eval_features: maybe\n", "--cache-eval-features 'maybe': expected one of auto, yes, no"),
     ("cudnn_benchmark: yes\ndeterministic: true\n", "--cudnn-benchmark yes contradicts --deterministic"),
+    ("whole_step_graph: yes\nfused_adam: no\n", "--whole-step-graph yes records fused Adam's step in the graph; "
+                                                 "drop --fused-adam no"),
     ("- 1\n- 2\n", "expected a mapping"),
     ("num_epochs: [\n", "not valid YAML (expected the node content, but found '<stream end>' on line 2)"),
 ])

@@ -27,7 +27,7 @@ import torch
 
 from cifar_dist import trainer_parts
 from cifar_dist.config import SpeedConfig
-from cifar_dist.graphed_step import GraphedStep, train_graphed
+from cifar_dist.graphed_step import GraphedStep
 from cifar_dist.model import Preprocess
 from cifar_dist.speed import adam_implementation, compile_summary, match_optimizer_to_run
 from cifar_dist.steps import evaluate
@@ -242,18 +242,29 @@ def test_feature_cache_matches_the_plain_path(splits, backbone, compiled_run):
                          ids=["eager_kernels", "inductor_kernels", "inductor_kernels_from_the_feature_cache"])
 def test_the_whole_step_as_one_cuda_graph_trains_as_the_eager_step(splits, backbone, eager_losses, compile_model,
                                                                     cache):
-    """The benchmark's one-graph experiments (forward, loss, backward and capturable fused Adam in one graph:
-    graphed, graphed_compiled, cached_graphed) compute the trainer's step: the same losses as eager, and
-    BatchNorm counted once per step."""
-    parts = build(splits, backbone, speed=SpeedConfig(compile_step="no", channels_last="yes", fused_adam="yes",
-                                                      cache_frozen_features=cache))
+    """--whole-step-graph yes (forward, loss, backward and capturable fused Adam in one graph; the benchmark's
+    graphed, graphed_compiled, cached_graphed): the same losses as eager, BatchNorm counted once per step, and
+    steady replays that never wait for the device."""
+    parts = build(splits, backbone, speed=SpeedConfig(compile_step="yes" if compile_model else "no",
+                                                      whole_step_graph="yes", cache_frozen_features=cache))
     try:
-        step = GraphedStep(parts, compile_model=compile_model)
-        before = bn_state(step.model)
+        assert isinstance(parts.run_step, GraphedStep) and parts.run_step.graph is not None
+        assert parts.fast.describe().startswith("whole step as one CUDA graph")
+        before = bn_state(parts.model)
         compare(f"one graph ({'inductor' if compile_model else 'eager'} kernels{', cached features' * cache}) vs "
-                "eager", losses(train_graphed(parts, step, STEPS)), eager_losses)
-        after = bn_state(step.model)
+                "eager", losses(train(parts, STEPS)), eager_losses)
+        after = bn_state(parts.model)
         assert all(after[name][0] == before[name][0] + STEPS for name in after if name.startswith("layer4."))
+        parts.train_loader.set_epoch(2)
+        batches = iter(parts.train_loader)
+        next(batches)  # the epoch's start (sampler, first batch) is allowed to wait
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            stats = [parts.run_step(*next(batches)) for _ in range(20)]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.stack(stats)[:, 2].sum().item() == 20 * 32
     finally:
         trainer_parts.reset()
 

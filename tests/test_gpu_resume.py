@@ -17,16 +17,20 @@ TIMING = ("epoch_time_s", "train_time_s", "eval_time_s", "train_images_per_s", "
           "resumed_from_step", "startup_s")
 
 
-def test_a_deterministic_gpu_run_resumes_bit_for_bit(test_env, tmp_path):
-    run_train(test_env, [*RUN, "--output-dir", str(tmp_path / "whole")])
-    run_train(test_env, [*RUN, "--max-steps", "5", "--output-dir", str(tmp_path / "split")])
-    resumed = run_train(test_env, [*RUN, "--output-dir", str(tmp_path / "split")])
+@pytest.mark.parametrize("step", [[], ["--whole-step-graph", "yes"]], ids=["default", "whole_step_graph"])
+def test_a_deterministic_gpu_run_resumes_bit_for_bit(test_env, tmp_path, step):
+    # With --whole-step-graph the resumed run records its graph around the loaded weights and Adam state.
+    run_train(test_env, [*RUN, *step, "--output-dir", str(tmp_path / "whole")])
+    run_train(test_env, [*RUN, *step, "--max-steps", "5", "--output-dir", str(tmp_path / "split")])
+    resumed = run_train(test_env, [*RUN, *step, "--output-dir", str(tmp_path / "split")])
     assert "(epoch 1, step 5)" in resumed.stdout
+    assert ("whole step as one CUDA graph" in resumed.stdout) == bool(step)
     # cuDNN's timed choice of algorithm could differ between the launches; --deterministic leaves it off.
     assert "--cudnn-benchmark auto: off with --deterministic" in resumed.stdout
     whole, split = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("whole", "split"))
     different = [k for k in whole if not torch.equal(whole[k], split[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
     def figures(name):
         return [{k: v for k, v in r.items() if k not in TIMING} for r in records(tmp_path / name)]
 

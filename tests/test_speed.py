@@ -44,6 +44,7 @@ OPTIONS = {
     "compiled": ["--compile-step", "yes"],
     "cache": ["--cache-frozen-features"],
     "eval_cache": ["--cache-eval-features", "yes"],
+    "whole_step_graph": ["--whole-step-graph", "yes"],
 }
 GiB = 2**30
 
@@ -87,6 +88,11 @@ def test_the_run_header_says_what_the_step_uses(float64_runs):
     assert ("- step: plain eager step; evaluation from the test images' cached frozen-stage features"
             in procs["eval_cache"].stdout)
     assert "feature cache: 100 test images -> 1024x2x2 float64 per image" in procs["eval_cache"].stdout
+    # On a CPU the whole step runs over the graph's static buffers, unrecorded, with the graph's fused Adam.
+    assert ("- step: whole step over static buffers (eager kernels; not recorded as a graph: CUDA graphs need a CUDA "
+            "GPU), fused Adam; --compile-step, --channels-last, --cache-eval-features auto: off on cpu"
+            in procs["whole_step_graph"].stdout)
+    assert re.search(r"start-up: .*, graph \d+\.\d, ", procs["whole_step_graph"].stdout)
 
 
 @pytest.mark.slow
@@ -164,6 +170,23 @@ def test_a_checkpoint_resumes_exactly_under_the_other_memory_format(float64_runs
                          "--channels-last", saved, "--output-dir", str(out)], script=FLOAT64)
     proc = run_train(test_env, [*STEPS, "--fused-adam", "yes", "--channels-last", resumed, "--output-dir", str(out)],
                      script=FLOAT64)
+    assert "resuming from" in proc.stdout and "step-00000004" in proc.stdout
+    assert records(out)[-1]["step"] == 8
+    assert update_difference(root / "plain", out, initial_weights) < 1e-9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("saved, resumed", [("yes", "yes"), ("no", "yes"), ("yes", "no")])
+def test_a_checkpoint_resumes_exactly_into_and_out_of_the_whole_step_graph(float64_runs, initial_weights, test_env,
+                                                                            tmp_path, saved, resumed):
+    # The graph is recorded after the resume, around the loaded weights and Adam state; its warm-up's steps are
+    # undone to the loaded values, not to a fresh Adam's zeros (which would be about a learning-rate step off).
+    root, _ = float64_runs
+    out = tmp_path / "out"
+    run_train(test_env, [*STEPS, "--max-steps", "4", "--checkpoint-every-steps", "4", "--fused-adam", "yes",
+                         "--whole-step-graph", saved, "--output-dir", str(out)], script=FLOAT64)
+    proc = run_train(test_env, [*STEPS, "--fused-adam", "yes", "--whole-step-graph", resumed, "--output-dir",
+                                str(out)], script=FLOAT64)
     assert "resuming from" in proc.stdout and "step-00000004" in proc.stdout
     assert records(out)[-1]["step"] == 8
     assert update_difference(root / "plain", out, initial_weights) < 1e-9
@@ -385,6 +408,53 @@ def test_compile_falls_back_on_a_gpu_too_old_for_it(monkeypatch):
     fast = resolve_fast_path(SpeedConfig(), torch.device("cuda"), "fp16", 1)
     assert not fast.compile_step and fast.channels_last and fast.fused_adam
     assert fast.notes == ["--compile-step auto: off, this GPU has compute capability 6.0; torch.compile needs 7.0+"]
+
+
+def test_the_whole_step_graph_runs_where_it_can_and_says_why_not(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    cuda, cpu, graph = torch.device("cuda"), torch.device("cpu"), SpeedConfig(whole_step_graph="yes")
+    assert not resolve_fast_path(SpeedConfig(), cuda, "bf16", 1).whole_step_graph  # auto: off until measured
+    on = resolve_fast_path(graph, cuda, "bf16", 1)
+    assert on.whole_step_graph and on.compile_step and on.fused_adam and not on.notes
+    assert on.describe().startswith("whole step as one CUDA graph (forward, loss, backward and fused Adam; "
+                                    "inductor's kernels), channels_last, fused Adam")
+    recorded = dataclasses.replace(on, graph_record_s=4.25)
+    assert "inductor's kernels; recorded in 4.2 s)" in recorded.describe()
+    assert recorded.facts()["graph_record_s"] == 4.25 and recorded.facts()["whole_step_graph"] is True
+    eager_kernels = resolve_fast_path(SpeedConfig(whole_step_graph="yes", compile_step="no"), cuda, "bf16", 1)
+    assert "(forward, loss, backward and fused Adam; eager kernels)" in eager_kernels.describe()
+    for processes, accumulation, precision, why in [
+            (2, 1, "bf16", "with several processes (DDP's all-reduce is not recorded)"),
+            (1, 2, "bf16", "with gradient accumulation (one replay is one optimizer step)"),
+            (1, 1, "fp16", "under fp16 (the loss scaler reads the device every step)")]:
+        off = resolve_fast_path(graph, cuda, precision, processes, accumulation)
+        assert not off.whole_step_graph
+        assert f"--whole-step-graph yes: off {why}; the step runs as without it" in off.notes
+    # A CPU runs the same step unrecorded, with the fused Adam the graph would record.
+    on_cpu = resolve_fast_path(graph, cpu, "no", 1)
+    assert on_cpu.whole_step_graph and on_cpu.fused_adam and not on_cpu.compile_step
+    assert on_cpu.notes == ["--compile-step, --channels-last, --cache-eval-features auto: off on cpu (on with 'yes')"]
+
+
+def test_the_whole_step_graph_starts_where_the_plain_step_starts_and_steps_as_it_does():
+    # Its warm-up steps (Adam's state made, BatchNorm statistics moved, weights updated) are undone before it
+    # records; then each replay is the plain step with fused Adam, to the bit on a CPU.
+    splits = trainer_parts.synthetic_splits(96, 8)
+    built = {}
+    for name, graph in (("plain", "no"), ("graph", "yes")):
+        parts = trainer_parts.build(splits, 32, speed=SpeedConfig(fused_adam="yes", whole_step_graph=graph))
+        adam = parts.optimizer.optimizer
+        assert adam_implementation(parts.optimizer) == "fused"
+        assert adam.param_groups[0]["capturable"] == (graph == "yes")
+        start = {k: v.clone() for k, v in parts.model.state_dict().items()}
+        adam_start = [v.clone() for state in adam.state.values() for v in state.values()]
+        built[name] = (start, adam_start, trainer_parts.losses(trainer_parts.train(parts, 2)), parts.model.state_dict())
+        trainer_parts.reset()
+    (plain_start, _, plain_losses, plain_end), (start, adam_start, graph_losses, end) = built["plain"], built["graph"]
+    assert all(torch.equal(start[k], plain_start[k]) for k in start)
+    assert all(not v.any() for v in adam_start)  # a fresh Adam's zeros, as the plain step starts from nothing
+    assert graph_losses == plain_losses
+    assert all(torch.equal(end[k], plain_end[k]) for k in end)
 
 
 def test_cudnn_autotuning_is_on_for_cuda_unless_deterministic(monkeypatch):
