@@ -38,7 +38,8 @@ drives it through cifar_dist.train.train_step (eval: its evaluate). In one proce
 separately; the compute floor of the whole workload (FLOPs counted on the model, divided by a matmul rate
 measured on this device); what one checkpoint costs (the trainer's save_checkpoint of the trainer's model and
 Adam state, timed in --checkpoint-dir); with --end-to-end the wall time of `python -m cifar_dist.train` from
-launch to its final report, with and without the feature cache; with --profile VARIANT where a step's time
+launch to its final report, by default with and without the feature cache (--e2e-runs: also with the whole
+step as one CUDA graph); with --profile VARIANT where a step's time
 goes, host or device (cifar_dist/step_profile.py).
 """
 
@@ -82,6 +83,10 @@ GPU_ONLY = ("compiled", "compiled_heuristic", "cached_compiled", *GRAPHED)  # CU
 ONLY_WHEN_NAMED = (*GRAPHED, "ddp")  # experiments, and the variant to run under torchrun
 # The workload the targets are about: the recipe's 10 epochs over CIFAR-100's 50,000 + 10,000 images.
 EPOCHS, TRAIN_IMAGES, EVAL_IMAGES = 10, 50_000, 10_000
+# The end-to-end runs' trainer flags (--end-to-end, --e2e-runs).
+E2E_RUNS = {"default": [], "cached": ["--cache-frozen-features"], "graphed": ["--whole-step-graph", "yes"],
+            "graphed_eager": ["--whole-step-graph", "yes", "--compile-step", "no"],
+            "graphed_cached": ["--whole-step-graph", "yes", "--cache-frozen-features"]}
 # The trainer's speed options (--compile-step, --channels-last, --fused-adam, --cache-frozen-features) each
 # variant is built with; 'yes' rather than 'auto', so that a variant that cannot run as named stops.
 # The training variants evaluate nothing, so none builds the evaluation's feature cache. cuDNN's autotuning is
@@ -327,8 +332,9 @@ def checkpoint_cost(args, mixed_precision: str, saves: int = 3) -> dict:
             "directory": args.checkpoint_dir or tempfile.gettempdir()}
 
 
-def end_to_end(args, cache: bool) -> dict:
-    """Wall time of the real trainer, launch to final report, on synthetic data of CIFAR-100's size and format."""
+def end_to_end(args, run: str) -> dict:
+    """Wall time of the real trainer, launch to final report, on synthetic data of CIFAR-100's size and format,
+    with ``run``'s flags (E2E_RUNS) and --e2e-args."""
     with tempfile.TemporaryDirectory(prefix="cifar-dist-e2e-") as tmp:
         out, data = Path(tmp) / "run", Path(tmp) / "data"
         env = {**os.environ, "HF_DATASETS_CACHE": str(Path(tmp) / "hf"), "TQDM_DISABLE": "1"}
@@ -341,7 +347,7 @@ def end_to_end(args, cache: bool) -> dict:
                         str(data)], env=env, check=True, capture_output=True)
         cmd = [sys.executable, "-m", "cifar_dist.train", "--data-source", str(data), "--weights", "none",
                "--image-size", str(args.image_size), "--num-epochs", str(args.e2e_epochs), "--tracker", "none",
-               "--output-dir", str(out), *(["--cache-frozen-features"] if cache else []), *args.e2e_args]
+               "--output-dir", str(out), *E2E_RUNS[run], *args.e2e_args]
         start = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - start
@@ -350,7 +356,7 @@ def end_to_end(args, cache: bool) -> dict:
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steady = records[1:] or records  # the first epoch also pays for compilation
     steady_train_s = sum(r["train_time_s"] for r in steady) / len(steady)
-    return {"variant": "end_to_end" + ("_cached" if cache else ""), "wall_s": round(wall, 1),
+    return {"variant": "end_to_end" + ("" if run == "default" else f"_{run}"), "wall_s": round(wall, 1),
             "epochs": len(records), "final_val_acc": records[-1]["val_acc"],
             "val_acc_per_epoch": [round(r["val_acc"], 4) for r in records],
             "train_images_per_s": round(sum(r["train_images_per_s"] for r in steady) / len(steady), 1),
@@ -413,7 +419,7 @@ def run(args) -> dict:
         report["profile"] = {"variant": args.profile, **profile_steps(parts.accelerator.device, steps, args.steps,
                                                                       args.warmup, trace=args.profile_trace)}
     if args.end_to_end and main_process:
-        report["end_to_end"] = [end_to_end(args, cache) for cache in (False, True)]
+        report["end_to_end"] = [end_to_end(args, run) for run in args.e2e_runs]
     if dist.is_initialized():
         dist.destroy_process_group()
     return report if main_process else {}
@@ -479,8 +485,10 @@ def main(argv: list[str] | None = None) -> None:
                              "the costliest host operations (one process)")
     parser.add_argument("--profile-trace", help="write the profile's Chrome trace to this file")
     parser.add_argument("--end-to-end", action="store_true",
-                        help="also time `python -m cifar_dist.train` for the whole workload, without and with "
-                             "--cache-frozen-features")
+                        help="also time `python -m cifar_dist.train` for the whole workload, once per --e2e-runs")
+    parser.add_argument("--e2e-runs", nargs="+", choices=E2E_RUNS, default=["default", "cached"],
+                        help="the trainer's flags of each end-to-end run: " + "; ".join(
+                            f"{name}: {' '.join(flags) or 'none'}" for name, flags in E2E_RUNS.items()))
     parser.add_argument("--e2e-epochs", type=int, default=EPOCHS)
     parser.add_argument("--e2e-train-samples", type=int, default=TRAIN_IMAGES)
     parser.add_argument("--e2e-eval-samples", type=int, default=EVAL_IMAGES)

@@ -22,7 +22,7 @@ def bench(args, env=None, timeout=900):
 def test_bench_reports_every_cpu_variant_the_floor_and_the_end_to_end_runs(tmp_path, test_env):
     out = tmp_path / "bench.json"
     proc = bench([*TINY_BENCH, "--json", str(out), "--end-to-end", "--e2e-epochs", "2", "--e2e-train-samples", "64",
-                  "--e2e-eval-samples", "32"], env=test_env)
+                  "--e2e-eval-samples", "32", "--e2e-runs", "default", "cached", "graphed"], env=test_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert [r["variant"] for r in report["results"]] == ["straight_port", "eager", "channels_last", "cached_trunk",
@@ -45,7 +45,8 @@ def test_bench_reports_every_cpu_variant_the_floor_and_the_end_to_end_runs(tmp_p
     assert "checkpoint (the trainer's save_checkpoint: model + Adam state" in proc.stdout
 
     e2e = {r["variant"]: r for r in report["end_to_end"]}
-    assert set(e2e) == {"end_to_end", "end_to_end_cached"}
+    assert set(e2e) == {"end_to_end", "end_to_end_cached", "end_to_end_graphed"}
+    assert "graph" in e2e["end_to_end_graphed"]["startup_s"]  # the trainer ran with --whole-step-graph yes
     assert all(r["epochs"] == 2 and r["wall_s"] > 0 and r["train_images_per_s"] > 0 for r in e2e.values())
     # The trainer's own split of its start-up; with the cache, the cache is one of its phases.
     assert all(0 < r["startup_s"]["total"] <= r["outside_epochs_s"] + 0.1 for r in e2e.values())
@@ -61,6 +62,7 @@ def test_bench_times_the_trainers_own_step_optimizer_cache_and_evaluate(monkeypa
     optimizer builder, feature cache and compile path) and driven through the trainer's train_step and evaluate
     (cifar_dist.steps); nothing in the benchmark steps a model itself."""
     from cifar_dist import bench, feature_cache, steps, trainer, trainer_parts
+    from cifar_dist.graphed_step import WARMUP_STEPS, GraphedStep
 
     assert trainer_parts.train_step is steps.train_step and trainer.assemble is trainer_parts.assemble
     assert bench.evaluate is steps.evaluate is trainer.evaluate
@@ -78,15 +80,18 @@ def test_bench_times_the_trainers_own_step_optimizer_cache_and_evaluate(monkeypa
         counted(trainer_parts, name)
     counted(feature_cache, "build_feature_cache")
     counted(bench, "evaluate")
+    counted(GraphedStep, "_step")
     try:
-        bench.main([*TINY_BENCH, "--variants", "eager", "cached_trunk", "eval", "eval_cached", "--no-floor",
-                    "--no-checkpoint"])
+        bench.main([*TINY_BENCH, "--variants", "eager", "cached_trunk", "graphed", "eval", "eval_cached",
+                    "--no-floor", "--no-checkpoint"])
     finally:
         trainer_parts.reset()
-    # eager and cached_trunk: 1 warm-up + 2 timed steps each; eval and eval_cached: a warm-up pass and the timed
-    # pass each; the cache is built for cached_trunk (both splits) and eval_cached (the test split).
-    assert calls == {"train_step": 6, "build_optimizer": 4, "build_feature_cache": 2, "compile_for_training": 4,
-                     "prepare_model_layout": 4, "evaluate": 4}
+    # eager and cached_trunk: 1 warm-up + 2 timed steps each; graphed: the same through the trainer's
+    # --whole-step-graph step (run unrecorded on a CPU), after its own 3 warm-up steps; eval and eval_cached: a
+    # warm-up pass and the timed pass each; the cache is built for cached_trunk (both splits) and eval_cached
+    # (the test split).
+    assert calls == {"train_step": 6, "_step": WARMUP_STEPS + 3, "build_optimizer": 5, "build_feature_cache": 2,
+                     "compile_for_training": 4, "prepare_model_layout": 5, "evaluate": 4}
 
 
 def test_bench_measures_communication_under_torchrun(tmp_path, test_env):
