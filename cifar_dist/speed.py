@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs
+from accelerate.utils import AutocastKwargs, DDPCommunicationHookType, DistributedDataParallelKwargs
 
 from cifar_dist.config import SpeedConfig, UserError
 
@@ -218,6 +218,14 @@ def _compile_support(device: torch.device) -> tuple[bool, str]:
     if device.type == "cpu" and not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
         return False, "torch.compile on the CPU needs a C++ compiler (c++, g++ or clang++) on PATH"
     return True, ""
+
+
+def accelerator_kwargs(cfg: SpeedConfig, fast: FastPath, ddp: bool = True) -> list:
+    """The Accelerator's kwargs handlers: DDP's settings (unless ``ddp`` is False: torch's defaults), and under
+    --whole-step-graph autocast without its weight-cast cache, as CUDA graphs want it (a cast cached outside a
+    recording must not be read inside one). Autocast casts each weight once per forward here anyway."""
+    ddp_handler = ddp_kwargs(cfg, fast)  # which also silences DDP's stride warning, whatever the settings
+    return ([ddp_handler] if ddp else []) + ([AutocastKwargs(cache_enabled=False)] if fast.whole_step_graph else [])
 
 
 def ddp_kwargs(cfg: SpeedConfig, fast: FastPath) -> DistributedDataParallelKwargs:

@@ -32,8 +32,8 @@ from cifar_dist.preflight import preflight
 from cifar_dist.rundir import CHECKPOINTS, Claim, claim_output_dir
 from cifar_dist.speed import (
     FastPath,
+    accelerator_kwargs,
     compile_summary,
-    ddp_kwargs,
     match_optimizer_to_run,
     resolve_fast_path,
     resolve_mixed_precision,
@@ -297,7 +297,7 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
         gradient_accumulation_steps=plan.grad_accum_steps,
         log_with=log_with,
         project_dir=str(claim.output_dir),
-        kwargs_handlers=[ddp_kwargs(cfg.speed, fast)],
+        kwargs_handlers=accelerator_kwargs(cfg.speed, fast),
     )
     set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)
     startup.lap("accelerator")

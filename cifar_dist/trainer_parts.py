@@ -37,10 +37,10 @@ from cifar_dist.graphed_step import GraphedStep
 from cifar_dist.model import ResNet50Classifier, convert_sync_batchnorm
 from cifar_dist.speed import (
     FastPath,
+    accelerator_kwargs,
     apply_backends,
     build_optimizer,
     compile_for_training,
-    ddp_kwargs,
     first_line,
     prepare_model_layout,
     resolve_fast_path,
@@ -157,10 +157,9 @@ def build(splits: CifarSplits, image_size: int, *, speed: SpeedConfig | None = N
     plan = plan_batches(TrainConfig(global_batch_size=global_batch_size,
                                     per_device_batch_size=per_device_batch_size), state.num_processes)
     fast = resolve_fast_path(speed, state.device, mixed_precision, plan.num_processes, plan.grad_accum_steps)
-    handler = ddp_kwargs(speed, fast)  # also silences DDP's stride warning, as in the trainer
     accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision,
                               gradient_accumulation_steps=plan.grad_accum_steps,
-                              kwargs_handlers=[handler] if ddp == "cifar_dist" else None)
+                              kwargs_handlers=accelerator_kwargs(speed, fast, ddp=ddp == "cifar_dist"))
     torch.manual_seed(0)  # the head's initialisation, as set_seed does in the trainer
     if model is None:
         model = ResNet50Classifier(ModelConfig(weights="none"), image_size)

@@ -446,6 +446,9 @@ def test_the_whole_step_graph_starts_where_the_plain_step_starts_and_steps_as_it
         adam = parts.optimizer.optimizer
         assert adam_implementation(parts.optimizer) == "fused"
         assert adam.param_groups[0]["capturable"] == (graph == "yes")
+        # Under the graph, autocast keeps no weight-cast cache (CUDA graphs must not read a cast cached outside).
+        handler = parts.accelerator.autocast_handler
+        assert (handler is not None and handler.cache_enabled is False) == (graph == "yes")
         start = {k: v.clone() for k, v in parts.model.state_dict().items()}
         adam_start = [v.clone() for state in adam.state.values() for v in state.values()]
         built[name] = (start, adam_start, trainer_parts.losses(trainer_parts.train(parts, 2)), parts.model.state_dict())
