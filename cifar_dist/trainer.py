@@ -204,7 +204,6 @@ class Run:
     claim: Claim
     fast: FastPath
     model: torch.nn.Module
-    step_model: torch.nn.Module
     run_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # train_step, or the recorded whole step
     optimizer: torch.optim.Optimizer
     splits: CifarSplits
@@ -349,7 +348,7 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
     total_steps = steps_per_epoch * cfg.train.num_epochs
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
-    return Run(cfg, plan, accelerator, claim, fast, model, parts.step_model, parts.run_step, optimizer, splits,
+    return Run(cfg, plan, accelerator, claim, fast, model, parts.run_step, optimizer, splits,
                parts.train_loader, parts.eval_loader, parts.input_name, parts.eval_input_name, run_log,
                SaveSchedule(cfg.train.checkpoint_every_steps, cfg.train.checkpoint_every_minutes), position,
                steps_per_epoch, total_steps, startup, step=position["step"])
