@@ -38,7 +38,7 @@ class GraphedStep:
     ``model`` and ``optimizer`` are the trainer's, prepared by accelerate (autocast is the prepared model's
     own, entered inside each recorded forward), the optimizer a fused Adam built with ``capturable=True``.
     ``example`` is one training batch (inputs, labels) on the device: the static buffers' shapes. Nothing is
-    recorded until ``record`` (the trainer's, after any resume) or the first call.
+    recorded until ``record`` (``trainer_parts.record_step``: the trainer's comes after any resume).
     """
 
     def __init__(self, model, optimizer, example: tuple[torch.Tensor, torch.Tensor], input_name: str,
@@ -74,8 +74,7 @@ class GraphedStep:
         return self.record_s
 
     def __call__(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.record_s is None:
-            self.record()
+        assert self.record_s is not None, "record() first (trainer_parts.record_step)"
         self.inputs.copy_(inputs, non_blocking=True)
         self.labels.copy_(labels, non_blocking=True)
         if self.graph is None:  # a CPU: the same step, run rather than replayed
