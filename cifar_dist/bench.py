@@ -86,7 +86,8 @@ EPOCHS, TRAIN_IMAGES, EVAL_IMAGES = 10, 50_000, 10_000
 # The end-to-end runs' trainer flags (--end-to-end, --e2e-runs).
 E2E_RUNS = {"default": [], "cached": ["--cache-frozen-features"], "graphed": ["--whole-step-graph", "yes"],
             "graphed_eager": ["--whole-step-graph", "yes", "--compile-step", "no"],
-            "graphed_cached": ["--whole-step-graph", "yes", "--cache-frozen-features"]}
+            "graphed_cached": ["--whole-step-graph", "yes", "--cache-frozen-features"],
+            "graphed_eager_cached": ["--whole-step-graph", "yes", "--compile-step", "no", "--cache-frozen-features"]}
 # The trainer's speed options (--compile-step, --channels-last, --fused-adam, --cache-frozen-features) each
 # variant is built with; 'yes' rather than 'auto', so that a variant that cannot run as named stops.
 # The training variants evaluate nothing, so none builds the evaluation's feature cache. cuDNN's autotuning is
