@@ -333,19 +333,28 @@ def checkpoint_cost(args, mixed_precision: str, saves: int = 3) -> dict:
             "directory": args.checkpoint_dir or tempfile.gettempdir()}
 
 
-def end_to_end(args, run: str) -> dict:
-    """Wall time of the real trainer, launch to final report, on synthetic data of CIFAR-100's size and format,
-    with ``run``'s flags (E2E_RUNS) and --e2e-args."""
+def end_to_end_runs(args) -> list[dict]:
+    """Each of --e2e-runs over one copy of synthetic data of CIFAR-100's size and format, generated once (11 s
+    each time on the H200 machine of docs/gpu-checks/2026-11-26-h200.md)."""
     with tempfile.TemporaryDirectory(prefix="cifar-dist-e2e-") as tmp:
-        out, data = Path(tmp) / "run", Path(tmp) / "data"
-        env = {**os.environ, "HF_DATASETS_CACHE": str(Path(tmp) / "hf"), "TQDM_DISABLE": "1"}
-        # Generated once and saved as a datasets folder, so the timed run loads it the way it loads CIFAR-100 from
-        # the hub cache, instead of also timing the generation of 180 MB of random images.
+        data = Path(tmp) / "data"
+        # Saved as a datasets folder, so the timed run loads it the way it loads CIFAR-100 from the hub cache,
+        # instead of also timing the generation of 180 MB of random images.
         subprocess.run([sys.executable, "-c", "import sys; from cifar_dist.config import DataConfig; from "
                         "cifar_dist.data import load_cifar100; load_cifar100(DataConfig(data_source='synthetic', "
                         "synthetic_train_samples=int(sys.argv[1]), synthetic_eval_samples=int(sys.argv[2])))"
                         ".save_to_disk(sys.argv[3])", str(args.e2e_train_samples), str(args.e2e_eval_samples),
-                        str(data)], env=env, check=True, capture_output=True)
+                        str(data)], env={**os.environ, "HF_DATASETS_CACHE": str(Path(tmp) / "hf")}, check=True,
+                       capture_output=True)
+        return [end_to_end(args, run, data) for run in args.e2e_runs]
+
+
+def end_to_end(args, run: str, data: Path) -> dict:
+    """Wall time of the real trainer on ``data``, launch to final report, with ``run``'s flags (E2E_RUNS) and
+    --e2e-args."""
+    with tempfile.TemporaryDirectory(prefix="cifar-dist-e2e-run-") as tmp:
+        out = Path(tmp) / "run"
+        env = {**os.environ, "HF_DATASETS_CACHE": str(Path(tmp) / "hf"), "TQDM_DISABLE": "1"}
         cmd = [sys.executable, "-m", "cifar_dist.train", "--data-source", str(data), "--weights", "none",
                "--image-size", str(args.image_size), "--num-epochs", str(args.e2e_epochs), "--tracker", "none",
                "--output-dir", str(out), *E2E_RUNS[run], *args.e2e_args]
@@ -420,7 +429,7 @@ def run(args) -> dict:
         report["profile"] = {"variant": args.profile, **profile_steps(parts.accelerator.device, steps, args.steps,
                                                                       args.warmup, trace=args.profile_trace)}
     if args.end_to_end and main_process:
-        report["end_to_end"] = [end_to_end(args, run) for run in args.e2e_runs]
+        report["end_to_end"] = end_to_end_runs(args)
     if dist.is_initialized():
         dist.destroy_process_group()
     return report if main_process else {}
