@@ -16,6 +16,10 @@
 # Writes gpu_check.json, gpu_check.md (the tables, with card, torch version and command) and gpu_check.log into
 # $OUT when it is set, else ./gpu_check_out. A step that fails is recorded and the next one runs; the exit status
 # is 1 if any failed. Extra arguments go to `python -m cifar_dist.gpu_check` (see its --help).
+# End to end alone, four runs (the default and cached ones took 97 and 83 s each on the H200 of 2026-11-26):
+#   scripts/gpu_check.sh --budget-s 560 --skip data train_default train_cache gpu_tests bench profile graphed \
+#     --end-to-end --e2e-args="--variants eval_cached --steps 5 --warmup 2 --no-floor --no-checkpoint \
+#     --end-to-end --e2e-runs default cached graphed_eager graphed_eager_cached"
 #
 # Run it from anywhere inside the checkout: it runs the package from the checkout (PYTHONPATH), not an install.
 # It needs torch with CUDA, torchvision and accelerate (preinstalled on the lent GPU machines; their torch, 2.11,

@@ -69,6 +69,8 @@ def test_the_whole_check_on_the_cpu_reports_every_step_and_fails_for_want_of_a_g
     e2e = {r["variant"]: r for r in steps["end_to_end"]["report"]["end_to_end"]}
     assert set(e2e) == {"end_to_end", "end_to_end_cached"} and all(r["epochs"] == 1 for r in e2e.values())
     assert "## End to end, compile cache warm from the steps above (" in md and "\nend_to_end_cached: " in md
+    alone = {**report, "steps": {k: v for k, v in steps.items() if k in ("environment", "end_to_end")}}
+    assert "## End to end, compile cache empty at its start (" in render(alone)  # nothing compiled before it
     assert "0 passed, 0 failed, 0 errors, " in md
     assert "===== train_default: " in (out / "gpu_check.log").read_text()
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]
