@@ -140,9 +140,14 @@ def resolve_fast_path(cfg: SpeedConfig, device: torch.device, mixed_precision: s
             notes.append(f"--{name.replace('_', '-')} {choice}: off, {why_not}")
         return wanted and supported
 
+    whole_step_graph = _decide_whole_step_graph(cfg, cuda, mixed_precision, num_processes, grad_accum_steps, notes)
     compile_ok, compile_why = _compile_support(device)
     compile_step = decide("compile_step", cfg.compile_step, compile_ok, compile_why)
-    if compile_step and cfg.compile_step == "auto" and num_processes > 1:
+    if compile_step and cfg.compile_step == "auto" and whole_step_graph and cfg.whole_step_graph == "auto":
+        compile_step = False
+        notes.append("--compile-step auto: off inside the whole-step graph from the feature cache (eager kernels, "
+                     "measured faster end to end: nothing to compile at start-up); inductor's kernels with 'yes'")
+    elif compile_step and cfg.compile_step == "auto" and num_processes > 1:
         # DDP + SyncBatchNorm inside a graph is reported to skip CUDA graphs ("mutated inputs", PyTorch #139207),
         # leaving compile time and no gain; until measured on GPUs, several processes run the eager step.
         compile_step = False
@@ -153,8 +158,6 @@ def resolve_fast_path(cfg: SpeedConfig, device: torch.device, mixed_precision: s
         notes.append("--compile-step auto: off with gradient accumulation (each micro-batch's graph replay would "
                      "reuse the memory of the gradients being accumulated); on with 'yes', which keeps them apart")
     channels_last = decide("channels_last", cfg.channels_last, True, "")
-    whole_step_graph = _decide_whole_step_graph(cfg.whole_step_graph, mixed_precision, num_processes,
-                                                grad_accum_steps, notes)
     # The graph records fused Adam's step ('no' with the graph is refused in SpeedConfig).
     fused_adam = decide("fused_adam", cfg.fused_adam, True, "") or whole_step_graph
     # --cache-frozen-features caches the test images' features with the training images'.
@@ -172,18 +175,25 @@ def resolve_fast_path(cfg: SpeedConfig, device: torch.device, mixed_precision: s
                     whole_step_graph=whole_step_graph, device_type=device.type)
 
 
-def _decide_whole_step_graph(choice: str, mixed_precision: str, num_processes: int, grad_accum_steps: int,
-                             notes: list[str]) -> bool:
-    # 'auto' stays off until the graph is measured against the compiled step on a GPU (the benchmark's graphed
-    # variants, scripts/gpu_check.sh). What it cannot hold: a collective (DDP's all-reduce), gradients summed
-    # over replays, and fp16's loss scaler, whose inf checks read the device.
-    if choice != "yes":
+def _decide_whole_step_graph(cfg: SpeedConfig, cuda: bool, mixed_precision: str, num_processes: int,
+                             grad_accum_steps: int, notes: list[str]) -> bool:
+    # 'auto' turns it on where it was measured faster: training from the feature cache on a CUDA GPU. There the
+    # step is layer4 + head alone, short enough that the host's per-step work (the compiled step's guards and
+    # checks, the loss, Adam) sets the pace. On an H100 (docs/gpu-checks/2026-11-27-h100.md) the recipe end to end
+    # took 54.6 s with one graph of eager kernels against 78.8 s with the compiled step: 18,444 against 12,596
+    # training images/s, and nothing compiled at start-up. From images the compiled step is as fast (11,162
+    # images/s against 11,300 as one graph) and stays. What the graph cannot hold: a collective (DDP's
+    # all-reduce), gradients summed over replays, fp16's loss scaler (its inf checks read the device), and a
+    # non-fused Adam.
+    choice = cfg.whole_step_graph
+    if choice == "no" or (choice == "auto" and not (cuda and cfg.cache_frozen_features)):
         return False
     why_not = ("with several processes (DDP's all-reduce is not recorded)" if num_processes > 1 else
                "with gradient accumulation (one replay is one optimizer step)" if grad_accum_steps > 1 else
-               "under fp16 (the loss scaler reads the device every step)" if mixed_precision == "fp16" else "")
+               "under fp16 (the loss scaler reads the device every step)" if mixed_precision == "fp16" else
+               "with --fused-adam no (the graph records fused Adam's step)" if cfg.fused_adam == "no" else "")
     if why_not:
-        notes.append(f"--whole-step-graph yes: off {why_not}; the step runs as without it")
+        notes.append(f"--whole-step-graph {choice}: off {why_not}; the step runs as without it")
     return not why_not
 
 

@@ -228,7 +228,8 @@ def test_evaluation_from_cached_features_matches_evaluation_from_images(splits, 
 
 
 def test_feature_cache_matches_the_plain_path(splits, backbone, compiled_run):
-    parts = build(splits, backbone, speed=SpeedConfig(cache_frozen_features=True))
+    # The compiled step from the cache ('auto' records the whole step instead: the test below).
+    parts = build(splits, backbone, speed=SpeedConfig(cache_frozen_features=True, whole_step_graph="no"))
     try:
         assert parts.input_name == "features" and parts.fast.compiled is not None
         assert parts.fast.compiled.cudagraph_skips == 0, parts.fast.compiled.skip_reasons
@@ -238,21 +239,24 @@ def test_feature_cache_matches_the_plain_path(splits, backbone, compiled_run):
         trainer_parts.reset()
 
 
-@pytest.mark.parametrize("compile_model, cache", [(False, False), (True, False), (True, True)],
-                         ids=["eager_kernels", "inductor_kernels", "inductor_kernels_from_the_feature_cache"])
+@pytest.mark.parametrize("compile_model, cache", [("no", False), ("yes", False), ("yes", True), ("auto", True)],
+                         ids=["eager_kernels", "inductor_kernels", "inductor_kernels_from_the_feature_cache",
+                              "auto_from_the_feature_cache"])
 def test_the_whole_step_as_one_cuda_graph_trains_as_the_eager_step(splits, backbone, eager_losses, compile_model,
                                                                     cache):
-    """--whole-step-graph yes (forward, loss, backward and capturable fused Adam in one graph; the benchmark's
-    graphed, graphed_compiled, cached_graphed): the same losses as eager, BatchNorm counted once per step, and
-    steady replays that never wait for the device."""
-    parts = build(splits, backbone, speed=SpeedConfig(compile_step="yes" if compile_model else "no",
-                                                      whole_step_graph="yes", cache_frozen_features=cache))
+    """--whole-step-graph (forward, loss, backward and capturable fused Adam in one graph; the benchmark's
+    graphed, graphed_compiled, cached_graphed, and what 'auto' runs from the feature cache: eager kernels): the
+    same losses as eager, BatchNorm counted once per step, and steady replays that never wait for the device."""
+    parts = build(splits, backbone, speed=SpeedConfig(compile_step=compile_model, cache_frozen_features=cache,
+                                                      whole_step_graph="auto" if compile_model == "auto" else "yes"))
     try:
         assert isinstance(parts.run_step, GraphedStep) and parts.run_step.graph is not None
         assert parts.fast.describe().startswith("whole step as one CUDA graph")
         before = bn_state(parts.model)
-        compare(f"one graph ({'inductor' if compile_model else 'eager'} kernels{', cached features' * cache}) vs "
-                "eager", losses(train(parts, STEPS)), eager_losses)
+        assert parts.fast.compile_step == (compile_model == "yes")
+        kernels = "inductor" if parts.fast.compile_step else "eager"
+        compare(f"one graph ({kernels} kernels{', cached features' * cache}) vs eager", losses(train(parts, STEPS)),
+                eager_losses)
         after = bn_state(parts.model)
         assert all(after[name][0] == before[name][0] + STEPS for name in after if name.startswith("layer4."))
         parts.train_loader.set_epoch(2)
