@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The GPU acceptance run of cifar_dist, one command: 4.3 minutes on one H200 before the last two steps, which are
-# experiments not yet timed on a GPU, and GPU tests added since (give --budget-s 540 so that the default
-# budget does not cut them):
+# The GPU acceptance run of cifar_dist, one command: 6.9 minutes on one H100 (2026-11-27) without --end-to-end,
+# 8.5 with one end-to-end run (then give --budget-s 555):
 #   - the GPU tests (tests/test_gpu.py: compiled vs eager, the whole-step graph vs eager, accumulation, no host
 #     syncs, feature caches, BatchNorm counters, resume under other speed options, a real out-of-memory);
 #   - the trainer with default flags and with --cache-frozen-features on synthetic data of CIFAR-100's size
 #     (50,000 + 10,000 images) at 224 px, 500 steps each: images/s, time to the first steps (compile),
 #     checkpoint seconds, peak GPU memory, what was compiled;
 #   - the benchmark at reduced steps (python -m cifar_dist.bench --steps 20 --warmup 5);
-#   - a profile of the compiled step: host or device, which sets the pace (cifar_dist/step_profile.py);
+#   - a profile of the step --cache-frozen-features runs (one CUDA graph of eager kernels): host or device, which
+#     sets the pace (cifar_dist/step_profile.py);
 #   - the whole step as one CUDA graph (--whole-step-graph, cifar_dist/graphed_step.py), with eager and with
 #     inductor's kernels, and from the feature cache, to set beside the compiled steps;
 #   - with --end-to-end (about 3 minutes more; raise --budget-s to match): the recipe's whole workload, launch to

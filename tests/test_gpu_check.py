@@ -123,3 +123,7 @@ def test_the_report_table_of_a_gpu_run():
     assert md.startswith("# cifar_dist GPU check: passed\n")
     assert "- card: NVIDIA H100 80GB HBM3 (79.2 GiB), CUDA 13.0" in md
     assert "| default | 12,000 | 15,000 | 40.0 | 30.0 | 41.0 | 0.5 x 6, 240.0 | 5.0 (6.0) | 0/0/0 |" in md
+    # The whole-step graph of eager kernels compiles nothing: its recording goes in the column, in brackets.
+    graphed = {**report["steps"]["train_default"], "step": {"graph_record_s": 1.04}}
+    md = render({**report, "steps": {"train_cache": graphed}})
+    assert "| cache | 12,000 | 15,000 | 40.0 | (1.04) | 41.0 | 0.5 x 6, 240.0 | 5.0 (6.0) | -/-/- |" in md
