@@ -161,20 +161,24 @@ def build_feature_cache(model, splits, accelerator, batch_size: int, location_ch
 
 def _features(model, images: torch.Tensor, accelerator, batch_size: int, probe: torch.Tensor,
               store: torch.device) -> torch.Tensor:
-    """trunk(images) for all images: each process computes a contiguous shard; all-gather completes each copy."""
+    """trunk(images) for all images: each process computes a contiguous shard; all-gather completes each copy.
+    Batches are slices and land in slices, so the loop never waits for the device (an index mask would, twice a
+    batch) and the host queues the next batch's kernels while the device runs this one's."""
     n, world, rank = len(images), accelerator.num_processes, accelerator.process_index
     shard = -(-n // world)
     out = torch.empty((n, *probe.shape[1:]), dtype=probe.dtype, device=store)
-    # The same number of equally sized batches on every process (the all-gather needs that); indices past the
-    # end (the last shard may be short) compute a duplicate image and are dropped.
     for begin in range(0, shard, batch_size):
-        index = torch.arange(rank * shard + begin, rank * shard + min(begin + batch_size, shard))
-        batch = images[index.clamp(max=n - 1)].to(accelerator.device, non_blocking=True)
+        size = min(batch_size, shard - begin)  # the same on every process, as the all-gather needs
+        start = min(rank * shard + begin, n - 1)
+        batch = images[start:start + size]
+        if len(batch) < size:  # the last shard is short: repeat its last image, dropped below
+            batch = torch.cat([batch, images[n - 1:].expand(size - len(batch), *images.shape[1:])])
         with accelerator.autocast():
-            features = model.trunk(batch)
-        index = index.to(accelerator.device)
+            features = model.trunk(batch.to(accelerator.device, non_blocking=True))
         if world > 1:
-            features, index = accelerator.gather(features.contiguous()), accelerator.gather(index)
-        keep = index < n
-        out[index[keep].to(store)] = features[keep].to(store)
+            features = accelerator.gather(features.contiguous())  # every process's batch, in rank order
+        for r, part in enumerate(features.split(size)):
+            lo = r * shard + begin
+            if lo < n:
+                out[lo:lo + size] = part[:n - lo].to(store)
     return out

@@ -22,6 +22,7 @@ from cifar_dist.config import ModelConfig, SpeedConfig, UserError
 from cifar_dist.feature_cache import (
     DEVICE_HEADROOM_BYTES,
     DEVICE_IF_FITS,
+    _features,
     cache_for_run,
     check_cacheable,
     choose_location,
@@ -577,6 +578,52 @@ def test_a_steady_training_step_and_the_evaluation_loop_never_wait_for_the_devic
         hits = (predicted[labels == k] == k).double()
         assert accuracy == pytest.approx(hits.mean().item() if len(hits) else 0.0)
     trainer_parts.reset()
+
+
+def test_the_feature_cache_is_built_in_slices_that_never_wait_for_the_device():
+    # 37 images in batches of 16: two whole batches and a short one, each written to its own rows.
+    model = _model()
+    images = trainer_parts.synthetic_splits(37, 1).train.images
+    accelerator = Accelerator(cpu=True)
+    probe = model.trunk(images[:1])
+    with torch.no_grad(), HostWaits() as waits:
+        cached = _features(model, images, accelerator, 16, probe, torch.device("cpu"))
+    assert waits.found == []
+    with torch.no_grad():
+        expected = torch.cat([model.trunk(images[k:k + 16]) for k in range(0, 37, 16)])
+    assert torch.equal(cached, expected)
+
+
+SHARDED_FEATURES = """
+import sys, torch
+from accelerate import Accelerator
+from cifar_dist import trainer_parts
+from cifar_dist.config import ModelConfig
+from cifar_dist.feature_cache import _features
+from cifar_dist.model import ResNet50Classifier
+
+torch.manual_seed(0)
+model = ResNet50Classifier(ModelConfig(weights="none"), 32).train()
+images = trainer_parts.synthetic_splits(37, 1).train.images
+accelerator = Accelerator(cpu=True)
+with torch.no_grad():
+    cached = _features(model, images, accelerator, 8, model.trunk(images[:1]), torch.device("cpu"))
+    alone = torch.cat([model.trunk(images[k:k + 8]) for k in range(0, 37, 8)])
+torch.save(cached, f"{sys.argv[1]}/rank{accelerator.process_index}.pt")
+torch.save(alone, f"{sys.argv[1]}/alone.pt")
+"""
+
+
+@pytest.mark.slow
+def test_the_feature_cache_of_an_uneven_split_over_two_processes(test_env, tmp_path):
+    # 37 images over 2 processes: shards of 19 and 18, batches of 8, so the second process pads its last batch
+    # with a repeat of the last image for the all-gather; each process ends with every image's features in order.
+    script = tmp_path / "sharded_features.py"
+    script.write_text(SHARDED_FEATURES)
+    run_train(test_env, [str(tmp_path)], num_processes=2, script=str(script))
+    alone = torch.load(tmp_path / "alone.pt")
+    for rank in (0, 1):
+        assert torch.allclose(torch.load(tmp_path / f"rank{rank}.pt"), alone, rtol=0, atol=1e-5)
 
 
 def test_host_waits_are_seen():
