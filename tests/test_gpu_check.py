@@ -40,6 +40,10 @@ def test_the_whole_check_on_the_cpu_reports_every_step_and_fails_for_want_of_a_g
     assert steps["gpu_tests"]["skipped"] > 0 and steps["gpu_tests"]["passed"] == steps["gpu_tests"]["errors"] == 0
     assert report["torch"] and report["datasets"] and report["card"] and report["cuda"] is None
     assert report["host_cpu"] and report["host_cores"] >= 1
+    imports = report["import_s"]  # the trainer's "launch" phase, taken apart
+    assert list(imports) == ["torch", "torchvision", "accelerate", "datasets", "cifar_dist.trainer", "cuda_init"]
+    assert imports["torch"] > 0 and all(seconds >= 0 for seconds in imports.values())
+    assert f"- imports and CUDA's start, s: torch {imports['torch']}, torchvision" in (out / "gpu_check.md").read_text()
 
     for name, cached in (("train_default", ""), ("train_cache", "; frozen-stage features cached")):
         run = steps[name]
