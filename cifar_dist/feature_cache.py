@@ -16,6 +16,7 @@ without the cache, so runs with and without it, on any number of processes, trai
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -135,7 +136,9 @@ def build_feature_cache(model, splits, accelerator, batch_size: int, location_ch
     model.train()  # the configuration training runs in (frozen stages in eval mode), which the cache must match
     check_cacheable(model)
     device = accelerator.device
-    with accelerator.autocast():
+    # One image, for the features' shape and dtype; cuDNN's autotuning (--cudnn-benchmark) would time every
+    # convolution at this batch of one, which nothing else runs.
+    with accelerator.autocast(), _no_autotuning():
         probe = model.trunk(splits.train.images[:1].to(device))
     per_image = probe[0].numel() * probe.element_size()
     nbytes = per_image * sum(len(getattr(splits, name)) for name in which)
@@ -159,26 +162,38 @@ def build_feature_cache(model, splits, accelerator, batch_size: int, location_ch
     return cached
 
 
+@contextlib.contextmanager
+def _no_autotuning():
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def _features(model, images: torch.Tensor, accelerator, batch_size: int, probe: torch.Tensor,
               store: torch.device) -> torch.Tensor:
     """trunk(images) for all images: each process computes a contiguous shard; all-gather completes each copy.
     Batches are slices and land in slices, so the loop never waits for the device (an index mask would, twice a
-    batch) and the host queues the next batch's kernels while the device runs this one's."""
+    batch) and the host queues the next batch's kernels while the device runs this one's. Every batch is whole,
+    the last ones padded with repeats of the last image and their rows dropped: one input shape, which the
+    all-gather needs and cuDNN's autotuning then times once, not again for each remainder."""
     n, world, rank = len(images), accelerator.num_processes, accelerator.process_index
     shard = -(-n // world)
     out = torch.empty((n, *probe.shape[1:]), dtype=probe.dtype, device=store)
     for begin in range(0, shard, batch_size):
-        size = min(batch_size, shard - begin)  # the same on every process, as the all-gather needs
         start = min(rank * shard + begin, n - 1)
-        batch = images[start:start + size]
-        if len(batch) < size:  # the last shard is short: repeat its last image, dropped below
-            batch = torch.cat([batch, images[n - 1:].expand(size - len(batch), *images.shape[1:])])
+        batch = images[start:start + batch_size]
+        if len(batch) < batch_size:
+            batch = torch.cat([batch, images[n - 1:].expand(batch_size - len(batch), *images.shape[1:])])
         with accelerator.autocast():
             features = model.trunk(batch.to(accelerator.device, non_blocking=True))
         if world > 1:
             features = accelerator.gather(features.contiguous())  # every process's batch, in rank order
-        for r, part in enumerate(features.split(size)):
+        for r, part in enumerate(features.split(batch_size)):
             lo = r * shard + begin
-            if lo < n:
-                out[lo:lo + size] = part[:n - lo].to(store)
+            rows = min(batch_size, shard - begin, n - lo)  # this process's images in the batch
+            if rows > 0:
+                out[lo:lo + rows] = part[:rows].to(store)
     return out

@@ -23,6 +23,7 @@ from cifar_dist.feature_cache import (
     DEVICE_HEADROOM_BYTES,
     DEVICE_IF_FITS,
     _features,
+    build_feature_cache,
     cache_for_run,
     check_cacheable,
     choose_location,
@@ -581,7 +582,7 @@ def test_a_steady_training_step_and_the_evaluation_loop_never_wait_for_the_devic
 
 
 def test_the_feature_cache_is_built_in_slices_that_never_wait_for_the_device():
-    # 37 images in batches of 16: two whole batches and a short one, each written to its own rows.
+    # 37 images in batches of 16: two whole batches and one of 5 images padded to 16, each written to its rows.
     model = _model()
     images = trainer_parts.synthetic_splits(37, 1).train.images
     accelerator = Accelerator(cpu=True)
@@ -591,7 +592,24 @@ def test_the_feature_cache_is_built_in_slices_that_never_wait_for_the_device():
     assert waits.found == []
     with torch.no_grad():
         expected = torch.cat([model.trunk(images[k:k + 16]) for k in range(0, 37, 16)])
-    assert torch.equal(cached, expected)
+    assert cached.shape == expected.shape and torch.allclose(cached, expected, rtol=0, atol=1e-5)
+
+
+def test_the_feature_cache_probe_is_not_autotuned_and_the_batches_are(monkeypatch):
+    # cuDNN's autotuning times each new input shape: the one-image probe would be timed for nothing.
+    model, seen = _model(), []
+    trunk = model.trunk
+
+    def recording(images):
+        seen.append((len(images), torch.backends.cudnn.benchmark))
+        return trunk(images)
+
+    monkeypatch.setattr(model, "trunk", recording)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    splits = trainer_parts.synthetic_splits(40, 8)
+    cached = build_feature_cache(model, splits, Accelerator(cpu=True), 16, "host")
+    assert seen == [(1, False), (16, True), (16, True), (16, True), (16, True)]  # 40 = 16 + 16 + 8 padded; 8 padded
+    assert torch.backends.cudnn.benchmark and len(cached["train"]) == 40 and len(cached["test"]) == 8
 
 
 SHARDED_FEATURES = """
@@ -616,8 +634,8 @@ torch.save(alone, f"{sys.argv[1]}/alone.pt")
 
 @pytest.mark.slow
 def test_the_feature_cache_of_an_uneven_split_over_two_processes(test_env, tmp_path):
-    # 37 images over 2 processes: shards of 19 and 18, batches of 8, so the second process pads its last batch
-    # with a repeat of the last image for the all-gather; each process ends with every image's features in order.
+    # 37 images over 2 processes: shards of 19 and 18 in batches of 8, the last of each padded (with the images
+    # after the shard, or repeats of the last image), each process ends with every image's features in order.
     script = tmp_path / "sharded_features.py"
     script.write_text(SHARDED_FEATURES)
     run_train(test_env, [str(tmp_path)], num_processes=2, script=str(script))
