@@ -178,13 +178,13 @@ def resolve_fast_path(cfg: SpeedConfig, device: torch.device, mixed_precision: s
 def _decide_whole_step_graph(cfg: SpeedConfig, cuda: bool, mixed_precision: str, num_processes: int,
                              grad_accum_steps: int, notes: list[str]) -> bool:
     # 'auto' turns it on where it was measured faster: training from the feature cache on a CUDA GPU. There the
-    # step is layer4 + head alone, short enough that the host's per-step work (the compiled step's guards and
-    # checks, the loss, Adam) sets the pace. On an H100 (docs/gpu-checks/2026-11-27-h100.md) the recipe end to end
-    # took 54.6 s with one graph of eager kernels against 78.8 s with the compiled step: 18,444 against 12,596
-    # training images/s, and nothing compiled at start-up. From images the compiled step is as fast (11,162
-    # images/s against 11,300 as one graph) and stays. What the graph cannot hold: a collective (DDP's
-    # all-reduce), gradients summed over replays, fp16's loss scaler (its inf checks read the device), and a
-    # non-fused Adam.
+    # step is layer4 + head alone, short enough that the compiled step's host work (its guards and checks, the
+    # loss, Adam) set its pace: 2.5 ms a step, against 1.7 ms as one graph. On an H100
+    # (docs/gpu-checks/2026-11-27-h100.md) the recipe end to end took 54.6 s with one graph of eager kernels
+    # against 78.8 s with the compiled step: 18,444 against 12,596 training images/s, and nothing compiled at
+    # start-up. From images the compiled step is as fast (11,162 images/s against 11,300 as one graph) and stays.
+    # What the graph cannot hold: a collective (DDP's all-reduce), gradients summed over replays, fp16's loss
+    # scaler (its inf checks read the device), and a non-fused Adam.
     choice = cfg.whole_step_graph
     if choice == "no" or (choice == "auto" and not (cuda and cfg.cache_frozen_features)):
         return False
