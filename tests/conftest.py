@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,13 @@ def run_train(env: dict, args: list[str], num_processes: int = 1, check: bool = 
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def run_trains_at_once(env: dict, runs: list[list[str]], script: str | None = None) -> list:
+    """Independent one-process trainer runs side by side, as many at a time as there are cores, each checked as
+    ``run_train`` checks one. A test run keeps about one core busy (OMP_NUM_THREADS=1) and a GPU mostly idle."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        return list(pool.map(lambda args: run_train(env, args, script=script), runs))
 
 
 def start_train(env: dict, args: list[str], log_dir: Path, num_processes: int = 1) -> subprocess.Popen:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 import conftest
-from conftest import FLOAT64, TINY, records, run_train, start_train, tree_digest, wait_for
+from conftest import FLOAT64, TINY, records, run_train, run_trains_at_once, start_train, tree_digest, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -158,8 +158,9 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def uninterrupted(test_env, tmp_path_factory):
     root = tmp_path_factory.mktemp("layouts")
-    for name, extra in (("layer4", []), ("fc", ["--freeze-until", "fc"])):
-        run_train(test_env, [*LAYOUT_RUN, *extra, "--output-dir", str(root / name)], script=FLOAT64)
+    layouts = {"layer4": [], "fc": ["--freeze-until", "fc"]}
+    run_trains_at_once(test_env, [[*LAYOUT_RUN, *extra, "--output-dir", str(root / name)]
+                                  for name, extra in layouts.items()], script=FLOAT64)
     return root
 
 

@@ -37,7 +37,7 @@ from cifar_dist.speed import (
     resolve_fast_path,
 )
 from cifar_dist.steps import evaluate, train_step
-from conftest import FLOAT64, TINY, records, run_train
+from conftest import FLOAT64, TINY, records, run_train, run_trains_at_once
 
 STEPS = [*TINY, "--num-epochs", "1", "--eval-batch-size", "48"]
 OPTIONS = {
@@ -58,9 +58,10 @@ def update_difference(a: Path, b: Path, initial: dict) -> float:
 @pytest.fixture(scope="module")
 def float64_runs(test_env, tmp_path_factory):
     root = tmp_path_factory.mktemp("speed64")
-    procs = {name: run_train(test_env, [*STEPS, *args, "--output-dir", str(root / name)], script=FLOAT64)
-             for name, args in {"plain": [], **OPTIONS}.items()}
-    return root, procs
+    runs = {"plain": [], **OPTIONS}
+    procs = run_trains_at_once(test_env, [[*STEPS, *args, "--output-dir", str(root / name)]
+                                          for name, args in runs.items()], script=FLOAT64)
+    return root, dict(zip(runs, procs))
 
 
 @pytest.mark.slow
