@@ -316,6 +316,58 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
         return train(argv[2:] if argv[1:2] == ["--"] else argv[1:])
+    args = _parser().parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="cifar-dist-gpu-check-"))
+    check = Check(out, scratch, args.budget_s)
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    try:
+        env = check.run("environment", [check.python, "-c", ENVIRONMENT], parse_environment)
+        run_steps(check, args, scratch)
+        header = {"started": started, "host": platform.node(), "skipped_steps": args.skip,
+                  "command": os.environ.get(COMMAND_ENV) or shlex.join(["python", "-m", "cifar_dist.gpu_check", *argv]),
+                  **{k: env.get(k) for k in ("card", "host_cpu", "host_cores", "cuda", "torch", "torchvision",
+                                             "accelerate", "datasets", "python", "gpu_memory_gib", "import_s")},
+                  "sizes": {"image_size": args.image_size, "train_images": args.train_images,
+                            "eval_images": args.eval_images, "max_steps": args.max_steps,
+                            "checkpoint_every_steps": args.checkpoint_every_steps, "bench_args": args.bench_args}}
+        return check.finish(header)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_steps(check: Check, args, scratch: Path) -> None:
+    """Every step after the environment's, in order, but those in --skip (and end_to_end without --end-to-end)."""
+    py, data = check.python, scratch / "data"
+    if "data" not in args.skip:
+        check.run("data", [py, "-c", MAKE_DATA, str(args.train_images), str(args.eval_images), str(data)])
+    for name, extra in (("train_default", []), ("train_cache", ["--cache-frozen-features"])):
+        if name in args.skip:
+            continue
+        facts, output_dir = scratch / f"{name}.json", scratch / name
+        flags = ["--data-source", str(data), "--weights", "none", "--image-size", str(args.image_size),
+                 "--num-epochs", "1", "--max-steps", str(args.max_steps), "--checkpoint-every-steps",
+                 str(args.checkpoint_every_steps), "--tracker", "none", "--output-dir", str(output_dir), *extra]
+        check.run(name, [py, "-m", "cifar_dist.gpu_check", "train", "--", *flags],
+                  parse_train(facts, output_dir), env={FACTS_ENV: str(facts)})
+    if "gpu_tests" not in args.skip:
+        junit = scratch / "junit.xml"
+        check.run("gpu_tests", [py, "-m", "pytest", *args.tests, "-m", "gpu", "-q", "-rA", "-p", "no:cacheprovider",
+                                f"--junitxml={junit}"], parse_tests(junit))
+    # The benchmark's runs, and the part of its report each must have produced.
+    bench_runs = {"bench": (args.bench_args, "results"), "profile": (args.profile_args, "profile"),
+                  "graphed": (args.graphed_args, "results")}
+    if args.end_to_end:
+        bench_runs["end_to_end"] = (args.e2e_args, "end_to_end")
+    for name, (flags, needs) in bench_runs.items():
+        if name not in args.skip:
+            found = scratch / f"{name}.json"
+            check.run(name, [py, "-m", "cifar_dist.bench", *shlex.split(flags), "--json", str(found)],
+                      parse_bench(found, needs))
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cifar_dist.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="gpu_check_out", help="where gpu_check.json, .md and .log go")
     parser.add_argument("--image-size", type=int, default=224)
@@ -347,57 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--e2e-args", default="--variants eval_cached --steps 5 --warmup 2 --no-floor "
                         "--no-checkpoint --end-to-end", help="flags of that benchmark run (one string)")
     parser.add_argument("--skip", nargs="*", default=[], choices=[s for s in STEP_LIMITS if s != "environment"])
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix="cifar-dist-gpu-check-"))
-    check = Check(out, scratch, args.budget_s)
-    py = check.python
-    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    try:
-        env = check.run("environment", [py, "-c", ENVIRONMENT], parse_environment)
-        data = scratch / "data"
-        if "data" not in args.skip:
-            check.run("data", [py, "-c", MAKE_DATA, str(args.train_images), str(args.eval_images), str(data)])
-        for name, extra in (("train_default", []), ("train_cache", ["--cache-frozen-features"])):
-            if name in args.skip:
-                continue
-            facts, output_dir = scratch / f"{name}.json", scratch / name
-            flags = ["--data-source", str(data), "--weights", "none", "--image-size", str(args.image_size),
-                     "--num-epochs", "1", "--max-steps", str(args.max_steps), "--checkpoint-every-steps",
-                     str(args.checkpoint_every_steps), "--tracker", "none", "--output-dir", str(output_dir), *extra]
-            check.run(name, [py, "-m", "cifar_dist.gpu_check", "train", "--", *flags],
-                      parse_train(facts, output_dir), env={FACTS_ENV: str(facts)})
-        if "gpu_tests" not in args.skip:
-            junit = scratch / "junit.xml"
-            check.run("gpu_tests", [py, "-m", "pytest", *args.tests, "-m", "gpu", "-q", "-rA", "-p", "no:cacheprovider",
-                                    f"--junitxml={junit}"], parse_tests(junit))
-        if "bench" not in args.skip:
-            bench_json = scratch / "bench.json"
-            check.run("bench", [py, "-m", "cifar_dist.bench", *shlex.split(args.bench_args), "--json",
-                                str(bench_json)], parse_bench(bench_json))
-        if "profile" not in args.skip:
-            profile_json = scratch / "profile.json"
-            check.run("profile", [py, "-m", "cifar_dist.bench", *shlex.split(args.profile_args), "--json",
-                                  str(profile_json)], parse_bench(profile_json, "profile"))
-        if "graphed" not in args.skip:
-            graphed_json = scratch / "graphed.json"
-            check.run("graphed", [py, "-m", "cifar_dist.bench", *shlex.split(args.graphed_args), "--json",
-                                  str(graphed_json)], parse_bench(graphed_json))
-        if args.end_to_end and "end_to_end" not in args.skip:
-            e2e_json = scratch / "e2e.json"
-            check.run("end_to_end", [py, "-m", "cifar_dist.bench", *shlex.split(args.e2e_args), "--json",
-                                     str(e2e_json)], parse_bench(e2e_json, "end_to_end"))
-        header = {"started": started, "host": platform.node(), "skipped_steps": args.skip,
-                  "command": os.environ.get(COMMAND_ENV) or shlex.join(["python", "-m", "cifar_dist.gpu_check", *argv]),
-                  **{k: env.get(k) for k in ("card", "host_cpu", "host_cores", "cuda", "torch", "torchvision",
-                                             "accelerate", "datasets", "python", "gpu_memory_gib", "import_s")},
-                  "sizes": {"image_size": args.image_size, "train_images": args.train_images,
-                            "eval_images": args.eval_images, "max_steps": args.max_steps,
-                            "checkpoint_every_steps": args.checkpoint_every_steps, "bench_args": args.bench_args}}
-        return check.finish(header)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    return parser
 
 
 # -- the report
@@ -417,8 +419,24 @@ def _warmup(step: dict) -> str:
 
 
 def render(report: dict) -> str:
-    """gpu_check.md: card, versions, command, then a table per part."""
+    """gpu_check.md: card, versions, command, the steps' results, then a section per part that ran."""
     steps = report["steps"]
+    lines = _render_header(report)
+    lines += _render_trainer([(name, steps[name]) for name in ("train_default", "train_cache") if name in steps])
+    lines += _render_tests(steps.get("gpu_tests", {}))
+    for name, title in (("bench", "Benchmark"),
+                        ("graphed", "The whole step as one CUDA graph, --whole-step-graph"),
+                        ("end_to_end", f"End to end, {_compile_cache_state(steps)}")):
+        if steps.get(name, {}).get("report"):
+            from cifar_dist.bench import format_table
+
+            lines += ["", f"## {title} (`{steps[name]['command']}`)", "", format_table(steps[name]["report"])]
+        if name == "bench":  # the profile's section follows the benchmark's
+            lines += _render_profile(steps.get("profile", {}))
+    return "\n".join(lines) + "\n"
+
+
+def _render_header(report: dict) -> list[str]:
     verdict = "passed" if report["ok"] else f"FAILED ({', '.join(report['failed_steps'])})"
     if report.get("skipped_steps"):
         verdict += f", not run by request: {', '.join(report['skipped_steps'])}"
@@ -436,74 +454,67 @@ def render(report: dict) -> str:
               f"images, {sizes['max_steps']} steps per trainer run, checkpoint every "
               f"{sizes['checkpoint_every_steps']} steps"),
              "", "| step | result | seconds |", "| --- | --- | ---: |"]
-    for name, record in steps.items():
+    for name, record in report["steps"].items():
         lines.append(f"| {name} | {'ok' if record['ok'] else 'FAILED: ' + record.get('error', '')} | "
                      f"{_fmt(record.get('seconds'))} |")
-    runs = [(name, steps[name]) for name in ("train_default", "train_cache") if name in steps]
-    if any("train_images_per_s" in r for _, r in runs):
-        lines += ["", "## Trainer (`python -m cifar_dist.train`, batch 32)", "",
-                  ("| run | train images/s | eval images/s | launch to first step s | "
-                   f"compile warm-up (graph recording) s | launch to step {FIRST_STEPS} s | "
-                   "checkpoint s (mean x count, MB) | peak GPU memory GiB (reserved) | "
-                   "after warm-up: recompiles / graph breaks / CUDA-graph skips |"),
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-        for name, r in runs:
-            if "train_images_per_s" not in r:
-                continue
-            step = r.get("step") or {}
-            after = "/".join(_fmt(step.get(f"{k}_after_warmup")) for k in ("recompiles", "graph_breaks",
-                                                                           "cudagraph_skips"))
-            lines.append(
-                f"| {name.removeprefix('train_')} | {r['train_images_per_s']:,.0f} | {r['eval_images_per_s']:,.0f} | "
-                f"{_fmt(r.get('launch_to_first_step_s'))} | {_warmup(step)} | "
-                f"{_fmt(r.get(f'launch_to_step_{FIRST_STEPS}_s'))} | {_fmt(r.get('checkpoint_mean_s'))} x "
-                f"{r.get('checkpoints')}, {_fmt(r.get('checkpoint_mb'))} | {_fmt(r.get('peak_gpu_memory_gib'))} "
-                f"({_fmt(r.get('peak_gpu_reserved_gib'))}) | {after} |")
-        for name, r in runs:
-            if r.get("step_line"):
-                lines.append(f"\n{name.removeprefix('train_')}: `{r['step_line']}`")
-            for key in ("startup_line", "feature_cache_line"):
-                if r.get(key):
-                    lines.append(f"\n{name.removeprefix('train_')}: {r[key]}")
-    tests = steps.get("gpu_tests", {})
-    if tests.get("tests"):
-        lines += ["", f"## GPU tests (`{tests['command']}`)", "",
-                  (f"{tests['passed']} passed, {tests['failed']} failed, {tests['errors']} errors, "
-                   f"{tests['skipped']} skipped in {tests['seconds']} s"), "", "| test | outcome | seconds |",
-                  "| --- | --- | ---: |"]
-        lines += [f"| {c['test']} | {c['outcome']}{': ' + c['message'] if c.get('message') else ''} | "
-                  f"{c['seconds']:.1f} |" for c in tests["tests"]]
-        if tests.get("printed"):
-            lines += ["", "```", *tests["printed"], "```"]
-    bench = steps.get("bench", {})
-    if bench.get("report"):
-        from cifar_dist.bench import format_table
+    return lines
 
-        lines += ["", f"## Benchmark (`{bench['command']}`)", "", format_table(bench["report"])]
-    profile = steps.get("profile", {})
-    if profile.get("report", {}).get("profile"):
-        from cifar_dist.step_profile import format_profile
 
-        found = profile["report"]["profile"]
-        lines += ["", f"## Where a step's time goes (`{profile['command']}`)", "",
-                  format_profile(found["variant"], found)]
-    graphed = steps.get("graphed", {})
-    if graphed.get("report"):
-        from cifar_dist.bench import format_table
+def _render_trainer(runs: list[tuple[str, dict]]) -> list[str]:
+    runs = [(name.removeprefix("train_"), r) for name, r in runs if "train_images_per_s" in r]
+    if not runs:
+        return []
+    lines = ["", "## Trainer (`python -m cifar_dist.train`, batch 32)", "",
+             ("| run | train images/s | eval images/s | launch to first step s | "
+              f"compile warm-up (graph recording) s | launch to step {FIRST_STEPS} s | "
+              "checkpoint s (mean x count, MB) | peak GPU memory GiB (reserved) | "
+              "after warm-up: recompiles / graph breaks / CUDA-graph skips |"),
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for name, r in runs:
+        step = r.get("step") or {}
+        after = "/".join(_fmt(step.get(f"{k}_after_warmup")) for k in ("recompiles", "graph_breaks",
+                                                                       "cudagraph_skips"))
+        lines.append(
+            f"| {name} | {r['train_images_per_s']:,.0f} | {r['eval_images_per_s']:,.0f} | "
+            f"{_fmt(r.get('launch_to_first_step_s'))} | {_warmup(step)} | "
+            f"{_fmt(r.get(f'launch_to_step_{FIRST_STEPS}_s'))} | {_fmt(r.get('checkpoint_mean_s'))} x "
+            f"{r.get('checkpoints')}, {_fmt(r.get('checkpoint_mb'))} | {_fmt(r.get('peak_gpu_memory_gib'))} "
+            f"({_fmt(r.get('peak_gpu_reserved_gib'))}) | {after} |")
+    for name, r in runs:
+        if r.get("step_line"):
+            lines.append(f"\n{name}: `{r['step_line']}`")
+        lines += [f"\n{name}: {r[key]}" for key in ("startup_line", "feature_cache_line") if r.get(key)]
+    return lines
 
-        lines += ["", f"## The whole step as one CUDA graph, --whole-step-graph (`{graphed['command']}`)", "",
-                  format_table(graphed["report"])]
-    e2e = steps.get("end_to_end", {})
-    if e2e.get("report"):
-        from cifar_dist.bench import format_table
 
-        # The check's compile cache starts empty (a folder of its own): warm only if steps before compiled.
-        compiled_before = any(steps.get(name, {}).get("seconds") for name in ("train_default", "train_cache",
-                                                                                "gpu_tests", "bench", "graphed"))
-        cache = "compile cache warm from the steps above" if compiled_before else "compile cache empty at its start"
-        lines += ["", f"## End to end, {cache} (`{e2e['command']}`)", "",
-                  format_table(e2e["report"])]
-    return "\n".join(lines) + "\n"
+def _render_tests(tests: dict) -> list[str]:
+    if not tests.get("tests"):
+        return []
+    lines = ["", f"## GPU tests (`{tests['command']}`)", "",
+             (f"{tests['passed']} passed, {tests['failed']} failed, {tests['errors']} errors, "
+              f"{tests['skipped']} skipped in {tests['seconds']} s"), "", "| test | outcome | seconds |",
+             "| --- | --- | ---: |"]
+    lines += [f"| {c['test']} | {c['outcome']}{': ' + c['message'] if c.get('message') else ''} | "
+              f"{c['seconds']:.1f} |" for c in tests["tests"]]
+    if tests.get("printed"):
+        lines += ["", "```", *tests["printed"], "```"]
+    return lines
+
+
+def _render_profile(profile: dict) -> list[str]:
+    found = profile.get("report", {}).get("profile")
+    if not found:
+        return []
+    from cifar_dist.step_profile import format_profile
+
+    return ["", f"## Where a step's time goes (`{profile['command']}`)", "", format_profile(found["variant"], found)]
+
+
+def _compile_cache_state(steps: dict) -> str:
+    # The check's compile cache starts empty (a folder of its own): warm only if steps before compiled.
+    compiled_before = any(steps.get(name, {}).get("seconds") for name in ("train_default", "train_cache",
+                                                                            "gpu_tests", "bench", "graphed"))
+    return "compile cache warm from the steps above" if compiled_before else "compile cache empty at its start"
 
 
 if __name__ == "__main__":
