@@ -125,11 +125,14 @@ def run_train(env: dict, args: list[str], num_processes: int = 1, check: bool = 
     return proc
 
 
-def run_trains_at_once(env: dict, runs: list[list[str]], script: str | None = None) -> list:
-    """Independent one-process trainer runs side by side, as many at a time as there are cores, each checked as
-    ``run_train`` checks one. A test run keeps about one core busy (OMP_NUM_THREADS=1) and a GPU mostly idle."""
+def run_trains_at_once(env: dict, runs: list[list[str]], script: str | None = None,
+                       num_processes: list[int] | None = None) -> list:
+    """Independent trainer runs (of ``num_processes[k]`` processes, one by default) side by side, as many at a
+    time as there are cores, each checked as ``run_train`` checks one. A test run's process keeps about one core
+    busy (OMP_NUM_THREADS=1) and a GPU mostly idle, and spends much of its time starting."""
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-        return list(pool.map(lambda args: run_train(env, args, script=script), runs))
+        return list(pool.map(lambda args, n: run_train(env, args, num_processes=n, script=script), runs,
+                             num_processes or [1] * len(runs)))
 
 
 def start_train(env: dict, args: list[str], log_dir: Path, num_processes: int = 1) -> subprocess.Popen:

@@ -16,7 +16,7 @@ micro-batches of 16 instead of one batch of 32) moves the result by more than 10
 
 import pytest
 
-from conftest import FLOAT64, TINY, records, run_train, update_difference
+from conftest import FLOAT64, TINY, records, run_train, run_trains_at_once, update_difference
 
 pytestmark = pytest.mark.multiprocess
 
@@ -30,10 +30,10 @@ LAYOUTS = {"1x32": (1, 32), "2x16": (2, 16), "1x16x2": (1, 16), "2x8x2": (2, 8)}
 def float64_runs(test_env, tmp_path_factory):
     """The four batch layouts at the recipe's lr, parameters in float64."""
     root = tmp_path_factory.mktemp("float64")
-    procs = {name: run_train(test_env, [*STEPS, "--per-device-batch-size", str(per_device),
-                                        "--output-dir", str(root / name)], num_processes=n, script=FLOAT64)
-             for name, (n, per_device) in LAYOUTS.items()}
-    return root, procs
+    procs = run_trains_at_once(test_env, [[*STEPS, "--per-device-batch-size", str(per_device), "--output-dir",
+                                           str(root / name)] for name, (_, per_device) in LAYOUTS.items()],
+                               script=FLOAT64, num_processes=[n for n, _ in LAYOUTS.values()])
+    return root, dict(zip(LAYOUTS, procs))
 
 
 def test_batch_plans_are_announced(float64_runs):
@@ -61,10 +61,10 @@ def test_control_accumulation_changes_what_batchnorm_sees(float64_runs, initial_
 @pytest.fixture(scope="module")
 def float32_runs(test_env, tmp_path_factory):
     root = tmp_path_factory.mktemp("float32")
-    for name in ("1x32", "2x16"):
-        n, per_device = LAYOUTS[name]
-        run_train(test_env, [*STEPS, "--lr", "1e-5", "--per-device-batch-size", str(per_device),
-                             "--output-dir", str(root / name)], num_processes=n)
+    names = ("1x32", "2x16")
+    run_trains_at_once(test_env, [[*STEPS, "--lr", "1e-5", "--per-device-batch-size", str(LAYOUTS[name][1]),
+                                   "--output-dir", str(root / name)] for name in names],
+                       num_processes=[LAYOUTS[name][0] for name in names])
     return root
 
 
