@@ -133,7 +133,8 @@ class TrainConfig(_Section):
     seed: int = _field(0, "seed for the head's initialisation and the data order", meaning=True)
     mixed_precision: MixedPrecision = _field(
         "auto",
-        "auto (bf16 on a GPU that has it unless the accelerate config says otherwise, else fp32), no, bf16, fp16",
+        "auto (bf16 on a GPU that computes it natively, compute capability 8.0+, unless the accelerate config says "
+        "otherwise; else fp32), no, bf16, fp16",
     )
     output_dir: str = _field("outputs/cifar100-resnet50", "where config.yaml, metrics and the model are written")
     resume: str = _field(

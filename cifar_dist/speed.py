@@ -431,13 +431,29 @@ def sync_device(device: torch.device) -> None:
 
 
 def resolve_mixed_precision(choice: str) -> str:
-    """'auto' -> the accelerate config's bf16/fp16 if it asks for one, else bf16 on a GPU that has it, else fp32."""
+    """'auto' -> the accelerate config's bf16/fp16 if it asks for one, else bf16 on a GPU that computes it
+    natively, else fp32. Before compute capability 8.0 (V100, T4) torch only emulates bf16, slowly, although
+    torch.cuda.is_bf16_supported() says yes by default (emulation counts); there fp32 it is, and
+    mixed_precision_note says why. On ROCm, bf16 as torch.cuda.is_bf16_supported() has it."""
     if choice != "auto":
         return choice
     launched_with = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if launched_with != "no":
         return launched_with
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if _native_bf16() else "no"
+
+
+def _native_bf16() -> bool:
+    return torch.cuda.is_available() and (torch.version.hip is not None or torch.cuda.get_device_capability() >= (8, 0))
+
+
+def mixed_precision_note(choice: str, resolved: str) -> str:
+    """Why 'auto' left a GPU in fp32 ("" where it did not): the run header says it beside the precision."""
+    if choice != "auto" or resolved != "no" or not torch.cuda.is_available():
+        return ""
+    major, minor = torch.cuda.get_device_capability()
+    return (f" (auto: this GPU, compute capability {major}.{minor}, has no native bf16; --mixed-precision fp16 "
+            "runs on its tensor cores)")
 
 
 def device_name(accelerator) -> str:

@@ -19,7 +19,7 @@ import torch
 
 from cifar_dist.atomic import atomic_write_bytes, atomic_write_text
 from cifar_dist.config import BatchPlan, Config, TrackingConfig, UserError
-from cifar_dist.speed import FastPath, adam_implementation, device_name
+from cifar_dist.speed import FastPath, adam_implementation, device_name, mixed_precision_note
 
 # The seed notebook's reported table (Keras, one GPU): epoch -> (train acc, val acc, train loss, val loss).
 SEED_RESULTS = {1: (0.498, 0.691, 1.92, 1.02), 5: (0.942, 0.728, 0.17, 1.40), 10: (0.980, 0.749, 0.06, 1.52)}
@@ -373,7 +373,8 @@ def describe_run(cfg: Config, plan: BatchPlan, accelerator, counts: dict, num_tr
         f"- optimizer: Adam lr {cfg.optim.lr:g}, eps {cfg.optim.adam_eps:g}; {cfg.train.num_epochs} epochs, "
         f"seed {cfg.train.seed}",
         f"- device: {accelerator.num_processes} x {accelerator.device.type} ({device}), mixed precision "
-        f"{accelerator.mixed_precision}, torch {torch.__version__}"
+        f"{accelerator.mixed_precision}{mixed_precision_note(cfg.train.mixed_precision, accelerator.mixed_precision)}, "
+        f"torch {torch.__version__}"
         f"{'; deterministic algorithms only' if cfg.train.deterministic else ''}",
         f"- step: {fast.describe()}"
         + "".join(f"; {note}" for note in fast.notes),

@@ -34,7 +34,9 @@ from cifar_dist.speed import (
     apply_backends,
     compile_for_training,
     match_optimizer_to_run,
+    mixed_precision_note,
     resolve_fast_path,
+    resolve_mixed_precision,
 )
 from cifar_dist.steps import evaluate, train_step
 from conftest import FLOAT64, TINY, records, run_train, run_trains_at_once
@@ -366,6 +368,27 @@ def test_compile_auto_is_off_with_several_processes_or_gradient_accumulation(mon
                                    "'yes', which keeps them apart")]
     forced = resolve_fast_path(SpeedConfig(compile_step="yes"), cuda, "bf16", 2, grad_accum_steps=2)
     assert forced.compile_step and not forced.notes and forced.grad_accum_steps == 2
+
+
+@pytest.mark.parametrize("capability, auto", [((7, 0), "no"), ((7, 5), "no"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_mixed_precision_auto_is_bf16_only_where_the_gpu_computes_it(monkeypatch, capability, auto):
+    # A V100 (7.0) or T4 (7.5) only emulates bf16, though torch.cuda.is_bf16_supported() says yes by default.
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert resolve_mixed_precision("auto") == auto
+    note = mixed_precision_note("auto", auto)
+    if auto == "no":
+        assert note == (f" (auto: this GPU, compute capability {capability[0]}.{capability[1]}, has no native bf16; "
+                        "--mixed-precision fp16 runs on its tensor cores)")
+    else:
+        assert note == ""
+    assert resolve_mixed_precision("fp16") == "fp16" and mixed_precision_note("no", "no") == ""  # asked for
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # the accelerate config's choice wins over auto's
+    assert resolve_mixed_precision("auto") == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    assert resolve_mixed_precision("auto") == "no" and mixed_precision_note("auto", "no") == ""  # the CPU: no note
 
 
 @pytest.fixture
