@@ -31,6 +31,11 @@ def test_bench_reports_every_cpu_variant_the_floor_and_the_end_to_end_runs(tmp_p
     assert report["results"][0]["vs_straight_port"] == 1.0
     assert report["device"] and report["torch"] and report["precision"] == "fp32"
     assert "| straight_port |" in proc.stdout and "| eval |" in proc.stdout and "| eval_cached |" in proc.stdout
+    # The cached variant's two builds of its feature cache, the first with its one-off costs, both reported.
+    builds = {r["variant"]: r.get("cache_builds_s") for r in report["results"]}
+    assert builds["eager"] is None and all(t > 0 for t in builds["cached_trunk"])
+    assert (f"cached_trunk: the feature cache of {report['cached_images']:,} images built in "
+            f"{builds['cached_trunk'][0]} s, again in {builds['cached_trunk'][1]} s") in proc.stdout
 
     floor = report["compute_floor"]
     # At 32 px the trunk (conv1..layer3) is ~80% of a forward pass, as at 224 px; training layer4 + head adds
