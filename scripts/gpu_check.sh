@@ -38,12 +38,15 @@ cd "$(dirname "$0")/.." || exit
 SITE=${GPU_CHECK_SITE:-/tmp/cifar_dist/site-packages}
 PYTHON=${PYTHON:-python3}
 if compgen -G ".whl/*.whl" > /dev/null; then
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
+  # Compiled to bytecode here, once, as the package below: every timed process then imports what a user's
+  # installed environment imports, whether or not this machine lets Python write bytecode as it goes.
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
     || echo "gpu_check: installing the wheels in .whl failed; going on with what imports" >&2
   export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 else
   echo "gpu_check: no wheels in .whl (see this script's header); going on with what imports" >&2
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
+"$PYTHON" -m compileall -q cifar_dist > /dev/null || true
 export PYTHONUNBUFFERED=1 CIFAR_DIST_GPU_CHECK_COMMAND="scripts/gpu_check.sh${*:+ $*}"
 exec "$PYTHON" -m cifar_dist.gpu_check --out "${OUT:-gpu_check_out}" "$@"
