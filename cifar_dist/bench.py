@@ -21,7 +21,8 @@ drives it through cifar_dist.train.train_step (eval: its evaluate). In one proce
                   without the compiled step's per-call checks); GPU only
   cached_graphed  graphed_compiled from the feature cache: layer4 + head's whole step as one graph; images/s of
                   a whole pass, as cached_trunk's; GPU only
-  cached_graphed_eager  the same with eager kernels: what --cache-frozen-features runs by default on a GPU;
+  cached_graphed_eager  the same with eager kernels: what the trainer runs by default on a GPU where the
+                  feature cache fits (--cache-frozen-features auto);
                   GPU only
   cached_trunk    eager + --cache-frozen-features (the frozen trunk once per image at the eval batch, then
                   layer4 + head steps from its output); images/s of that whole pass (the cache's second build
@@ -41,8 +42,8 @@ drives it through cifar_dist.train.train_step (eval: its evaluate). In one proce
 separately; the compute floor of the whole workload (FLOPs counted on the model, divided by a matmul rate
 measured on this device); what one checkpoint costs (the trainer's save_checkpoint of the trainer's model and
 Adam state, timed in --checkpoint-dir); with --end-to-end the wall time of `python -m cifar_dist.train` from
-launch to its final report, by default with and without the feature cache (--e2e-runs: also with the whole
-step as one CUDA graph); with --profile VARIANT where a step's time
+launch to its final report, by default with default flags (on a GPU the feature cache, where it fits) and from
+images (--e2e-runs: also with the whole step as one CUDA graph); with --profile VARIANT where a step's time
 goes, host or device (cifar_dist/step_profile.py).
 """
 
@@ -89,19 +90,21 @@ ONLY_WHEN_NAMED = (*GRAPHED, "ddp")  # experiments, and the variant to run under
 # The workload the targets are about: the recipe's 10 epochs over CIFAR-100's 50,000 + 10,000 images.
 EPOCHS, TRAIN_IMAGES, EVAL_IMAGES = 10, 50_000, 10_000
 # The end-to-end runs' trainer flags (--end-to-end, --e2e-runs).
-E2E_RUNS = {"default": [], "cached": ["--cache-frozen-features"], "graphed": ["--whole-step-graph", "yes"],
-            "graphed_eager": ["--whole-step-graph", "yes", "--compile-step", "no"],
+# "default" trains from the feature cache where it fits (--cache-frozen-features auto), "images" from images.
+E2E_RUNS = {"default": [], "images": ["--no-cache-frozen-features"], "cached": ["--cache-frozen-features"],
+            "graphed": ["--whole-step-graph", "yes", "--no-cache-frozen-features"],
+            "graphed_eager": ["--whole-step-graph", "yes", "--compile-step", "no", "--no-cache-frozen-features"],
             "graphed_cached": ["--whole-step-graph", "yes", "--cache-frozen-features"],
             "graphed_eager_cached": ["--whole-step-graph", "yes", "--compile-step", "no", "--cache-frozen-features"]}
 # The trainer's speed options (--compile-step, --channels-last, --fused-adam, --cache-frozen-features) each
 # variant is built with; 'yes' rather than 'auto', so that a variant that cannot run as named stops.
 # The training variants evaluate nothing, so none builds the evaluation's feature cache. cuDNN's autotuning is
 # left at the trainer's 'auto' (there is no cuDNN on a CPU); compiled_heuristic is the compiled step without it.
-OFF = {"compile_step": "no", "channels_last": "no", "fused_adam": "no", "cache_eval_features": "no",
-       "cudnn_benchmark": "no", "whole_step_graph": "no"}
-FAST = {"compile_step": "no", "channels_last": "yes", "fused_adam": "yes", "cache_eval_features": "no",
-        "whole_step_graph": "no"}
-CACHED = {"cache_frozen_features": True, "cache_eval_features": "auto"}
+OFF = {"compile_step": "no", "channels_last": "no", "fused_adam": "no", "cache_frozen_features": "no",
+       "cache_eval_features": "no", "cudnn_benchmark": "no", "whole_step_graph": "no"}
+FAST = {"compile_step": "no", "channels_last": "yes", "fused_adam": "yes", "cache_frozen_features": "no",
+        "cache_eval_features": "no", "whole_step_graph": "no"}
+CACHED = {"cache_frozen_features": "yes", "cache_eval_features": "auto"}
 STEP_SPEED = {"eager": OFF, "channels_last": FAST, "compiled": {**FAST, "compile_step": "yes"},
               "compiled_heuristic": {**FAST, "compile_step": "yes", "cudnn_benchmark": "no"},
               "graphed": {**FAST, "whole_step_graph": "yes"},
@@ -111,9 +114,9 @@ STEP_SPEED = {"eager": OFF, "channels_last": FAST, "compiled": {**FAST, "compile
               "cached_trunk": {**OFF, **CACHED},
               "cached_compiled": {**FAST, "compile_step": "yes", **CACHED},
               # Evaluation on the model as the trainer lays it out, from images: the whole model's forward pass.
-              "eval": {"compile_step": "no", "cache_eval_features": "no"},
+              "eval": {"compile_step": "no", "cache_frozen_features": "no", "cache_eval_features": "no"},
               # From the test images' cached frozen-stage features, as the trainer evaluates by default on a GPU.
-              "eval_cached": {"compile_step": "no", "cache_eval_features": "yes"},
+              "eval_cached": {"compile_step": "no", "cache_frozen_features": "no", "cache_eval_features": "yes"},
               "host": FAST}
 
 
@@ -278,7 +281,8 @@ def bench_ddp(splits, args, mixed_precision: str) -> list[Result]:
     communication share is 1 - no_communication / ddp step time. With one process the trainer never wraps the
     model, so the three are the same step.
     """
-    speed = SpeedConfig(compile_step="no", ddp_bucket_mb=args.ddp_bucket_mb or SpeedConfig().ddp_bucket_mb)
+    speed = SpeedConfig(compile_step="no", cache_frozen_features="no",
+                        ddp_bucket_mb=args.ddp_bucket_mb or SpeedConfig().ddp_bucket_mb)
     results = []
     for name, ddp in (("no_communication", "none"), ("ddp_torch_defaults", "torch_defaults"),
                       ("ddp_cifar_dist", "cifar_dist")):
@@ -342,7 +346,8 @@ def checkpoint_cost(args, mixed_precision: str, saves: int = 3) -> dict:
     """Seconds of the trainer's own save_checkpoint (model, Adam state, RNG states, trainer_state.json, written
     atomically) of the trainer's parts after one step, so that Adam's moments exist; the median of ``saves``."""
     parts = trainer_parts.build(trainer_parts.synthetic_splits(2, 1), args.image_size, global_batch_size=2,
-                                speed=SpeedConfig(compile_step="no"), mixed_precision=mixed_precision)
+                                speed=SpeedConfig(compile_step="no", cache_frozen_features="no"),
+                                mixed_precision=mixed_precision)
     trainer_parts.train(parts, 1)  # batch 2: training BatchNorm needs more than one value per channel
     seconds = []
     with tempfile.TemporaryDirectory(prefix="cifar-dist-bench-checkpoint-", dir=args.checkpoint_dir) as tmp:
@@ -527,7 +532,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile-trace", help="write the profile's Chrome trace to this file")
     parser.add_argument("--end-to-end", action="store_true",
                         help="also time `python -m cifar_dist.train` for the whole workload, once per --e2e-runs")
-    parser.add_argument("--e2e-runs", nargs="+", choices=E2E_RUNS, default=["default", "cached"],
+    parser.add_argument("--e2e-runs", nargs="+", choices=E2E_RUNS, default=["default", "images"],
                         help="the trainer's flags of each end-to-end run: " + "; ".join(
                             f"{name}: {' '.join(flags) or 'none'}" for name, flags in E2E_RUNS.items()))
     parser.add_argument("--e2e-epochs", type=int, default=EPOCHS)

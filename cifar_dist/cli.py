@@ -139,6 +139,14 @@ def build_parser(prog: str = "cifar_dist.train") -> argparse.ArgumentParser:
                 group.add_argument(f"--{_flag(f.name)}", dest=f.name, action=argparse.BooleanOptionalAction,
                                    help=f"{f.metadata['help']} (default: {default})")
                 continue
+            if _choices(cls, f.name) == ("auto", "yes", "no"):  # also the forms of a boolean flag (some were)
+                name = _flag(f.name)
+                group.add_argument(f"--{name}", dest=f.name, nargs="?", const="yes", choices=("auto", "yes", "no"),
+                                   help=f"{f.metadata['help']}; --{name} alone: yes, --no-{name}: no "
+                                   f"(default: {default})")
+                group.add_argument(f"--no-{name}", dest=f.name, action="store_const", const="no",
+                                   help=argparse.SUPPRESS)
+                continue
             group.add_argument(
                 f"--{_flag(f.name)}",
                 dest=f.name,

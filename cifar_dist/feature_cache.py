@@ -5,9 +5,10 @@ dropout, nothing trainable) are a fixed function of the image, so their output i
 ``check_cacheable`` refuses a model for which that does not hold. The features are kept in the dtype the trunk
 produces under the run's autocast (bf16 under bf16: the very values the plain path hands to layer4), on the
 device when they fit, else in host memory. For the recipe at 224 px the trunk ends at layer3, 1024x14x14
-values per image: 20 GB for the 50,000 training images in bf16, 4 GB for the 10,000 test images.
-``--cache-eval-features`` (on by default on CUDA where it fits in device memory) caches the test images alone:
-every evaluation then runs layer4 and the head only, while training still runs the whole model.
+values per image: 20 GB for the 50,000 training images in bf16, 4 GB for the 10,000 test images. By default
+(``auto``) both are cached on a CUDA GPU where they fit in device memory beside training; where they do not,
+``--cache-eval-features`` (``auto`` likewise) caches the test images alone: every evaluation then runs layer4
+and the head only, while training runs the whole model.
 
 With several processes each computes a contiguous shard of the images and an all-gather fills every
 process's full copy: the data order (which image any process trains on at any step) stays exactly what it is
@@ -60,11 +61,11 @@ def check_cacheable(model) -> None:
             continue
         if module.training:
             raise UserError(f"--cache-frozen-features: frozen module {name} is in training mode, so its output "
-                            f"depends on the batch, not only on the image; drop --cache-frozen-features")
+                            f"depends on the batch, not only on the image; use --no-cache-frozen-features")
         trainable = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
         if trainable:
             raise UserError(f"--cache-frozen-features: {name}.{trainable[0]} belongs to a frozen stage but is "
-                            f"trainable, so cached features would go stale; drop --cache-frozen-features")
+                            f"trainable, so cached features would go stale; use --no-cache-frozen-features")
 
 
 def choose_location(choice: str, nbytes: int, device: torch.device, device_free: int | None,
@@ -88,7 +89,7 @@ def choose_location(choice: str, nbytes: int, device: torch.device, device_free:
         return "device"
     if not fits_host:
         raise UserError(f"{need}, more than the {host_free / 2**30:.1f} GiB of host memory available to this "
-                        f"process; lower --image-size or drop --cache-frozen-features")
+                        f"process; lower --image-size or use --no-cache-frozen-features")
     return "host"
 
 
@@ -110,22 +111,31 @@ def host_memory_available() -> int:
 def cache_for_run(model, splits: CifarSplits, accelerator, batch_size: int, speed: SpeedConfig,
                   fast: FastPath) -> tuple[CifarSplits, FastPath]:
     """(splits, fast) as the run reads them: the frozen stages' output in place of the images of both splits
-    under --cache-frozen-features, or of the test split alone when ``fast.eval_cache`` (under 'auto' only where
-    it fits in device memory: in host memory the copies to the device would eat the gain; a note says so).
+    when ``fast.train_cache`` (under 'auto' only where it fits in device memory, else the step from images:
+    FastPath.without_train_cache), or of the test split alone when ``fast.eval_cache`` (under 'auto' likewise:
+    in host memory the copies to the device would eat the gain). A note says what 'auto' left off and why.
     ``fast.features_cached`` names the cached splits."""
-    if speed.cache_frozen_features:
-        which, location = ("train", "test"), speed.feature_cache_location
-    elif fast.eval_cache and getattr(model, "frozen_stages", ()):  # nothing frozen: nothing to cache
-        which = ("test",)
-        location = speed.feature_cache_location if speed.cache_eval_features == "yes" else DEVICE_IF_FITS
-    else:
+    frozen = bool(getattr(model, "frozen_stages", ()))  # nothing frozen: nothing to cache
+    if fast.train_cache and frozen:
+        auto = speed.cache_frozen_features == "auto"
+        cached = build_feature_cache(model, splits, accelerator, batch_size,
+                                     DEVICE_IF_FITS if auto else speed.feature_cache_location)
+        if cached:
+            return dataclasses.replace(splits, **cached), dataclasses.replace(fast, features_cached=("train", "test"))
+        fast = fast.without_train_cache(
+            "--cache-frozen-features auto: off, the frozen-stage features do not fit in device memory beside "
+            "training (in host memory with 'yes')")
+    elif fast.train_cache:
+        fast = fast.without_train_cache()
+    if not (fast.eval_cache and frozen):
         return splits, fast
-    cached = build_feature_cache(model, splits, accelerator, batch_size, location, which)
-    notes = fast.notes if cached else [
-        *fast.notes, "--cache-eval-features auto: off, the test images' frozen-stage features do not fit in device "
-        "memory beside training (in host memory with 'yes')"]
-    return (dataclasses.replace(splits, **cached) if cached else splits,
-            dataclasses.replace(fast, features_cached=tuple(cached), notes=notes))
+    location = speed.feature_cache_location if speed.cache_eval_features == "yes" else DEVICE_IF_FITS
+    cached = build_feature_cache(model, splits, accelerator, batch_size, location, ("test",))
+    if not cached:
+        return splits, dataclasses.replace(fast, notes=[
+            *fast.notes, "--cache-eval-features auto: off, the test images' frozen-stage features do not fit in "
+            "device memory beside training (in host memory with 'yes')"])
+    return dataclasses.replace(splits, **cached), dataclasses.replace(fast, features_cached=("test",))
 
 
 @torch.no_grad()

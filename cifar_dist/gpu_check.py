@@ -1,7 +1,7 @@
-"""The GPU acceptance run: GPU tests, the trainer on full-size synthetic data with default flags and with the
-feature cache, the benchmark at reduced steps, and a profile of the compiled step (host or device: which sets the
-pace), and the one-graph step experiment beside the compiled one; one JSON and one markdown table of what was
-measured.
+"""The GPU acceptance run: GPU tests, the trainer on full-size synthetic data with default flags (on a GPU
+where it fits, the feature cache) and from images, the benchmark at reduced steps, a profile of a step (host or
+device: which sets the pace), and the one-graph steps beside the compiled ones; one JSON and one markdown table
+of what was measured.
 
     scripts/gpu_check.sh                                   # on a GPU machine: installs carried wheels, runs this
     python -m cifar_dist.gpu_check --out DIR               # the same, wheels already importable
@@ -19,7 +19,7 @@ removed at the end.
 
 The trainer runs are the real CLI (``python -m cifar_dist.train``) inside a thin wrapper (``train`` below) that
 times each ``save_checkpoint`` and the first steps, and reads the peak device memory and what the compiled step
-did at the end. The compiled-kernel cache starts empty, so the default run's compile time is a first run's on
+did at the end. The compiled-kernel cache starts empty, so the run from images compiles as a first run does on
 that machine; later steps reuse what it compiled, as a user's second run would.
 """
 
@@ -43,7 +43,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # Steps and their own time limits (seconds); each also stops where the overall budget ends.
-STEP_LIMITS = {"environment": 60, "data": 120, "train_default": 180, "train_cache": 150, "gpu_tests": 300,
+STEP_LIMITS = {"environment": 60, "data": 120, "train_default": 150, "train_images": 180, "gpu_tests": 300,
                "bench": 200, "profile": 90, "graphed": 150,
                # With --end-to-end: 83 to 97 s per --e2e-runs entry on the H200 of 2026-11-26 (two by default);
                # a call that skips the other steps can give it four or more within --budget-s.
@@ -342,7 +342,10 @@ def run_steps(check: Check, args, scratch: Path) -> None:
     py, data = check.python, scratch / "data"
     if "data" not in args.skip:
         check.run("data", [py, "-c", MAKE_DATA, str(args.train_images), str(args.eval_images), str(data)])
-    for name, extra in (("train_default", []), ("train_cache", ["--cache-frozen-features"])):
+    # Default flags (on a GPU where it fits, the feature cache and the whole step as one graph), and the step from
+    # images (the compiled step, from an empty compile cache: a first run's compile).
+    for name, extra in (("train_default", shlex.split(args.default_args)),
+                        ("train_images", ["--no-cache-frozen-features"])):
         if name in args.skip:
             continue
         facts, output_dir = scratch / f"{name}.json", scratch / name
@@ -375,6 +378,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-images", type=int, default=10_000)
     parser.add_argument("--max-steps", type=int, default=500, help="optimizer steps of each trainer run")
     parser.add_argument("--checkpoint-every-steps", type=int, default=100)
+    parser.add_argument("--default-args", default="", help="extra flags of the default-flags trainer run (one "
+                        "string; the CPU smoke test gives it --cache-frozen-features, as auto does on a GPU)")
     parser.add_argument("--budget-s", type=float, default=480, help="overall time limit of the steps "
                         "(those without --end-to-end took 396 s on an H100)")
     parser.add_argument("--tests", nargs="+", default=["tests/test_gpu.py", "tests/test_gpu_resume.py"],
@@ -393,8 +398,8 @@ def _parser() -> argparse.ArgumentParser:
                         "--warmup 5 --no-floor --no-checkpoint",
                         help="flags of the benchmark run of the one-graph experiments (one string)")
     parser.add_argument("--end-to-end", action="store_true",
-                        help="also time the recipe's whole workload, launch to final report, without and with the "
-                        "feature cache (the benchmark's --end-to-end: about 3 minutes on an H200); its compile "
+                        help="also time the recipe's whole workload, launch to final report, with default flags "
+                        "and from images (the benchmark's --end-to-end: about 3 minutes on an H200); its compile "
                         "cache is warm from the steps before, as for a user's second run")
     parser.add_argument("--e2e-args", default="--variants eval_cached --steps 5 --warmup 2 --no-floor "
                         "--no-checkpoint --end-to-end", help="flags of that benchmark run (one string)")
@@ -422,7 +427,7 @@ def render(report: dict) -> str:
     """gpu_check.md: card, versions, command, the steps' results, then a section per part that ran."""
     steps = report["steps"]
     lines = _render_header(report)
-    lines += _render_trainer([(name, steps[name]) for name in ("train_default", "train_cache") if name in steps])
+    lines += _render_trainer([(name, steps[name]) for name in ("train_default", "train_images") if name in steps])
     lines += _render_tests(steps.get("gpu_tests", {}))
     for name, title in (("bench", "Benchmark"),
                         ("graphed", "The whole step as one CUDA graph, --whole-step-graph"),
@@ -512,7 +517,7 @@ def _render_profile(profile: dict) -> list[str]:
 
 def _compile_cache_state(steps: dict) -> str:
     # The check's compile cache starts empty (a folder of its own): warm only if steps before compiled.
-    compiled_before = any(steps.get(name, {}).get("seconds") for name in ("train_default", "train_cache",
+    compiled_before = any(steps.get(name, {}).get("seconds") for name in ("train_default", "train_images",
                                                                             "gpu_tests", "bench", "graphed"))
     return "compile cache warm from the steps above" if compiled_before else "compile cache empty at its start"
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from cifar_dist.checkpoint import CHECKPOINTS, STATE_FILE, checkpoint_problem, find_latest, read_state
 from cifar_dist.cli import parse_config
-from cifar_dist.config import Config, UserError, make_config
+from cifar_dist.config import _OWNER, Config, UserError, _coerce, make_config
 from cifar_dist.model import ResNet50Classifier, build_model
 
 CONFIG_FILE = "config.yaml"
@@ -77,8 +77,11 @@ def _with_config(weights: Path, run_dir: Path, checkpoint: str | None, config_pa
     if config_path is not None:
         return TrainedModel(weights, load_config(Path(config_path)), config_path, run_dir, checkpoint)
     if checkpoint_dir is not None:  # the checkpoint's own record of the run's config
-        flat = {k: v for section in read_state(checkpoint_dir)["config"].values() for k, v in section.items()}
-        return TrainedModel(weights, make_config(**flat), str(checkpoint_dir / STATE_FILE), run_dir, checkpoint)
+        source = str(checkpoint_dir / STATE_FILE)
+        # Read as a config file is: older runs wrote some auto/yes/no settings as booleans.
+        flat = {k: _coerce(k, v, source) if k in _OWNER else v
+                for section in read_state(checkpoint_dir)["config"].values() for k, v in section.items()}
+        return TrainedModel(weights, make_config(**flat), source, run_dir, checkpoint)
     config = run_dir / CONFIG_FILE
     if not config.is_file():
         raise UserError(f"{weights}: no {CONFIG_FILE} beside it; pass the run's config with --config")

@@ -42,6 +42,8 @@ _MIN_COMPILE_CAPABILITY = (7, 0)
 WARMUP_CALLS = 3
 # Where inductor says why it did not use a CUDA graph (a logger of torch's, silent unless a handler is added).
 _CUDAGRAPH_LOGGER = "torch._inductor.cudagraph_utils.__cudagraphs"
+# The note of 'auto' leaving the compiler out of the whole-step graph from the feature cache (its start).
+_COMPILE_OFF_IN_GRAPH = "--compile-step auto: off inside the whole-step graph from the feature cache"
 # Optimizer group options that say how the update is computed, not what: this run's, never a checkpoint's.
 _IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
 
@@ -77,6 +79,16 @@ class FastPath:
     graph_record_s: float | None = None  # set once that graph is recorded
     device_type: str = "cuda"
     features_cached: tuple[str, ...] = ()  # the splits whose frozen-stage features are cached, once built
+    train_cache: bool = False  # cache the training images' frozen-stage features too (if they fit, under 'auto')
+    for_the_cache: tuple[str, ...] = ()  # what 'auto' decided for training from the cache: "graph", "no compile"
+
+    def without_train_cache(self, note: str | None = None) -> FastPath:
+        """The fast path of a run whose training images' features were not cached after all (--cache-frozen-features
+        auto found no room, or nothing frozen): what 'auto' decided for the cache undone, the step from images."""
+        notes = [n for n in self.notes if not n.startswith(_COMPILE_OFF_IN_GRAPH)] + ([note] if note else [])
+        return dataclasses.replace(self, train_cache=False, for_the_cache=(), notes=notes,
+                                   whole_step_graph=self.whole_step_graph and "graph" not in self.for_the_cache,
+                                   compile_step=self.compile_step or "no compile" in self.for_the_cache)
 
     def describe(self) -> str:
         step = "compiled step (torch.compile reduce-overhead"
@@ -140,13 +152,20 @@ def resolve_fast_path(cfg: SpeedConfig, device: torch.device, mixed_precision: s
             notes.append(f"--{name.replace('_', '-')} {choice}: off, {why_not}")
         return wanted and supported
 
-    whole_step_graph = _decide_whole_step_graph(cfg, cuda, mixed_precision, num_processes, grad_accum_steps, notes)
+    # The training images' features: under 'auto' on CUDA if they fit in device memory, which only building the
+    # cache tells (feature_cache.cache_for_run); where they do not, FastPath.without_train_cache undoes what is
+    # decided here for training from them.
+    train_cache = cfg.cache_frozen_features == "yes" or (
+        cfg.cache_frozen_features == "auto" and cuda and cfg.cache_eval_features != "no")
+    whole_step_graph = _decide_whole_step_graph(cfg, cuda, train_cache, mixed_precision, num_processes,
+                                                grad_accum_steps, notes)
+    for_the_cache = ("graph",) if whole_step_graph and cfg.whole_step_graph == "auto" else ()
     compile_ok, compile_why = _compile_support(device)
     compile_step = decide("compile_step", cfg.compile_step, compile_ok, compile_why)
-    if compile_step and cfg.compile_step == "auto" and whole_step_graph and cfg.whole_step_graph == "auto":
-        compile_step = False
-        notes.append("--compile-step auto: off inside the whole-step graph from the feature cache (eager kernels, "
-                     "measured faster end to end: nothing to compile at start-up); inductor's kernels with 'yes'")
+    if compile_step and cfg.compile_step == "auto" and for_the_cache:
+        compile_step, for_the_cache = False, ("graph", "no compile")
+        notes.append(f"{_COMPILE_OFF_IN_GRAPH} (eager kernels, measured faster end to end: nothing to compile at "
+                     "start-up); inductor's kernels with 'yes'")
     elif compile_step and cfg.compile_step == "auto" and num_processes > 1:
         # DDP + SyncBatchNorm inside a graph is reported to skip CUDA graphs ("mutated inputs", PyTorch #139207),
         # leaving compile time and no gain; until measured on GPUs, several processes run the eager step.
@@ -161,10 +180,10 @@ def resolve_fast_path(cfg: SpeedConfig, device: torch.device, mixed_precision: s
     # The graph records fused Adam's step ('no' with the graph is refused in SpeedConfig).
     fused_adam = decide("fused_adam", cfg.fused_adam, True, "") or whole_step_graph
     # --cache-frozen-features caches the test images' features with the training images'.
-    eval_cache = cfg.cache_frozen_features or decide("cache_eval_features", cfg.cache_eval_features, True, "")
+    eval_cache = train_cache or decide("cache_eval_features", cfg.cache_eval_features, True, "")
     cudnn_benchmark = _decide_cudnn_benchmark(cfg.cudnn_benchmark, cuda, deterministic, notes)
     auto_names = ["compile_step", "channels_last", *([] if whole_step_graph else ["fused_adam"]),
-                  *([] if eval_cache else ["cache_eval_features"])]
+                  *([] if train_cache else ["cache_frozen_features"]), *([] if eval_cache else ["cache_eval_features"])]
     auto_off = [f"--{name.replace('_', '-')}" for name in auto_names if getattr(cfg, name) == "auto" and not cuda]
     if auto_off:
         notes.append(f"{', '.join(auto_off)} auto: off on {device.type} (on with 'yes')")
@@ -172,11 +191,12 @@ def resolve_fast_path(cfg: SpeedConfig, device: torch.device, mixed_precision: s
     bf16_grad_reduce = num_processes > 1 and (reduce == "bf16" or (reduce == "auto" and mixed_precision == "bf16"))
     return FastPath(compile_step, channels_last, fused_adam, bf16_grad_reduce, notes, cfg.compile_step,
                     grad_accum_steps, eval_cache=eval_cache, cudnn_benchmark=cudnn_benchmark,
-                    whole_step_graph=whole_step_graph, device_type=device.type)
+                    whole_step_graph=whole_step_graph, device_type=device.type, train_cache=train_cache,
+                    for_the_cache=for_the_cache)
 
 
-def _decide_whole_step_graph(cfg: SpeedConfig, cuda: bool, mixed_precision: str, num_processes: int,
-                             grad_accum_steps: int, notes: list[str]) -> bool:
+def _decide_whole_step_graph(cfg: SpeedConfig, cuda: bool, train_cache: bool, mixed_precision: str,
+                             num_processes: int, grad_accum_steps: int, notes: list[str]) -> bool:
     # 'auto' turns it on where it was measured faster: training from the feature cache on a CUDA GPU. There the
     # step is layer4 + head alone, short enough that the compiled step's host work (its guards and checks, the
     # loss, Adam) set its pace: 2.5 ms a step, against 1.7 ms as one graph. On an H100
@@ -186,7 +206,7 @@ def _decide_whole_step_graph(cfg: SpeedConfig, cuda: bool, mixed_precision: str,
     # What the graph cannot hold: a collective (DDP's all-reduce), gradients summed over replays, fp16's loss
     # scaler (its inf checks read the device), and a non-fused Adam.
     choice = cfg.whole_step_graph
-    if choice == "no" or (choice == "auto" and not (cuda and cfg.cache_frozen_features)):
+    if choice == "no" or (choice == "auto" and not (cuda and train_cache)):
         return False
     why_not = ("with several processes (DDP's all-reduce is not recorded)" if num_processes > 1 else
                "with gradient accumulation (one replay is one optimizer step)" if grad_accum_steps > 1 else
@@ -233,7 +253,8 @@ def _compile_support(device: torch.device) -> tuple[bool, str]:
 def accelerator_kwargs(cfg: SpeedConfig, fast: FastPath, ddp: bool = True) -> list:
     """The Accelerator's kwargs handlers: DDP's settings (unless ``ddp`` is False: torch's defaults), and under
     --whole-step-graph autocast without its weight-cast cache, as CUDA graphs want it (a cast cached outside a
-    recording must not be read inside one). Autocast casts each weight once per forward here anyway."""
+    recording must not be read inside one). Autocast casts each weight once per forward here anyway, so a run
+    whose graph was planned for a feature cache that then did not fit loses nothing by it."""
     ddp_handler = ddp_kwargs(cfg, fast)  # which also silences DDP's stride warning, whatever the settings
     return ([ddp_handler] if ddp else []) + ([AutocastKwargs(cache_enabled=False)] if fast.whole_step_graph else [])
 

@@ -8,16 +8,17 @@ GPU) reports 74.9% validation accuracy after 10 epochs.
     accelerate launch -m cifar_dist.train                        # your default accelerate config
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m cifar_dist.train
     sbatch slurm/train.sh                                        # SLURM, several nodes, requeued on preemption
-    python -m cifar_dist.train --cache-frozen-features                # frozen stages computed once per image
+    python -m cifar_dist.train --no-cache-frozen-features             # every epoch from images, not the cache
     python -m cifar_dist.train --data-source synthetic --image-size 64 --num-epochs 2   # no network needed
 
 The global batch stays 32 on any number of processes: per-device batch x processes x accumulation steps = 32.
 Runs checkpoint to <output-dir>/checkpoints/ and resume by default: kill one at any moment and run the same
 command again. SIGTERM/SIGUSR1 make every process stop at a step boundary, save and exit with code 75.
 Metrics go to metrics.jsonl, results.md, curves.png and W&B (online when logged in, else offline).
-On CUDA the step uses fused Adam and channels_last and, with one process and no accumulation, is compiled with
-CUDA graphs (cifar_dist/speed.py); none of that, nor the feature cache (cifar_dist/feature_cache.py), changes
-what is computed.
+On CUDA the frozen stages run once per image where their output fits in GPU memory (the feature cache,
+cifar_dist/feature_cache.py), and the step uses fused Adam and channels_last and, with one process and no
+accumulation, is one CUDA graph (from the cache) or compiled with CUDA graphs (from images; cifar_dist/speed.py);
+none of that changes what is computed.
 """
 
 from __future__ import annotations

@@ -3,23 +3,25 @@
 # 8.5 with one end-to-end run (then give --budget-s 555):
 #   - the GPU tests (tests/test_gpu.py: compiled vs eager, the whole-step graph vs eager, accumulation, no host
 #     syncs, feature caches, BatchNorm counters, resume under other speed options, a real out-of-memory);
-#   - the trainer with default flags and with --cache-frozen-features on synthetic data of CIFAR-100's size
+#   - the trainer with default flags (where it fits, the feature cache and the whole step as one CUDA graph) and
+#     from images (--no-cache-frozen-features: the compiled step) on synthetic data of CIFAR-100's size
 #     (50,000 + 10,000 images) at 224 px, 500 steps each: images/s, time to the first steps (compile),
 #     checkpoint seconds, peak GPU memory, what was compiled;
 #   - the benchmark at reduced steps (python -m cifar_dist.bench --steps 20 --warmup 5);
-#   - a profile of the step --cache-frozen-features runs (one CUDA graph of eager kernels): host or device, which
+#   - a profile of the step the feature cache runs (one CUDA graph of eager kernels): host or device, which
 #     sets the pace (cifar_dist/step_profile.py);
 #   - the whole step as one CUDA graph (--whole-step-graph, cifar_dist/graphed_step.py), with eager and with
 #     inductor's kernels, and from the feature cache, to set beside the compiled steps;
 #   - with --end-to-end (about 3 minutes more; raise --budget-s to match): the recipe's whole workload, launch to
-#     final report, without and with the feature cache, its compile cache warm from the steps before.
+#     final report, with default flags and from images, its compile cache warm from the steps before.
 # Writes gpu_check.json, gpu_check.md (the tables, with card, torch version and command) and gpu_check.log into
 # $OUT when it is set, else ./gpu_check_out. A step that fails is recorded and the next one runs; the exit status
 # is 1 if any failed. Extra arguments go to `python -m cifar_dist.gpu_check` (see its --help).
-# End to end alone, four runs (the default and cached ones took 97 and 83 s each on the H200 of 2026-11-26):
-#   scripts/gpu_check.sh --budget-s 560 --skip data train_default train_cache gpu_tests bench profile graphed \
+# End to end alone, several runs (each took 55 to 100 s on the H100 of 2026-11-27, the first with an empty
+# compile cache):
+#   scripts/gpu_check.sh --budget-s 400 --skip data train_default train_images gpu_tests bench profile graphed \
 #     --end-to-end --e2e-args="--variants eval_cached --steps 5 --warmup 2 --no-floor --no-checkpoint \
-#     --end-to-end --e2e-runs default cached graphed_eager graphed_eager_cached"
+#     --end-to-end --e2e-runs default images graphed_cached"
 #
 # Run it from anywhere inside the checkout: it runs the package from the checkout (PYTHONPATH), not an install.
 # It needs torch with CUDA, torchvision and accelerate (preinstalled on the lent GPU machines; their torch, 2.11,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # cifar_dist's speed figures on one GPU node:   sbatch slurm/bench.sh
 # The one-process benchmark with the compute floor and the real trainer end to end (10 epochs, 50,000 + 10,000
-# synthetic images, without and with --cache-frozen-features), then the communication cost at each world size
+# synthetic images, with default flags and from images), then the communication cost at each world size
 # up to the node's GPU count. Writes logs/bench-<job>-*.json; logs/ must exist before sbatch (SLURM opens the
 # --output file before this script runs).
 #SBATCH --job-name=cifar_dist_bench

@@ -49,6 +49,26 @@ def test_yes_and_no_in_yaml_are_the_choices_not_booleans(tmp_path):
     assert parse_config(["--config", str(path)]).tracking.log_model is True
 
 
+@pytest.mark.parametrize("argv, expected", [
+    ([], "auto"), (["--cache-frozen-features"], "yes"), (["--no-cache-frozen-features"], "no"),
+    (["--cache-frozen-features", "no"], "no"), (["--cache-frozen-features", "--lr", "0.01"], "yes"),
+    (["--cache-frozen-features", "--no-cache-frozen-features"], "no"),  # the last one given
+])
+def test_an_auto_yes_no_flag_also_takes_a_boolean_flags_forms(argv, expected):
+    # --cache-frozen-features was a boolean flag: its bare and --no- forms still mean yes and no.
+    assert parse_config(argv).speed.cache_frozen_features == expected
+    assert parse_config([a.replace("cache-frozen-features", "compile-step") for a in argv]).speed.compile_step == \
+        expected
+
+
+def test_a_boolean_from_an_older_config_file_is_yes_or_no(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("speed: {cache_frozen_features: false}\n")  # as every config.yaml before 'auto' has it
+    assert parse_config(["--config", str(path)]).speed.cache_frozen_features == "no"
+    path.write_text("speed: {cache_frozen_features: true}\n")
+    assert parse_config(["--config", str(path)]).speed.cache_frozen_features == "yes"
+
+
 def test_written_config_reloads_to_the_same_config(tmp_path):
     cfg = parse_config(["--num-epochs", "2", "--max-steps", "7", "--weights", "none", "--lr", "2e-4",
                         "--compile-step", "yes", "--cache-eval-features", "no"])

@@ -115,6 +115,10 @@ def test_a_checkpoint_of_a_feature_cache_run(test_env, tmp_path, flags):
     out = tmp_path / "run"
     run_train(test_env, [*RUN, *flags, "--output-dir", str(out)])
     checkpoint = out / "checkpoints" / "step-00000008"
+    # The checkpoint's record of the config as runs wrote it before --cache-frozen-features took auto: a boolean.
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state["config"]["speed"]["cache_frozen_features"] = flags == ["--cache-frozen-features"]
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
     proc = launch(test_env, "cifar_dist.evaluate", [str(checkpoint)])
     report = json.loads((out / "eval-step-00000008" / "eval.json").read_text())
     last = records(out)[-1]

@@ -1,4 +1,5 @@
-"""The fast path on a CUDA GPU: compiled step, bf16, fused Adam, channels_last, the feature cache.
+"""The fast path on a CUDA GPU: by default the feature cache and its step as one CUDA graph; from images the
+compiled step; bf16, fused Adam, channels_last.
 
 Skipped without CUDA (never in CI); scripts/gpu_check.sh runs them. Everything here goes through the trainer's
 own pieces (cifar_dist/trainer_parts.py: the package functions cifar_dist.train.setup assembles, and its train_step
@@ -40,6 +41,7 @@ IMAGE_SIZE = 224
 STEPS = 60
 LR = 1e-4
 TRAIN_IMAGES, EVAL_IMAGES = 64 * 32, 512  # 64 steps per epoch
+IMAGES = SpeedConfig(cache_frozen_features="no")  # the step from images: 'auto' would train from the feature cache
 # Per-step relative loss difference of two bf16 runs that round differently: at the first step (the same
 # weights), at most and on average over the run. Measured on a 2-core CPU (this file's logic at 32 px, compiled
 # vs eager under CPU bf16 autocast, lr 1e-4, 60 steps): 4e-3, 6.8e-2 and 1.9e-2; bf16 vs fp32 at 64 px: 5.5e-2
@@ -82,8 +84,9 @@ def bn_state(model) -> dict[str, tuple[int, torch.Tensor]]:
 
 @pytest.fixture(scope="module")
 def compiled_run(splits, backbone):
-    """The default fast path (everything 'auto' on CUDA), STEPS steps; what the tests below read."""
-    parts = build(splits, backbone)
+    """The fast path from images (everything else 'auto' on CUDA: the compiled step), STEPS steps; what the tests
+    below read."""
+    parts = build(splits, backbone, speed=IMAGES)
     before = bn_state(parts.model)
     step_losses = losses(train(parts, STEPS))
     yield {"parts": parts, "losses": step_losses, "bn_before": before, "bn_after": bn_state(parts.model),
@@ -93,7 +96,7 @@ def compiled_run(splits, backbone):
 
 @pytest.fixture(scope="module")
 def eager_losses(splits, backbone, compiled_run):
-    parts = build(splits, backbone, speed=SpeedConfig(compile_step="no"))
+    parts = build(splits, backbone, speed=SpeedConfig(compile_step="no", cache_frozen_features="no"))
     yield losses(train(parts, STEPS))
     trainer_parts.reset()
 
@@ -120,7 +123,7 @@ def compare(name: str, a: list[float], b: list[float], learns: bool = True) -> N
         assert sum(run[-10:]) / 10 < 0.8 * sum(run[:5]) / 5
 
 
-def test_the_default_path_on_cuda_is_the_compiled_fast_path(compiled_run):
+def test_the_path_from_images_on_cuda_is_the_compiled_fast_path(compiled_run):
     fast = compiled_run["parts"].fast
     print(fast.describe(), fast.notes)
     assert fast.compile_step and fast.channels_last and fast.fused_adam and fast.compiled is not None
@@ -212,7 +215,8 @@ def test_a_lone_process_reads_the_loss_flag_a_check_late_without_waiting():
 def test_evaluation_from_cached_features_matches_evaluation_from_images(splits, backbone):
     results = {}
     for choice in ("no", "yes"):  # the same weights: both built from the backbone and the same seed
-        parts = build(splits, backbone, speed=SpeedConfig(compile_step="no", cache_eval_features=choice))
+        parts = build(splits, backbone, speed=SpeedConfig(compile_step="no", cache_frozen_features="no",
+                                                          cache_eval_features=choice))
         try:
             results[choice] = evaluate(parts.model, parts.eval_loader, parts.accelerator, parts.class_names,
                                        parts.eval_input_name)[0]
@@ -229,7 +233,7 @@ def test_evaluation_from_cached_features_matches_evaluation_from_images(splits, 
 
 def test_feature_cache_matches_the_plain_path(splits, backbone, compiled_run):
     # The compiled step from the cache ('auto' records the whole step instead: the test below).
-    parts = build(splits, backbone, speed=SpeedConfig(cache_frozen_features=True, whole_step_graph="no"))
+    parts = build(splits, backbone, speed=SpeedConfig(cache_frozen_features="yes", whole_step_graph="no"))
     try:
         assert parts.input_name == "features" and parts.fast.compiled is not None
         assert parts.fast.compiled.cudagraph_skips == 0, parts.fast.compiled.skip_reasons
@@ -239,23 +243,26 @@ def test_feature_cache_matches_the_plain_path(splits, backbone, compiled_run):
         trainer_parts.reset()
 
 
-@pytest.mark.parametrize("compile_model, cache", [("no", False), ("yes", False), ("yes", True), ("auto", True)],
+@pytest.mark.parametrize("compile_model, cache", [("no", "no"), ("yes", "no"), ("yes", "yes"), ("auto", "auto")],
                          ids=["eager_kernels", "inductor_kernels", "inductor_kernels_from_the_feature_cache",
-                              "auto_from_the_feature_cache"])
+                              "default_flags_from_the_feature_cache"])
 def test_the_whole_step_as_one_cuda_graph_trains_as_the_eager_step(splits, backbone, eager_losses, compile_model,
                                                                     cache):
     """--whole-step-graph (forward, loss, backward and capturable fused Adam in one graph; the benchmark's
     graphed, graphed_compiled, cached_graphed, and what 'auto' runs from the feature cache: eager kernels): the
-    same losses as eager, BatchNorm counted once per step, and steady replays that never wait for the device."""
+    same losses as eager, BatchNorm counted once per step, and steady replays that never wait for the device.
+    With default flags (all 'auto') both splits' features are cached here (they fit), so the graph records."""
     parts = build(splits, backbone, speed=SpeedConfig(compile_step=compile_model, cache_frozen_features=cache,
                                                       whole_step_graph="auto" if compile_model == "auto" else "yes"))
     try:
+        assert parts.fast.features_cached == (("train", "test") if cache != "no" else ("test",))
         assert isinstance(parts.run_step, GraphedStep) and parts.run_step.graph is not None
         assert parts.fast.describe().startswith("whole step as one CUDA graph")
         before = bn_state(parts.model)
         assert parts.fast.compile_step == (compile_model == "yes")
         kernels = "inductor" if parts.fast.compile_step else "eager"
-        compare(f"one graph ({kernels} kernels{', cached features' * cache}) vs eager", losses(train(parts, STEPS)),
+        compare(f"one graph ({kernels} kernels{', cached features' * (cache != 'no')}) vs eager",
+                losses(train(parts, STEPS)),
                 eager_losses)
         after = bn_state(parts.model)
         assert all(after[name][0] == before[name][0] + STEPS for name in after if name.startswith("layer4."))
@@ -282,7 +289,7 @@ def test_gradient_accumulation_under_the_compiled_step_matches_eager(splits, bac
     with no_tf32():
         for name, choice in (("compiled", "yes"), ("eager", "no")):
             parts = build(splits, backbone, mixed_precision="no", per_device_batch_size=16,
-                          speed=SpeedConfig(compile_step=choice, cache_frozen_features=True))
+                          speed=SpeedConfig(compile_step=choice, cache_frozen_features="yes"))
             assert parts.grad_accum_steps == 2 and parts.fast.compile_step == (choice == "yes")
             grads = []
 
@@ -312,7 +319,7 @@ def test_resume_under_the_other_memory_format_matches_the_uninterrupted_run(spli
     # Before match_optimizer_to_run, fused CUDA Adam raised on Adam moments in the other memory format.
     def parts_for(channels_last):
         return trainer_parts.build(splits, 64, backbone=backbone, dtype=torch.float64, lr=1e-3,
-                                   speed=SpeedConfig(compile_step="no", fused_adam="yes",
+                                   speed=SpeedConfig(compile_step="no", fused_adam="yes", cache_frozen_features="no",
                                                      channels_last=channels_last))
 
     def trained_weights(parts):

@@ -9,7 +9,7 @@ import pytest
 from cifar_dist.gpu_check import Check, render
 
 TINY_CHECK = ["--image-size", "32", "--train-images", "256", "--eval-images", "64", "--max-steps", "4",
-              "--checkpoint-every-steps", "2", "--budget-s", "900",
+              "--checkpoint-every-steps", "2", "--budget-s", "900", "--default-args=--cache-frozen-features",
               ("--bench-args=--image-size 32 --steps 2 --warmup 1 --workers 0 --eval-batch-size 64 --no-floor "
                "--variants straight_port eager"),
               ("--profile-args=--image-size 32 --steps 2 --warmup 1 --eval-batch-size 64 --no-floor --no-checkpoint "
@@ -31,7 +31,7 @@ def test_the_whole_check_on_the_cpu_reports_every_step_and_fails_for_want_of_a_g
     assert proc.returncode == 1, proc.stderr[-3000:]  # the GPU tests were all skipped: that is a failure here
     report = json.loads((out / "gpu_check.json").read_text())
     steps = report["steps"]
-    assert list(steps) == ["environment", "data", "train_default", "train_cache", "gpu_tests", "bench", "profile",
+    assert list(steps) == ["environment", "data", "train_default", "train_images", "gpu_tests", "bench", "profile",
                            "graphed", "end_to_end"]
     assert report["failed_steps"] == ["gpu_tests"] and not report["ok"]
     graphed = steps["graphed"]["report"]["results"]
@@ -45,7 +45,8 @@ def test_the_whole_check_on_the_cpu_reports_every_step_and_fails_for_want_of_a_g
     assert imports["torch"] > 0 and all(seconds >= 0 for seconds in imports.values())
     assert f"- imports and CUDA's start, s: torch {imports['torch']}, torchvision" in (out / "gpu_check.md").read_text()
 
-    for name, cached in (("train_default", ""), ("train_cache", "; frozen-stage features cached")):
+    # The default run with the feature cache (--default-args), as auto does on a GPU where it fits.
+    for name, cached in (("train_default", "; frozen-stage features cached"), ("train_images", "")):
         run = steps[name]
         assert run["ok"] and run["optimizer_steps"] == 4 and run["train_images_per_s"] > 0
         # Checkpoints at steps 2 and 4 (mid-epoch), then the epoch end: each timed, with its size.
@@ -55,7 +56,7 @@ def test_the_whole_check_on_the_cpu_reports_every_step_and_fails_for_want_of_a_g
         assert run["step"]["fast_path"] == "plain eager step" + cached and run["step"]["compiled_step"] is False
         assert run["step"]["features_cached"] == (["train", "test"] if cached else [])
         assert run["startup_s"]["data"] > 0 and run["startup_line"].startswith("start-up: ")
-    assert steps["train_cache"]["feature_cache_line"].startswith("feature cache: 256 train + 64 test images")
+    assert steps["train_default"]["feature_cache_line"].startswith("feature cache: 256 train + 64 test images")
     bench = steps["bench"]["report"]
     assert [r["variant"] for r in bench["results"]] == ["straight_port", "eager"] and bench["checkpoint"]["seconds"] > 0
     profile = steps["profile"]["report"]["profile"]
@@ -66,13 +67,13 @@ def test_the_whole_check_on_the_cpu_reports_every_step_and_fails_for_want_of_a_g
     assert "## The whole step as one CUDA graph, --whole-step-graph (`" in md
     assert f"; host: {report['host_cpu']}, {report['host_cores']} cores" in md
     assert "| gpu_tests | FAILED: could not read its results: AssertionError: no GPU test ran" in md
-    assert "| default | " in md and "| cache | " in md and "| straight_port |" in md
-    assert "\ndefault: start-up: " in md and "\ncache: start-up: " in md and ", feature cache " in md
+    assert "| default | " in md and "| images | " in md and "| straight_port |" in md
+    assert "\ndefault: start-up: " in md and "\nimages: start-up: " in md and ", feature cache " in md
     assert "checkpoint (the trainer's save_checkpoint" in md
     assert "## Where a step's time goes (" in md and "profile of eager, per step over 2 steps: wall " in md
     e2e = {r["variant"]: r for r in steps["end_to_end"]["report"]["end_to_end"]}
-    assert set(e2e) == {"end_to_end", "end_to_end_cached"} and all(r["epochs"] == 1 for r in e2e.values())
-    assert "## End to end, compile cache warm from the steps above (" in md and "\nend_to_end_cached: " in md
+    assert set(e2e) == {"end_to_end", "end_to_end_images"} and all(r["epochs"] == 1 for r in e2e.values())
+    assert "## End to end, compile cache warm from the steps above (" in md and "\nend_to_end_images: " in md
     alone = {**report, "steps": {k: v for k, v in steps.items() if k in ("environment", "end_to_end")}}
     assert "## End to end, compile cache empty at its start (" in render(alone)  # nothing compiled before it
     assert "0 passed, 0 failed, 0 errors, " in md
@@ -129,5 +130,5 @@ def test_the_report_table_of_a_gpu_run():
     assert "| default | 12,000 | 15,000 | 40.0 | 30.0 | 41.0 | 0.5 x 6, 240.0 | 5.0 (6.0) | 0/0/0 |" in md
     # The whole-step graph of eager kernels compiles nothing: its recording goes in the column, in brackets.
     graphed = {**report["steps"]["train_default"], "step": {"graph_record_s": 1.04}}
-    md = render({**report, "steps": {"train_cache": graphed}})
-    assert "| cache | 12,000 | 15,000 | 40.0 | (1.04) | 41.0 | 0.5 x 6, 240.0 | 5.0 (6.0) | -/-/- |" in md
+    md = render({**report, "steps": {"train_images": graphed}})
+    assert "| images | 12,000 | 15,000 | 40.0 | (1.04) | 41.0 | 0.5 x 6, 240.0 | 5.0 (6.0) | -/-/- |" in md

@@ -1,5 +1,5 @@
-"""On a CUDA GPU, --deterministic makes a resumed run end bit for bit where an uninterrupted one ends, on the
-default (fast) path. Skipped without CUDA (never in CI); scripts/gpu_check.sh runs it."""
+"""On a CUDA GPU, --deterministic makes a resumed run end bit for bit where an uninterrupted one ends, with
+default flags and from images. Skipped without CUDA (never in CI); scripts/gpu_check.sh runs it."""
 
 import pytest
 import torch
@@ -17,20 +17,20 @@ TIMING = ("epoch_time_s", "train_time_s", "eval_time_s", "train_images_per_s", "
           "resumed_from_step", "startup_s")
 
 
-# The graph's case records eager kernels: what it checks (the graph recorded around the loaded weights and Adam
-# state) does not depend on the kernels inside, and its three launches then compile nothing.
-@pytest.mark.parametrize("step", [[], ["--whole-step-graph", "yes", "--compile-step", "no"]],
-                         ids=["default", "whole_step_graph"])
+# By default the run trains from the feature cache, its step one CUDA graph of eager kernels recorded around the
+# loaded weights and Adam state; from images, the compiled step.
+@pytest.mark.parametrize("step", [[], ["--no-cache-frozen-features"]], ids=["default", "from_images"])
 def test_a_deterministic_gpu_run_resumes_bit_for_bit(test_env, tmp_path, step):
     # The uninterrupted run and the interrupted one's first part are independent: side by side, as --deterministic
     # makes each one's numbers independent of what else runs on the GPU. On one H100 (2026-11-27) the three
-    # launches one after another took 77 s on the default path and 37 s with the graph, mostly each launch's
+    # launches one after another took 77 s with the compiled step and 37 s with the graph, mostly each launch's
     # fixed cost.
     run_trains_at_once(test_env, [[*RUN, *step, "--output-dir", str(tmp_path / "whole")],
                                   [*RUN, *step, "--max-steps", "5", "--output-dir", str(tmp_path / "split")]])
     resumed = run_train(test_env, [*RUN, *step, "--output-dir", str(tmp_path / "split")])
     assert "(epoch 1, step 5)" in resumed.stdout
-    assert ("whole step as one CUDA graph" in resumed.stdout) == bool(step)
+    assert ("whole step as one CUDA graph" in resumed.stdout) == (not step)
+    assert ("frozen-stage features cached" in resumed.stdout) == (not step)
     # cuDNN's timed choice of algorithm could differ between the launches; --deterministic leaves it off.
     assert "--cudnn-benchmark auto: off with --deterministic" in resumed.stdout
     whole, split = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("whole", "split"))

@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import conftest
-from cifar_dist import trainer_parts
+from cifar_dist import feature_cache, trainer_parts
 from cifar_dist.config import ModelConfig, SpeedConfig, UserError
 from cifar_dist.feature_cache import (
     DEVICE_HEADROOM_BYTES,
@@ -81,8 +81,8 @@ def test_each_speed_option_trains_the_same_weights(float64_runs, initial_weights
 @pytest.mark.slow
 def test_the_run_header_says_what_the_step_uses(float64_runs):
     _, procs = float64_runs
-    assert ("- step: plain eager step; --compile-step, --channels-last, --fused-adam, --cache-eval-features auto: "
-            "off on cpu") in procs["plain"].stdout
+    assert ("- step: plain eager step; --compile-step, --channels-last, --fused-adam, --cache-frozen-features, "
+            "--cache-eval-features auto: off on cpu") in procs["plain"].stdout
     # Compiled before training, by a warm-up whose effects are undone (the weights still match the plain path's).
     assert re.search(r"- step: compiled step \(torch.compile reduce-overhead; compiled in \d+\.\d s: 1 graph, 0 graph "
                      r"breaks, no CUDA graphs on cpu\); ", procs["compiled"].stdout), procs["compiled"].stdout
@@ -95,7 +95,8 @@ def test_the_run_header_says_what_the_step_uses(float64_runs):
     assert "feature cache: 100 test images -> 1024x2x2 float64 per image" in procs["eval_cache"].stdout
     # On a CPU the whole step runs over the graph's static buffers, unrecorded, with the graph's fused Adam.
     assert ("- step: whole step over static buffers (eager kernels; not recorded as a graph: CUDA graphs need a CUDA "
-            "GPU), fused Adam; --compile-step, --channels-last, --cache-eval-features auto: off on cpu"
+            "GPU), fused Adam; --compile-step, --channels-last, --cache-frozen-features, --cache-eval-features auto: "
+            "off on cpu"
             in procs["whole_step_graph"].stdout)
     assert re.search(r"start-up: .*, graph \d+\.\d, ", procs["whole_step_graph"].stdout)
 
@@ -243,7 +244,7 @@ def test_cache_refuses_when_nothing_is_frozen(test_env, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         "cifar_dist.train: error: --cache-frozen-features: nothing is frozen (--freeze-until none), so there is "
-        "nothing to cache; freeze some stages or drop --cache-frozen-features")
+        "nothing to cache; freeze some stages or use --cache-frozen-features auto")
 
 
 def _model(freeze_until="layer4"):
@@ -320,11 +321,38 @@ def test_evaluation_cache_under_auto_is_skipped_with_a_note_where_device_memory_
     trainer_parts.reset()
 
 
+def test_the_feature_cache_under_auto_falls_back_to_the_step_from_images_where_it_does_not_fit(monkeypatch):
+    # What resolve_fast_path decides by default on a GPU, then a device without room (a CPU has no device memory):
+    # the step from images as resolve_fast_path decides it without the cache, and a note for each cache.
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    wanted = resolve_fast_path(SpeedConfig(), torch.device("cuda"), "bf16", 1)
+    images = resolve_fast_path(SpeedConfig(cache_frozen_features="no"), torch.device("cuda"), "bf16", 1)
+    assert wanted.train_cache and wanted.whole_step_graph and not wanted.compile_step
+    splits, accelerator = trainer_parts.synthetic_splits(4, 8), Accelerator(cpu=True)
+    data, fast = cache_for_run(_model("layer4"), splits, accelerator, 4, SpeedConfig(), wanted)
+    assert data is splits and fast.features_cached == ()
+    assert dataclasses.replace(fast, notes=[]) == dataclasses.replace(images, notes=[])
+    assert fast.notes == [
+        "--cache-frozen-features auto: off, the frozen-stage features do not fit in device memory beside training "
+        "(in host memory with 'yes')",
+        "--cache-eval-features auto: off, the test images' frozen-stage features do not fit in device memory beside "
+        "training (in host memory with 'yes')"]
+    # Nothing frozen: nothing to cache, nothing to say.
+    data, fast = cache_for_run(_model("none"), splits, accelerator, 4, SpeedConfig(), wanted)
+    assert data is splits and fast == images
+    # Where it fits (stood in for by host memory), both splits are cached and the decisions stand.
+    monkeypatch.setattr(feature_cache, "choose_location", lambda *args: "host")
+    data, fast = cache_for_run(_model("layer4"), splits, accelerator, 4, SpeedConfig(), wanted)
+    assert fast == dataclasses.replace(wanted, features_cached=("train", "test"))
+    assert len(data.train) == 4 and len(data.test) == 8 and data.train.features.shape[1:] == (1024, 2, 2)
+    trainer_parts.reset()
+
+
 @pytest.mark.parametrize("choice, device_free, message", [
     ("device", 10 * GiB, "the feature cache needs 20.0 GiB, more than the 10.0 GiB free on cuda less 6 GiB for "
                          "training; use --feature-cache-location host"),
     ("auto", 10 * GiB, "the feature cache needs 20.0 GiB, more than the 8.0 GiB of host memory available to this "
-                       "process; lower --image-size or drop --cache-frozen-features"),
+                       "process; lower --image-size or use --no-cache-frozen-features"),
 ])
 def test_cache_that_fits_nowhere_is_refused(choice, device_free, message):
     with pytest.raises(UserError) as info:
@@ -333,40 +361,47 @@ def test_cache_that_fits_nowhere_is_refused(choice, device_free, message):
     assert 6 * GiB == DEVICE_HEADROOM_BYTES
 
 
-def test_fast_path_is_on_for_cuda_and_off_on_cpu_by_default():
-    cuda = resolve_fast_path(SpeedConfig(), torch.device("cuda"), "bf16", 1) if torch.cuda.is_available() else None
-    if cuda is not None:
-        assert cuda.compile_step and cuda.channels_last and cuda.fused_adam
+def test_fast_path_is_on_for_cuda_and_off_on_cpu_by_default(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    # On a GPU: the feature cache (if it fits: cache_for_run), its step as one graph, channels_last, fused Adam.
+    cuda = resolve_fast_path(SpeedConfig(), torch.device("cuda"), "bf16", 1)
+    assert cuda.train_cache and cuda.eval_cache and cuda.whole_step_graph and cuda.channels_last and cuda.fused_adam
+    assert not cuda.compile_step and cuda.for_the_cache == ("graph", "no compile")
+    images = resolve_fast_path(SpeedConfig(cache_frozen_features="no"), torch.device("cuda"), "bf16", 1)
+    assert images.compile_step and images.channels_last and images.fused_adam and images.eval_cache
+    assert not (images.train_cache or images.whole_step_graph or images.notes)
     cpu = resolve_fast_path(SpeedConfig(), torch.device("cpu"), "no", 1)
-    assert not (cpu.compile_step or cpu.channels_last or cpu.fused_adam or cpu.bf16_grad_reduce)
-    assert cpu.notes == ["--compile-step, --channels-last, --fused-adam, --cache-eval-features auto: off on cpu (on "
-                         "with 'yes')"]
+    assert not (cpu.compile_step or cpu.channels_last or cpu.fused_adam or cpu.bf16_grad_reduce or cpu.train_cache)
+    assert cpu.notes == ["--compile-step, --channels-last, --fused-adam, --cache-frozen-features, "
+                         "--cache-eval-features auto: off on cpu (on with 'yes')"]
     assert not cpu.eval_cache and resolve_fast_path(SpeedConfig(cache_eval_features="yes"), torch.device("cpu"), "no",
                                                     1).eval_cache
     # --cache-frozen-features caches the test split too, whatever the device.
-    both = resolve_fast_path(SpeedConfig(cache_frozen_features=True), torch.device("cpu"), "no", 1)
+    both = resolve_fast_path(SpeedConfig(cache_frozen_features="yes"), torch.device("cpu"), "no", 1)
     assert both.eval_cache and both.notes == ["--compile-step, --channels-last, --fused-adam auto: off on cpu (on "
                                               "with 'yes')"]
     forced = resolve_fast_path(SpeedConfig(compile_step="yes", channels_last="yes", fused_adam="yes",
-                                           cache_eval_features="yes"), torch.device("cpu"), "no", 1)
+                                           cache_frozen_features="no", cache_eval_features="yes"),
+                               torch.device("cpu"), "no", 1)
     assert forced.compile_step and forced.channels_last and forced.fused_adam and forced.eval_cache
     assert not forced.notes
 
 
 def test_compile_auto_is_off_with_several_processes_or_gradient_accumulation(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    cuda = torch.device("cuda")
-    assert resolve_fast_path(SpeedConfig(), cuda, "bf16", 1).compile_step
-    several = resolve_fast_path(SpeedConfig(), cuda, "bf16", 2)
+    cuda, images = torch.device("cuda"), SpeedConfig(cache_frozen_features="no")
+    assert resolve_fast_path(images, cuda, "bf16", 1).compile_step
+    several = resolve_fast_path(images, cuda, "bf16", 2)
     assert not several.compile_step and several.channels_last and several.fused_adam
     assert several.notes == [("--compile-step auto: off with several processes (DDP + SyncBatchNorm keep CUDA graphs "
                               "from recording, PyTorch #139207; not yet measured against eager); on with 'yes'")]
-    accumulating = resolve_fast_path(SpeedConfig(), cuda, "bf16", 1, grad_accum_steps=2)
+    accumulating = resolve_fast_path(images, cuda, "bf16", 1, grad_accum_steps=2)
     assert not accumulating.compile_step
     assert accumulating.notes == [("--compile-step auto: off with gradient accumulation (each micro-batch's graph "
                                    "replay would reuse the memory of the gradients being accumulated); on with "
                                    "'yes', which keeps them apart")]
-    forced = resolve_fast_path(SpeedConfig(compile_step="yes"), cuda, "bf16", 2, grad_accum_steps=2)
+    forced = resolve_fast_path(SpeedConfig(compile_step="yes", cache_frozen_features="no"), cuda, "bf16", 2,
+                               grad_accum_steps=2)
     assert forced.compile_step and not forced.notes and forced.grad_accum_steps == 2
 
 
@@ -431,15 +466,17 @@ def test_a_failed_compile_under_yes_stops_the_run_with_one_line(test_env, tmp_pa
 
 def test_compile_falls_back_on_a_gpu_too_old_for_it(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
-    fast = resolve_fast_path(SpeedConfig(), torch.device("cuda"), "fp16", 1)
+    fast = resolve_fast_path(SpeedConfig(cache_frozen_features="no"), torch.device("cuda"), "fp16", 1)
     assert not fast.compile_step and fast.channels_last and fast.fused_adam
     assert fast.notes == ["--compile-step auto: off, this GPU has compute capability 6.0; torch.compile needs 7.0+"]
 
 
 def test_the_whole_step_graph_runs_where_it_can_and_says_why_not(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    cuda, cpu, graph = torch.device("cuda"), torch.device("cpu"), SpeedConfig(whole_step_graph="yes")
-    assert not resolve_fast_path(SpeedConfig(), cuda, "bf16", 1).whole_step_graph  # auto: off from images
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    graph = SpeedConfig(whole_step_graph="yes", cache_frozen_features="no")
+    assert not resolve_fast_path(SpeedConfig(cache_frozen_features="no"), cuda, "bf16", 1).whole_step_graph  # auto:
+    # off from images
     on = resolve_fast_path(graph, cuda, "bf16", 1)
     assert on.whole_step_graph and on.compile_step and on.fused_adam and not on.notes
     assert on.describe().startswith("whole step as one CUDA graph (forward, loss, backward and fused Adam; "
@@ -447,7 +484,7 @@ def test_the_whole_step_graph_runs_where_it_can_and_says_why_not(monkeypatch):
     recorded = dataclasses.replace(on, graph_record_s=4.25)
     assert "inductor's kernels; recorded in 4.2 s)" in recorded.describe()
     assert recorded.facts()["graph_record_s"] == 4.25 and recorded.facts()["whole_step_graph"] is True
-    eager_kernels = resolve_fast_path(SpeedConfig(whole_step_graph="yes", compile_step="no"), cuda, "bf16", 1)
+    eager_kernels = resolve_fast_path(dataclasses.replace(graph, compile_step="no"), cuda, "bf16", 1)
     assert "(forward, loss, backward and fused Adam; eager kernels)" in eager_kernels.describe()
     for processes, accumulation, precision, why in [
             (2, 1, "bf16", "with several processes (DDP's all-reduce is not recorded)"),
@@ -460,12 +497,16 @@ def test_the_whole_step_graph_runs_where_it_can_and_says_why_not(monkeypatch):
     on_cpu = resolve_fast_path(graph, cpu, "no", 1)
     assert on_cpu.whole_step_graph and on_cpu.fused_adam and not on_cpu.compile_step
     assert on_cpu.notes == ["--compile-step, --channels-last, --cache-eval-features auto: off on cpu (on with 'yes')"]
+    # Asked for, the graph does not depend on the cache: nothing for FastPath.without_train_cache to undo.
+    with_cache = resolve_fast_path(dataclasses.replace(graph, cache_frozen_features="auto"), cuda, "bf16", 1)
+    assert with_cache.train_cache and with_cache.for_the_cache == () and with_cache.compile_step
+    assert with_cache.without_train_cache() == dataclasses.replace(with_cache, train_cache=False)
 
 
 def test_auto_records_the_whole_step_of_eager_kernels_when_training_from_the_feature_cache(monkeypatch):
     # Measured on an H100: 54.6 s end to end against the compiled step's 78.8 s, with nothing compiled.
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    cuda, cached = torch.device("cuda"), SpeedConfig(cache_frozen_features=True)
+    cuda, cached = torch.device("cuda"), SpeedConfig(cache_frozen_features="yes")
     on = resolve_fast_path(cached, cuda, "bf16", 1)
     assert on.whole_step_graph and not on.compile_step and on.fused_adam and on.channels_last
     assert on.notes == ["--compile-step auto: off inside the whole-step graph from the feature cache (eager "
@@ -516,10 +557,10 @@ def test_the_whole_step_graph_starts_where_the_plain_step_starts_and_steps_as_it
 def test_cudnn_autotuning_is_on_for_cuda_unless_deterministic(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    on = resolve_fast_path(SpeedConfig(), cuda, "bf16", 1)
+    on = resolve_fast_path(SpeedConfig(cache_frozen_features="no"), cuda, "bf16", 1)
     assert on.cudnn_benchmark and not on.notes and "cuDNN-autotuned convolutions" in on.describe()
     assert on.facts()["cudnn_benchmark"] is True
-    deterministic = resolve_fast_path(SpeedConfig(), cuda, "bf16", 1, deterministic=True)
+    deterministic = resolve_fast_path(SpeedConfig(cache_frozen_features="no"), cuda, "bf16", 1, deterministic=True)
     assert not deterministic.cudnn_benchmark and "cuDNN" not in deterministic.describe()
     assert deterministic.notes == ["--cudnn-benchmark auto: off with --deterministic (its timed choice of algorithm "
                                    "can differ between a run and its resumption)"]
