@@ -7,8 +7,9 @@ few, and channels_last is the layout tensor cores want. With one process the mod
 (accelerate leaves a lone process unwrapped); with several, DDP gets big buckets and, under bf16, a bf16
 gradient all-reduce, because a 32-image backward leaves little compute to hide communication behind.
 
-Each option is 'auto' (on where it is safe and supported: CUDA), 'yes' or 'no'; where one cannot run it falls
-back with one line saying so. Every option computes the same function: tests/test_speed.py trains with each
+Each option is 'auto' (on where it is safe and supported: CUDA; the feature cache where it also fits in GPU
+memory, and then the whole step as one CUDA graph), 'yes' or 'no'; where one cannot run it falls back with one
+line saying so. Every option computes the same function: tests/test_speed.py trains with each
 and compares against the plain path.
 
 The compiled step is compiled and its CUDA graphs recorded before training, by a warm-up on a real batch whose
