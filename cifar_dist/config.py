@@ -203,7 +203,7 @@ class SpeedConfig(_Section):
     whole_step_graph: AutoYesNo = _field(
         "auto", "record the whole training step (forward, loss, backward, fused Adam) as one CUDA graph and replay "
         "it (one process, no gradient accumulation; with --compile-step yes, inductor's kernels inside it); auto: on "
-        "CUDA with --cache-frozen-features, where it was measured faster than the compiled step on an H100")
+        "CUDA when training from the feature cache, where it was measured faster than the compiled step on an H100")
     cudnn_benchmark: AutoYesNo = _field(
         "auto", "let cuDNN time its convolution algorithms on each new input shape and keep the fastest "
         "(torch.backends.cudnn.benchmark; every batch of a run has one of a few shapes); auto: on CUDA unless "
