@@ -187,7 +187,8 @@ class SpeedConfig(_Section):
     cache_frozen_features: AutoYesNo = _field(
         "auto", "run the frozen stages once per image (they are a fixed function of it: no augmentation, frozen "
         "BatchNorm in eval mode), keep their output, and train/evaluate the rest from it; auto: on CUDA where the "
-        "features fit in device memory beside training (22 GB in bf16 at 224 px for CIFAR-100's 60,000 images)")
+        "features fit in device memory beside training (22 GB in bf16 at 224 px for CIFAR-100's 60,000 images), "
+        "unless --cache-eval-features no")
     cache_eval_features: AutoYesNo = _field(
         "auto", "evaluate from the frozen stages' output for the test images, computed once (exact, as "
         "--cache-frozen-features, for the test split alone: 4 GB in bf16 at 224 px); auto: on CUDA when it fits in "

@@ -326,6 +326,9 @@ def test_the_feature_cache_under_auto_falls_back_to_the_step_from_images_where_i
     # the step from images as resolve_fast_path decides it without the cache, and a note for each cache.
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     wanted = resolve_fast_path(SpeedConfig(), torch.device("cuda"), "bf16", 1)
+    # --cache-eval-features no keeps the test images' features out of any cache: auto then caches none.
+    no_eval = resolve_fast_path(SpeedConfig(cache_eval_features="no"), torch.device("cuda"), "bf16", 1)
+    assert not (no_eval.train_cache or no_eval.eval_cache or no_eval.whole_step_graph) and no_eval.compile_step
     images = resolve_fast_path(SpeedConfig(cache_frozen_features="no"), torch.device("cuda"), "bf16", 1)
     assert wanted.train_cache and wanted.whole_step_graph and not wanted.compile_step
     splits, accelerator = trainer_parts.synthetic_splits(4, 8), Accelerator(cpu=True)
