@@ -386,9 +386,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="the test files pytest runs (their gpu-marked tests)")
     parser.add_argument("--bench-args", default="--steps 20 --warmup 5 --workers 8",
                         help="flags of python -m cifar_dist.bench (one string)")
-    # The benchmark times at least one variant; eval compiles nothing. Profiled: the step --cache-frozen-features
-    # runs by default, one graph of eager kernels. The compiled step's (--profile compiled) was device-bound on an
-    # H100 (device busy 2.98 ms of a 2.87 ms step unprofiled); whether this one is, no run has said.
+    # The benchmark times at least one variant; eval compiles nothing. Profiled: the step default flags run where
+    # the feature cache fits, one graph of eager kernels. The compiled step's (--profile compiled) was device-bound
+    # on an H100 (device busy 2.98 ms of a 2.87 ms step unprofiled); whether this one is, no run has said.
     parser.add_argument("--profile-args", default="--variants eval --steps 20 --warmup 5 --no-floor "
                         "--no-checkpoint --profile cached_graphed_eager",
                         help="flags of the benchmark run that profiles a step (one string)")
