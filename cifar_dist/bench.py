@@ -70,7 +70,7 @@ from accelerate import PartialState
 from torch.utils.data import DataLoader, Dataset
 
 from cifar_dist import trainer_parts
-from cifar_dist.checkpoint import save_checkpoint
+from cifar_dist.checkpoint import BackgroundWriter, save_checkpoint
 from cifar_dist.config import ModelConfig, SpeedConfig, UserError
 from cifar_dist.data import ImageTensorDataset
 from cifar_dist.feature_cache import build_feature_cache
@@ -344,20 +344,30 @@ def matmul_rate(device, bf16: bool) -> float:
 
 def checkpoint_cost(args, mixed_precision: str, saves: int = 3) -> dict:
     """Seconds of the trainer's own save_checkpoint (model, Adam state, RNG states, trainer_state.json, written
-    atomically) of the trainer's parts after one step, so that Adam's moments exist; the median of ``saves``."""
+    atomically) of the trainer's parts after one step, so that Adam's moments exist; the median of ``saves``:
+    written in the foreground (``seconds``, --no-async-checkpoints), and what training pauses for when a
+    background writer writes it (``background_pause_s``, the default: the copy to host memory and the small
+    files), with the write's whole time (``background_total_s``)."""
     parts = trainer_parts.build(trainer_parts.synthetic_splits(2, 1), args.image_size, global_batch_size=2,
                                 speed=SpeedConfig(compile_step="no", cache_frozen_features="no"),
                                 mixed_precision=mixed_precision)
     trainer_parts.train(parts, 1)  # batch 2: training BatchNorm needs more than one value per channel
-    seconds = []
+    figures, writer = {"seconds": [], "background_pause_s": [], "background_total_s": []}, BackgroundWriter()
     with tempfile.TemporaryDirectory(prefix="cifar-dist-bench-checkpoint-", dir=args.checkpoint_dir) as tmp:
-        for step in range(1, saves + 1):
+        for step in range(1, 2 * saves + 1):
+            background = step > saves
             sync_device(parts.accelerator.device)
             start = time.perf_counter()
-            path = save_checkpoint(parts.accelerator, Path(tmp), {"step": step}, keep=2)
-            seconds.append(time.perf_counter() - start)
+            path = save_checkpoint(parts.accelerator, Path(tmp), {"step": step}, keep=2,
+                                   writer=writer if background else None)
+            paused = time.perf_counter() - start
+            writer.wait()
+            total = time.perf_counter() - start
+            figures["background_pause_s" if background else "seconds"].append(paused)
+            if background:
+                figures["background_total_s"].append(total)
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    return {"seconds": round(sorted(seconds)[len(seconds) // 2], 3), "megabytes": round(size / 1e6, 1),
+    return {**{k: round(sorted(v)[len(v) // 2], 3) for k, v in figures.items()}, "megabytes": round(size / 1e6, 1),
             "directory": args.checkpoint_dir or tempfile.gettempdir()}
 
 
@@ -491,7 +501,9 @@ def format_table(report: dict) -> str:
     checkpoint = report.get("checkpoint")
     if checkpoint:
         lines.append(f"checkpoint (the trainer's save_checkpoint: model + Adam state, {checkpoint['megabytes']:,} MB): "
-                     f"{checkpoint['seconds']} s per save into {checkpoint['directory']}")
+                     f"{checkpoint['seconds']} s per save into {checkpoint['directory']}; written in the background "
+                     f"(--async-checkpoints, the default) training pauses {checkpoint['background_pause_s']} s of "
+                     f"{checkpoint['background_total_s']} s")
     if "profile" in report:
         lines.append(format_profile(report["profile"]["variant"], report["profile"]))
     for e2e in report.get("end_to_end", []):

@@ -4,6 +4,11 @@ Files are written to a temporary name and renamed into place. A checkpoint is a 
 ``checkpoints/step-00001234`` written by ``accelerator.save_state`` (model, optimizer and every process's RNG
 state) plus ``trainer_state.json`` (position in the data, counters, the metrics so far, the config), built under
 a temporary name and renamed only once complete, with a ``COMPLETE`` marker the loader checks.
+
+With a ``BackgroundWriter`` (--async-checkpoints, the trainer's default) a save copies the model and Adam state
+to host memory, writes the small files at once, and leaves the large ones, the marker and the rename to a
+thread while training goes on: the files and their order are the same, so a checkpoint still appears complete
+or not at all. One write is pending at most; the next save, a stop and the run's end wait for it.
 """
 
 from __future__ import annotations
@@ -13,13 +18,20 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 import warnings
 import zipfile
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
+from accelerate.checkpointing import save_accelerator_state
+from accelerate.utils import OPTIMIZER_NAME, SAFE_WEIGHTS_NAME
+from accelerate.utils import save as accelerate_save
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
@@ -97,39 +109,147 @@ def check_compatible(path: Path, cfg: Config) -> None:
                             f"{current[key]}; resume with the same value or use another --output-dir")
 
 
-def save_checkpoint(accelerator, output_dir: Path, state: dict, keep: int) -> Path:
-    """Save model, optimizer, RNG and ``state`` as ``checkpoints/step-N``; keep the newest ``keep``.
+def save_checkpoint(accelerator, output_dir: Path, state: dict, keep: int, writer: BackgroundWriter | None = None,
+                    on_complete: Callable[[], None] = lambda: None) -> Path:
+    """Save model, optimizer, RNG and ``state`` as ``checkpoints/step-N``; keep the newest ``keep``; then call
+    ``on_complete`` (main process). Returns the checkpoint's path.
 
     Every process must call this (each writes its RNG state). The folder appears under its final name only
     once complete, so a crash mid-save leaves the previous checkpoint as the newest complete one; a failed
-    save (a full disk) removes its temporary folder and raises OSError naming the checkpoint.
+    save (a full disk) removes its temporary folder and raises OSError naming the checkpoint. With ``writer``
+    the main process's large files are written by its thread: the path appears later, and a failure is raised
+    by the writer's next ``wait`` (which this save starts with).
     """
     root = output_dir / CHECKPOINTS
     final = root / f"step-{state['step']:08d}"
     tmp = root / f".tmp-{final.name}"
+    if writer is not None:
+        writer.wait()
+    large: dict = {}
     try:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
+        if writer is None:
+            accelerator.save_state(str(tmp))
+        else:
+            large = _state_in_host_memory(accelerator, tmp, writer.buffers)
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=1))
-            atomic_write_text(tmp / COMPLETE, "")
     except (OSError, SafetensorError, RuntimeError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        code = _errno_of(exc, root)
-        if code is None:
-            raise
-        raise OSError(code, os.strerror(code), str(final)) from None
+        raise _save_failed(exc, tmp, root, final) from None
     if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)  # a stale copy of the same step, e.g. after a stop at epoch end
-        os.replace(tmp, final)
-        for old in sorted(p for p in root.glob("step-*") if _NAME.fullmatch(p.name))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        complete = partial(_complete, tmp, final, large, state, keep, on_complete)
+        if writer is None:
+            complete()
+        else:
+            writer.start(complete)
     accelerator.wait_for_everyone()
     return final
+
+
+def _state_in_host_memory(accelerator, tmp: Path, buffers: dict) -> dict:
+    """``accelerator.save_state`` in two parts: every process writes its small files (RNG states, a gradient
+    scaler's) into ``tmp`` now, as save_state does; the main process's model and optimizer state come back as
+    copies in host memory, keyed by the file names save_state gives them, for ``_complete`` to write in the
+    formats save_state uses (so load_state reads the checkpoint as it reads one of save_state's)."""
+    save_accelerator_state(str(tmp), [], [], accelerator._schedulers, accelerator._dataloaders,
+                           accelerator.process_index, accelerator.step, accelerator.scaler,
+                           save_on_each_node=accelerator.project_configuration.save_on_each_node)
+    if not accelerator.is_main_process:
+        return {}
+    large = {}
+    for i, model in enumerate(accelerator._models):
+        name = SAFE_WEIGHTS_NAME if i == 0 else SAFE_WEIGHTS_NAME.replace(".", f"_{i}.")
+        large[name] = _host_copy(OrderedDict(accelerator.get_state_dict(model, unwrap=False)), buffers, (name,))
+    for i, optimizer in enumerate(accelerator._optimizers):
+        name = f"{OPTIMIZER_NAME}.bin" if i == 0 else f"{OPTIMIZER_NAME}_{i}.bin"
+        large[name] = _host_copy(optimizer.state_dict(), buffers, (name,))
+    if accelerator.device.type == "cuda":
+        torch.cuda.synchronize(accelerator.device)  # the copies below were queued without blocking
+    return large
+
+
+def _host_copy(obj, buffers: dict, where: tuple):
+    """``obj`` with every tensor copied to host memory, so that what training changes next cannot reach the copy.
+
+    The copies go into ``buffers`` (by their place in ``obj``), kept from the save before, whose write is
+    complete: allocating and first touching 240 MB of fresh memory costs more than the copy itself, and pinned
+    memory lets the copies from a GPU run at full speed. A tensor's buffer is replaced when its shape changes.
+    """
+    if isinstance(obj, torch.Tensor):
+        kept = buffers.get(where)
+        if kept is None or kept.shape != obj.shape or kept.dtype != obj.dtype or kept.stride() != obj.stride():
+            kept = buffers[where] = torch.empty_like(obj, device="cpu", pin_memory=obj.is_cuda)
+        return kept.copy_(obj.detach(), non_blocking=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, _host_copy(v, buffers, (*where, k))) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_host_copy(v, buffers, (*where, i)) for i, v in enumerate(obj))
+    return obj
+
+
+def _complete(tmp: Path, final: Path, large: dict, state: dict, keep: int, on_complete: Callable[[], None]) -> None:
+    """Main process: the large files (if any), the trainer's state and the marker, then the folder under its
+    final name; older checkpoints beyond ``keep`` go."""
+    root = final.parent
+    try:
+        for name, obj in large.items():
+            accelerate_save(obj, tmp / name, safe_serialization=name.endswith(".safetensors"))
+        atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=1))
+        atomic_write_text(tmp / COMPLETE, "")
+    except (OSError, SafetensorError, RuntimeError) as exc:
+        raise _save_failed(exc, tmp, root, final) from None
+    shutil.rmtree(final, ignore_errors=True)  # a stale copy of the same step, e.g. after a stop at epoch end
+    os.replace(tmp, final)
+    for old in sorted(p for p in root.glob("step-*") if _NAME.fullmatch(p.name))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    on_complete()
+
+
+def _save_failed(exc: Exception, tmp: Path, root: Path, final: Path) -> Exception:
+    """The temporary folder removed; the error to raise: an OSError naming the checkpoint where the OS refused
+    a write, else ``exc`` itself."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    code = _errno_of(exc, root)
+    return exc if code is None else OSError(code, os.strerror(code), str(final))
+
+
+class BackgroundWriter:
+    """Runs one checkpoint's completion at a time on a thread of its own, while training goes on.
+
+    ``wait`` returns once the pending one is done and raises what it failed with (OSError naming the
+    checkpoint, as a synchronous save would). The thread is not a daemon: an interpreter that exits without
+    waiting still finishes the write first.
+    """
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.buffers: dict = {}  # the host copies of the state, reused from one save to the next (_host_copy)
+
+    def start(self, complete: Callable[[], None]) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(complete,), name="cifar_dist checkpoint")
+        self._thread.start()
+
+    def _run(self, complete: Callable[[], None]) -> None:
+        try:
+            complete()
+        except BaseException as exc:  # handed to the main thread by wait()
+            self._error = exc
+
+    @property
+    def pending(self) -> bool:
+        return self._thread is not None
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
 
 def _errno_of(exc: Exception, root: Path) -> int | None:

@@ -34,8 +34,8 @@ from cifar_dist.runs import (
 
 # Settings that say where a run writes or how it reports, not what it computes: never a "difference".
 NOT_SETTINGS = {"output_dir", "resume", "overwrite", "stop_marker", "run_name", "log_every_steps",
-                "checkpoint_every_steps", "keep_checkpoints", "wandb_project", "wandb_entity", "wandb_tags",
-                "log_model", "tracker"}
+                "checkpoint_every_steps", "keep_checkpoints", "async_checkpoints", "wandb_project", "wandb_entity",
+                "wandb_tags", "log_model", "tracker"}
 
 
 @dataclass

@@ -146,6 +146,10 @@ class TrainConfig(_Section):
         20.0, "also checkpoint mid-epoch once this many minutes have passed since the last save (0: never)")
     checkpoint_every_steps: int = _field(0, "also checkpoint every N optimizer steps (0: never)")
     keep_checkpoints: int = _field(2, "how many of the newest checkpoints to keep")
+    async_checkpoints: bool = _field(
+        True, "write checkpoints in the background: the model and Adam state are copied to host memory and training "
+        "goes on while a thread writes them; each checkpoint still appears complete or not at all, and the next "
+        "save, a stop and the run's end wait for it")
     stop_marker: str | None = _field(
         None, "after a graceful stop (SIGTERM/SIGUSR1) has saved its checkpoint, create this file; job scripts "
         "requeue on it (a launcher's own exit code cannot tell a stop from a crash)",

@@ -24,7 +24,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from cifar_dist.checkpoint import SaveSchedule, find_latest, read_state, save_checkpoint, save_model
+from cifar_dist.checkpoint import BackgroundWriter, SaveSchedule, find_latest, read_state, save_checkpoint, save_model
 from cifar_dist.config import BatchPlan, Config, UserError, plan_batches, save_config
 from cifar_dist.data import CifarSplits, build_splits
 from cifar_dist.model import build_model, count_parameters
@@ -217,6 +217,7 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     startup: StartUp
+    writer: BackgroundWriter | None  # --async-checkpoints: writes the checkpoints while training goes on
     step: int = 0
     per_class_acc: list = field(default_factory=list)
 
@@ -242,9 +243,10 @@ def run(cfg: Config, dtype: torch.dtype = torch.float32) -> list[dict]:
     claim = claim_on_main(state, cfg)
     startup.lap("preflight")
     stop = StopSignals()  # from here on a first Ctrl-C or SIGTERM waits for the next step boundary
+    writer = BackgroundWriter() if cfg.train.async_checkpoints else None
     try:
         with out_of_memory_stops("setting up", claim.output_dir):
-            r = setup(cfg, plan, claim, log_with, dtype, startup)
+            r = setup(cfg, plan, claim, log_with, dtype, startup, writer)
         if stop.received:  # setup's end is the first boundary; there is nothing to save yet
             raise stopped(r, stop, "before training began", None)
         for epoch in range(r.position["epoch"], cfg.train.num_epochs + 1):
@@ -253,6 +255,7 @@ def run(cfg: Config, dtype: torch.dtype = torch.float32) -> list[dict]:
             train_one_epoch(r, epoch, stop)
         finish(r)
     except BaseException:
+        finish_writing(writer)  # a checkpoint still being written completes first, and with it maybe the start
         claim.abandon()  # a new run that never reached its first checkpoint leaves the dir as it found it
         raise
     finally:
@@ -282,7 +285,7 @@ def claim_on_main(state: PartialState, cfg: Config) -> Claim:
 
 
 def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtype: torch.dtype,
-          startup: StartUp) -> Run:
+          startup: StartUp, writer: BackgroundWriter | None) -> Run:
     """Data, model, optimizer and loaders on the accelerator, restored from the checkpoint if resuming; the
     output dir is written to only once all of them have loaded. ``startup`` times each phase."""
     mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision)
@@ -351,7 +354,7 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
     return Run(cfg, plan, accelerator, claim, fast, model, parts.run_step, optimizer, splits,
                parts.train_loader, parts.eval_loader, parts.input_name, parts.eval_input_name, run_log,
                SaveSchedule(cfg.train.checkpoint_every_steps, cfg.train.checkpoint_every_minutes), position,
-               steps_per_epoch, total_steps, startup, step=position["step"])
+               steps_per_epoch, total_steps, startup, writer, step=position["step"])
 
 
 def train_one_epoch(r: Run, epoch: int, stop: StopSignals) -> None:
@@ -369,7 +372,7 @@ def train_one_epoch(r: Run, epoch: int, stop: StopSignals) -> None:
     r.model.train()
     with tqdm(total=r.steps_per_epoch, initial=done, desc=f"epoch {epoch}/{cfg.train.num_epochs}", unit="step",
               disable=no_progress_bar(accelerator), file=sys.stdout) as progress, \
-            out_of_memory_stops("in a training step", r.output_dir):
+            out_of_memory_stops("in a training step", r.output_dir, r.writer):
         for inputs, labels in loader:
             meter.batch_arrived()
             totals.add(r.run_step(inputs, labels))
@@ -470,7 +473,7 @@ def end_of_epoch_record(r: Run, epoch: int, totals: Totals, train_time: float, i
     """The epoch's line of metrics.jsonl: global training totals and a full evaluation."""
     sums = totals.global_values(r.accelerator)
     eval_start = time.perf_counter()
-    with out_of_memory_stops("in evaluation", r.output_dir):
+    with out_of_memory_stops("in evaluation", r.output_dir, r.writer):
         metrics, r.per_class_acc = evaluate(r.model, r.eval_loader, r.accelerator, r.splits.class_names,
                                             r.eval_input_name)
     return {"epoch": epoch, "step": r.step, "train_loss": sums["loss_sum"] / sums["count"],
@@ -489,16 +492,18 @@ def save(r: Run, epoch: int, steps_in_epoch: int, totals: Totals | None) -> Path
     state = {"epoch": epoch, "steps_in_epoch": steps_in_epoch, "step": r.step, "train_sums": train_sums,
              "records": r.run_log.records, "config": r.cfg.to_dict(),
              "num_processes": r.accelerator.num_processes}
-    path = save_checkpoint(r.accelerator, r.output_dir, state, r.cfg.train.keep_checkpoints)
+    # The first complete checkpoint makes a new run permanent (Claim.commit), whenever the writer completes it.
+    path = save_checkpoint(r.accelerator, r.output_dir, state, r.cfg.train.keep_checkpoints, r.writer,
+                           on_complete=r.claim.commit)
     r.schedule.saved()
-    if r.accelerator.is_main_process:
-        r.claim.commit()
     return path
 
 
 def finish(r: Run) -> None:
     """Final weights and the end-of-run report (not again for a finished run that was started again)."""
     accelerator = r.accelerator
+    if r.writer is not None:
+        r.writer.wait()  # the last checkpoint is complete before the run reports itself done
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_model(accelerator.unwrap_model(r.model), r.output_dir / "model.safetensors")
@@ -518,6 +523,8 @@ def finish(r: Run) -> None:
 
 def stopped(r: Run, stop: StopSignals, where: str, checkpoint: Path | None) -> TrainingStopped:
     """The exception that ends a run stopped by a signal, once its checkpoint is complete; marks the stop."""
+    if r.writer is not None:
+        r.writer.wait()
     interrupted = stop.received == "SIGINT"
     if r.cfg.train.stop_marker and r.accelerator.is_main_process and not interrupted:
         Path(r.cfg.train.stop_marker).write_text(f"{checkpoint}\n")  # job scripts requeue on it; not on Ctrl-C
@@ -527,12 +534,13 @@ def stopped(r: Run, stop: StopSignals, where: str, checkpoint: Path | None) -> T
 
 
 @contextlib.contextmanager
-def out_of_memory_stops(doing: str, output_dir: Path):
+def out_of_memory_stops(doing: str, output_dir: Path, writer: BackgroundWriter | None = None):
     """The GPU running out of memory inside the block stops the run with one line: when, by how much, what to
     change (LESS_MEMORY[doing]) and what is saved. Its traceback is dropped, and with it the memory it held."""
     try:
         yield
     except torch.OutOfMemoryError as exc:
+        finish_writing(writer)  # the checkpoint being written (host memory only) completes before it is named
         found = re.search(r"Tried to allocate ([\d.]+ \w+)\. GPU \d+ has a total capacity of ([\d.]+ \w+) of which "
                           r"([\d.]+ \w+) is free", str(exc))
         short = f" (another {found[1]} wanted, {found[3]} of {found[2]} free)" if found else ""
@@ -541,6 +549,16 @@ def out_of_memory_stops(doing: str, output_dir: Path):
                  else "nothing was saved yet: run again with that change")
         raise TrainingStopped(f"out of GPU memory {doing}{short}; {LESS_MEMORY[doing]}; {saved}",
                               EXIT_OUT_OF_MEMORY) from None
+
+
+def finish_writing(writer: BackgroundWriter | None) -> None:
+    """On the way out of a run that is ending for another reason: let the pending checkpoint complete, and say
+    in one line if it could not (its temporary folder is gone; the checkpoints before it are intact)."""
+    try:
+        if writer is not None:
+            writer.wait()
+    except Exception as exc:
+        print(f"cifar_dist.train: a checkpoint was not completed ({exc})", file=sys.stderr)
 
 
 def check_health(r: Run, totals: Totals, stop: StopSignals, wait: bool = True) -> tuple[bool, bool]:
@@ -559,6 +577,7 @@ def check_health(r: Run, totals: Totals, stop: StopSignals, wait: bool = True) -
             totals.sums[3].clamp(max=1), totals.sums.new_tensor(stop.received is not None),
             totals.sums.new_tensor(r.schedule.time_vote())]), reduction="sum").tolist()
     if flags[0]:
+        finish_writing(r.writer)  # written before the loss went bad: every save is preceded by a check that waits
         latest = find_latest(r.output_dir / CHECKPOINTS)
         raise TrainingStopped(f"training loss became NaN or inf by step {r.step}; nothing was saved after it "
                               f"(last good checkpoint: {latest or 'none'}); lower --lr or check the data",

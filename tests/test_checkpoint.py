@@ -104,6 +104,18 @@ def test_crash_during_checkpoint_write_resumes_from_the_previous_one(test_env, r
     assert_identical_runs(reference / "one", out)
 
 
+def test_a_checkpoint_written_in_the_foreground_resumes_exactly_in_the_background_writers_run(test_env, reference,
+                                                                                             tmp_path):
+    # The reference runs write their checkpoints in the background (the default); this one writes them before
+    # training goes on (--no-async-checkpoints), is killed, and resumes with the default.
+    out = tmp_path / "out"
+    args = [*RUN, "--output-dir", str(out)]
+    kill_when(test_env, [*args, "--no-async-checkpoints"], out / "checkpoints" / "step-00000009")
+    resumed = run_train(test_env, args)
+    assert "resuming from" in resumed.stdout
+    assert_identical_runs(reference / "one", out)
+
+
 def test_sigterm_saves_and_exits_75_then_resumes_exactly(test_env, reference, tmp_path):
     out = tmp_path / "out"
     args = [*RUN, "--output-dir", str(out), "--checkpoint-every-steps", "0"]
