@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from cifar_dist import trainer_parts
+from cifar_dist.checkpoint import BackgroundWriter, save_checkpoint
 from cifar_dist.config import SpeedConfig
 from cifar_dist.graphed_step import GraphedStep
 from cifar_dist.model import Preprocess
@@ -315,7 +316,8 @@ def test_gradient_accumulation_under_the_compiled_step_matches_eager(splits, bac
 @pytest.mark.parametrize("saved, resumed", [("yes", "no"), ("no", "yes")])
 def test_resume_under_the_other_memory_format_matches_the_uninterrupted_run(splits, backbone, tmp_path, saved,
                                                                              resumed):
-    # float64 parameters, no autocast, eager, 64 px: exact enough (1e-7) that only a real difference shows.
+    # A checkpoint written in the background (the trainer's default) while training went on. float64
+    # parameters, no autocast, eager, 64 px: exact enough (1e-7) that only a real difference shows.
     # Before match_optimizer_to_run, fused CUDA Adam raised on Adam moments in the other memory format.
     def parts_for(channels_last):
         return trainer_parts.build(splits, 64, backbone=backbone, dtype=torch.float64, lr=1e-3,
@@ -328,13 +330,18 @@ def test_resume_under_the_other_memory_format_matches_the_uninterrupted_run(spli
     parts = parts_for(saved)
     initial = trained_weights(parts).clone()
     train(parts, 3, epoch=1)
-    parts.accelerator.save_state(str(tmp_path / "checkpoint"))
+    # Saved as the trainer saves by default: copied into pinned host memory, written while training goes on.
+    writer = BackgroundWriter()
+    checkpoint = save_checkpoint(parts.accelerator, tmp_path, {"step": 3, "epoch": 1, "config": {}}, keep=2,
+                                 writer=writer)
     train(parts, 3, epoch=2)
+    writer.wait()
+    assert all(t.is_pinned() for t in writer.buffers.values())
     uninterrupted = trained_weights(parts).clone()
     trainer_parts.reset()
 
     parts = parts_for(resumed)
-    parts.accelerator.load_state(str(tmp_path / "checkpoint"))
+    parts.accelerator.load_state(str(checkpoint))
     match_optimizer_to_run(parts.optimizer)
     assert parts.optimizer.optimizer.param_groups[0]["fused"] is True
     train(parts, 3, epoch=2)
