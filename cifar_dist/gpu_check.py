@@ -212,8 +212,9 @@ MAKE_DATA = ("import sys; from cifar_dist.config import DataConfig; from cifar_d
              "load_cifar100(DataConfig(data_source='synthetic', synthetic_train_samples=int(sys.argv[1]), "
              "synthetic_eval_samples=int(sys.argv[2]))).save_to_disk(sys.argv[3])")
 # Versions and the card, and whether the packages the package needs import (the trainer needs datasets).
-# Each import is timed in the order the trainer meets them, and CUDA's start: the trainer's start-up line counts
-# them together as "launch", 7.9 to 11.2 s on the H100 of 2026-11-27 against 2.6 s on a 2-core CPU.
+# Each import is timed in the order the trainer meets them, and CUDA's start: the trainer's start-up line counted
+# them with the interpreter's start as "launch", 7.9 to 11.2 s on the H100 of 2026-11-27 against 2.6 s on a 2-core
+# CPU (now "launch" and "imports" apart, where cifar_dist.train's main imports the trainer: the end-to-end runs).
 ENVIRONMENT = """
 import importlib, json, os, platform, time
 import_s, missing = {}, {}

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import sys
+import time
 
 from cifar_dist.cli import one_line_errors, parse_config
 
@@ -45,10 +46,11 @@ def main(argv: list[str] | None = None) -> None:
     """
     with one_line_errors("cifar_dist.train", EXIT_USER_ERROR):
         cfg = parse_config(argv)
+        importing = time.perf_counter()
         from cifar_dist.trainer import TrainingStopped, run
 
         try:
-            run(cfg)
+            run(cfg, imports_s=time.perf_counter() - importing)  # the start-up line's "imports"
         except TrainingStopped as exc:
             print(f"cifar_dist.train: {exc}", file=sys.stderr)
             raise SystemExit(exc.exit_code) from None

@@ -151,11 +151,15 @@ class StartUp:
 
     NAMES = {"launch": "launch and imports", "feature_cache": "feature cache"}
 
-    def __init__(self):
-        age = process_age_s()  # the interpreter, the imports and the flags: everything before run()
+    def __init__(self, imports_s: float = 0.0):
+        """``imports_s``: how long importing the trainer took (torch, torchvision, accelerate, datasets), timed by
+        cifar_dist.train's main; "launch" is then the rest (the interpreter's start, the flags), else both."""
+        age = process_age_s()  # everything before run()
         self.seconds = {} if age is None else {"launch": age}
         self.last = time.perf_counter()
         self.began = self.last - (age or 0.0)
+        if age is not None and 0 < imports_s <= age:
+            self.carve("launch", "imports", imports_s)
 
     def lap(self, phase: str) -> None:
         """The time since the last lap was ``phase``'s."""
@@ -179,7 +183,8 @@ class StartUp:
         return {"total": round(self.total(), 2), **{k: round(v, 2) for k, v in self.seconds.items()}}
 
     def line(self) -> str:
-        parts = ", ".join(f"{self.NAMES.get(k, k)} {v:.1f}" for k, v in self.seconds.items())
+        names = {**self.NAMES, "launch": "launch"} if "imports" in self.seconds else self.NAMES
+        parts = ", ".join(f"{names.get(k, k)} {v:.1f}" for k, v in self.seconds.items())
         return f"start-up: {self.total():.1f} s before the first step ({parts})"
 
 
@@ -226,16 +231,17 @@ class Run:
         return self.claim.output_dir
 
 
-def run(cfg: Config, dtype: torch.dtype = torch.float32) -> list[dict]:
+def run(cfg: Config, dtype: torch.dtype = torch.float32, imports_s: float = 0.0) -> list[dict]:
     """Train and evaluate as ``cfg`` says; returns the per-epoch records written to metrics.jsonl.
 
     ``dtype`` is the parameters' dtype; tests use float64 to compare runs far below float32 rounding.
+    ``imports_s``: the start-up's "imports" phase (StartUp).
     Raises TrainingStopped when a signal or a non-finite loss ends the run early.
     """
     # Cheap checks first: nothing is loaded or built until the batch plan, tracker and output dir are good.
     # With no accelerator, several launched processes run on the CPU over gloo (accelerate would otherwise
     # treat each as a lone process, since its GPU launcher does not pass the config's use_cpu on).
-    startup = StartUp()
+    startup = StartUp(imports_s)
     state = PartialState(cpu=not torch.accelerator.is_available())
     plan = plan_batches(cfg.train, state.num_processes)
     state.print(preflight(state.num_processes, int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))))

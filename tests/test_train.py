@@ -46,11 +46,11 @@ def test_run_writes_every_output(one_process_run):
     assert first["train_images_per_s"] == pytest.approx(8 * 32 / first["train_time_s"], rel=1e-2)
     # The launch's first epoch says where the time before its first step went; the phases make up the total.
     startup = first["startup_s"]
-    assert {"launch", "preflight", "accelerator", "data", "model", "device", "tracker"} <= set(startup)
+    assert {"launch", "imports", "preflight", "accelerator", "data", "model", "device", "tracker"} <= set(startup)
     assert sum(v for k, v in startup.items() if k != "total") == pytest.approx(startup["total"], abs=0.05)
-    assert startup["launch"] > 0.3  # the interpreter and torch's import came before run()
+    assert startup["launch"] > 0 and startup["imports"] > 0.3  # the interpreter, then torch's import and more
     assert "startup_s" not in records[1]
-    assert re.search(r"^start-up: [\d.]+ s before the first step \(launch and imports [\d.]+, preflight",
+    assert re.search(r"^start-up: [\d.]+ s before the first step \(launch [\d.]+, imports [\d.]+, preflight",
                      proc.stdout, re.M)
 
     results = (out / "results.md").read_text()

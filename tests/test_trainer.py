@@ -97,6 +97,10 @@ def test_the_start_up_clock_splits_its_phases_and_carves_the_compile_out_of_its_
                               "compile 18.5)")
     clock.now += 6.0
     assert startup.since_launch() == 30.0  # the summary's total time counts from the process's start
+    # Timed by cifar_dist.train's main, the imports are a phase of their own.
+    split = trainer.StartUp(imports_s=2.5)
+    assert split.seconds == {"launch": 0.5, "imports": 2.5}
+    assert split.line() == "start-up: 3.0 s before the first step (launch 0.5, imports 2.5)"
 
 
 def test_the_process_age_is_read_from_proc_and_left_out_where_there_is_none(monkeypatch):
