@@ -139,7 +139,8 @@ def save_checkpoint(accelerator, output_dir: Path, state: dict, keep: int, write
     except (OSError, SafetensorError, RuntimeError) as exc:
         raise _save_failed(exc, tmp, root, final) from None
     if accelerator.is_main_process:
-        complete = partial(_complete, tmp, final, large, state, keep, on_complete)
+        # The state as text now: what the trainer changes next cannot reach a write still to come.
+        complete = partial(_complete, tmp, final, large, json.dumps(state, indent=1), keep, on_complete)
         if writer is None:
             complete()
         else:
@@ -189,14 +190,14 @@ def _host_copy(obj, buffers: dict, where: tuple):
     return obj
 
 
-def _complete(tmp: Path, final: Path, large: dict, state: dict, keep: int, on_complete: Callable[[], None]) -> None:
+def _complete(tmp: Path, final: Path, large: dict, state: str, keep: int, on_complete: Callable[[], None]) -> None:
     """Main process: the large files (if any), the trainer's state and the marker, then the folder under its
     final name; older checkpoints beyond ``keep`` go."""
     root = final.parent
     try:
         for name, obj in large.items():
             accelerate_save(obj, tmp / name, safe_serialization=name.endswith(".safetensors"))
-        atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=1))
+        atomic_write_text(tmp / STATE_FILE, state)
         atomic_write_text(tmp / COMPLETE, "")
     except (OSError, SafetensorError, RuntimeError) as exc:
         raise _save_failed(exc, tmp, root, final) from None

@@ -104,12 +104,15 @@ def test_a_background_checkpoint_holds_what_save_state_writes(parts, tmp_path):
 def test_the_checkpoint_is_the_state_when_saved_and_appears_only_once_complete(parts, tmp_path, monkeypatch):
     gate, writer, completed = Gate(monkeypatch), BackgroundWriter(), []
     saved = {k: v.clone() for k, v in parts.model.state_dict().items()}
-    path = save_checkpoint(parts.accelerator, tmp_path, state(2), keep=2, writer=writer,
+    trainer_state = state(2)
+    path = save_checkpoint(parts.accelerator, tmp_path, trainer_state, keep=2, writer=writer,
                            on_complete=lambda: completed.append(path))
-    # Training goes on while the write is held: the next step changes the weights and Adam's moments.
+    # Training goes on while the write is held: the next step changes the weights, Adam's moments and the
+    # trainer's own state.
     assert writer.pending and not path.exists() and not completed
     assert not (path.parent / f".tmp-{path.name}" / COMPLETE).exists()
     trainer_parts.train(parts, 1, epoch=2)
+    trainer_state["step"] = 3
     gate.open()
     writer.wait()
     assert gate.written == ["model.safetensors", "optimizer.bin"] and completed == [path]
