@@ -1,0 +1,55 @@
+"""How the trainer's command exits once a run has ended well (cifar_dist.train.exit_now): what a normal exit runs
+first still runs, the interpreter's teardown does not, and a thread with work left is waited for.
+
+Each case is a real Python process; the package's command-line module imports neither torch nor datasets.
+"""
+
+import subprocess
+import sys
+
+from conftest import REPO
+
+PROLOGUE = """
+import atexit, sys, threading, time
+from pathlib import Path
+from cifar_dist.train import exit_now
+out = Path(sys.argv[1])
+
+class TornDown:  # its __del__ runs when the interpreter tears its modules down, and only then
+    def __del__(self):
+        print("torn down", flush=True)
+
+kept = TornDown()
+atexit.register(lambda: (out / "atexit").write_text("ran"))
+print("buffered output", end="")  # a pipe: block-buffered until flushed
+"""
+
+
+def run(code: str, tmp_path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", PROLOGUE + code, str(tmp_path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_exit_now_runs_the_exit_handlers_and_flushes_but_skips_the_teardown(tmp_path):
+    proc = run("exit_now(0)", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "buffered output"  # flushed; and no "torn down": the teardown was skipped
+    assert (tmp_path / "atexit").read_text() == "ran"
+
+
+def test_a_normal_exit_tears_down(tmp_path):  # the contrast that makes the assertion above mean something
+    proc = run("sys.exit(0)", tmp_path)
+    assert proc.returncode == 0 and proc.stdout == "buffered outputtorn down\n"
+
+
+def test_exit_now_leaves_by_the_normal_way_while_a_thread_still_has_work(tmp_path):
+    proc = run("""
+def write_late():
+    time.sleep(0.5)
+    (out / "late").write_text("written")
+
+threading.Thread(target=write_late).start()
+exit_now(0)
+""", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "late").read_text() == "written" and (tmp_path / "atexit").read_text() == "ran"
