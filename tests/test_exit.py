@@ -1,13 +1,17 @@
 """How the trainer's command exits once a run has ended well (cifar_dist.train.exit_now): what a normal exit runs
 first still runs, the interpreter's teardown does not, and a thread with work left is waited for.
 
-Each case is a real Python process; the package's command-line module imports neither torch nor datasets.
+Each case is a real Python process; the package's command-line module imports neither torch nor datasets. The
+last case trains through the console script pip installed (pyproject.toml's cifar-dist-train), which exits so.
 """
 
 import subprocess
 import sys
+from pathlib import Path
 
-from conftest import REPO
+import pytest
+
+from conftest import REPO, TINY
 
 PROLOGUE = """
 import atexit, sys, threading, time
@@ -53,3 +57,14 @@ exit_now(0)
 """, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "late").read_text() == "written" and (tmp_path / "atexit").read_text() == "ran"
+
+
+@pytest.mark.slow
+def test_the_console_script_trains_and_exits_this_way(test_env, tmp_path):
+    script = Path(sys.executable).with_name("cifar-dist-train")  # what pip installed from pyproject.toml
+    out = tmp_path / "out"
+    proc = subprocess.run([str(script), *TINY, "--num-epochs", "1", "--max-steps", "2", "--output-dir", str(out)],
+                          env=test_env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "epoch 1: train loss" in proc.stdout  # printed, and flushed before the exit
+    assert (out / "model.safetensors").is_file() and (out / "results.md").is_file()
