@@ -3,7 +3,8 @@
 Exact, not an approximation: the images are not augmented and the frozen stages (BatchNorm in eval mode, no
 dropout, nothing trainable) are a fixed function of the image, so their output is the same every epoch.
 ``check_cacheable`` refuses a model for which that does not hold. The features are kept in the dtype the trunk
-produces under the run's autocast (bf16 under bf16: the very values the plain path hands to layer4), on the
+produces under the run's autocast (bf16 under bf16: the very values the plain path hands to layer4), in the
+memory layout it produces them in (channels_last under --channels-last, the layout layer4 reads), on the
 device when they fit, else in host memory. For the recipe at 224 px the trunk ends at layer3, 1024x14x14
 values per image: 20 GB for the 50,000 training images in bf16, 4 GB for the 10,000 test images. By default
 (``auto``) both are cached on a CUDA GPU where they fit in device memory beside training; where they do not,
@@ -140,15 +141,26 @@ def cache_for_run(model, splits: CifarSplits, accelerator, batch_size: int, spee
 
 @torch.no_grad()
 def build_feature_cache(model, splits, accelerator, batch_size: int, location_choice: str,
-                        which: tuple[str, ...] = ("train", "test")) -> dict[str, FeatureDataset]:
+                        which: tuple[str, ...] = ("train", "test"),
+                        autotune: bool = False) -> dict[str, FeatureDataset]:
     """{split name: FeatureDataset} holding ``model.trunk``'s output for every image of the splits named in
-    ``which``; {} when ``location_choice`` is DEVICE_IF_FITS and device memory is too small."""
+    ``which``; {} when ``location_choice`` is DEVICE_IF_FITS and device memory is too small.
+
+    cuDNN's autotuning (--cudnn-benchmark) is left off here unless ``autotune`` (and the run's setting) ask for
+    it: it times every algorithm of every convolution on the first call of each input shape, and the trunk's
+    shapes at this batch size run in this one pass only, never again in the run. The autotuned step gained 5.6%
+    on an H100, so a pass of a few seconds might gain some tenths of a second, against timing about twenty
+    convolution shapes at 224 px (the benchmark's cache_build times both ways)."""
     model.train()  # the configuration training runs in (frozen stages in eval mode), which the cache must match
     check_cacheable(model)
+    with _autotuning(autotune and torch.backends.cudnn.benchmark):
+        return _build(model, splits, accelerator, batch_size, location_choice, which)
+
+
+def _build(model, splits, accelerator, batch_size: int, location_choice: str,
+           which: tuple[str, ...]) -> dict[str, FeatureDataset]:
     device = accelerator.device
-    # One image, for the features' shape and dtype; cuDNN's autotuning (--cudnn-benchmark) would time every
-    # convolution at this batch of one, which nothing else runs.
-    with accelerator.autocast(), _no_autotuning():
+    with accelerator.autocast(), _autotuning(False):  # one image, for the features' shape, dtype and layout
         probe = model.trunk(splits.train.images[:1].to(device))
     per_image = probe[0].numel() * probe.element_size()
     nbytes = per_image * sum(len(getattr(splits, name)) for name in which)
@@ -172,10 +184,20 @@ def build_feature_cache(model, splits, accelerator, batch_size: int, location_ch
     return cached
 
 
+def layout_of(features: torch.Tensor) -> torch.memory_format:
+    """The memory layout the trunk produced ``features`` in, which the cache keeps: under --channels-last that is
+    channels_last, the layout layer4's convolutions compute in: kept contiguous instead, the features would be
+    transposed once as the build stores them and again by every convolution that reads them, in every step."""
+    if features.dim() == 4 and not features.is_contiguous() and features.is_contiguous(
+            memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 @contextlib.contextmanager
-def _no_autotuning():
+def _autotuning(on: bool):
     before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.benchmark = on
     try:
         yield
     finally:
@@ -188,10 +210,10 @@ def _features(model, images: torch.Tensor, accelerator, batch_size: int, probe: 
     Batches are slices and land in slices, so the loop never waits for the device (an index mask would, twice a
     batch) and the host queues the next batch's kernels while the device runs this one's. Every batch is whole,
     the last ones padded with repeats of the last image and their rows dropped: one input shape, which the
-    all-gather needs and cuDNN's autotuning then times once, not again for each remainder."""
+    all-gather needs (and cuDNN's autotuning, where asked for, times once, not again for each remainder)."""
     n, world, rank = len(images), accelerator.num_processes, accelerator.process_index
     shard = -(-n // world)
-    out = torch.empty((n, *probe.shape[1:]), dtype=probe.dtype, device=store)
+    out = torch.empty((n, *probe.shape[1:]), dtype=probe.dtype, device=store, memory_format=layout_of(probe))
     for begin in range(0, shard, batch_size):
         start = min(rank * shard + begin, n - 1)
         batch = images[start:start + batch_size]

@@ -27,6 +27,7 @@ from cifar_dist.feature_cache import (
     cache_for_run,
     check_cacheable,
     choose_location,
+    layout_of,
 )
 from cifar_dist.model import ResNet50Classifier
 from cifar_dist.speed import (
@@ -663,8 +664,14 @@ def test_the_feature_cache_is_built_in_slices_that_never_wait_for_the_device():
     assert cached.shape == expected.shape and torch.allclose(cached, expected, rtol=0, atol=1e-5)
 
 
-def test_the_feature_cache_probe_is_not_autotuned_and_the_batches_are(monkeypatch):
-    # cuDNN's autotuning times each new input shape: the one-image probe would be timed for nothing.
+@pytest.mark.parametrize("autotune, run_setting, expected", [
+    (False, True, False),  # the trainer's build: the trunk's shapes at the eval batch run in this pass only
+    (True, True, True),  # the benchmark's cache_build, its autotuned builds
+    (True, False, False),  # never against the run's setting (--deterministic, --cudnn-benchmark no)
+])
+def test_the_feature_cache_is_built_without_cudnn_autotuning_unless_asked(monkeypatch, autotune, run_setting,
+                                                                           expected):
+    # cuDNN's autotuning times each new input shape: the one-image probe is never timed, the batches only on request.
     model, seen = _model(), []
     trunk = model.trunk
 
@@ -673,11 +680,37 @@ def test_the_feature_cache_probe_is_not_autotuned_and_the_batches_are(monkeypatc
         return trunk(images)
 
     monkeypatch.setattr(model, "trunk", recording)
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", run_setting)
     splits = trainer_parts.synthetic_splits(40, 8)
-    cached = build_feature_cache(model, splits, Accelerator(cpu=True), 16, "host")
-    assert seen == [(1, False), (16, True), (16, True), (16, True), (16, True)]  # 40 = 16 + 16 + 8 padded; 8 padded
-    assert torch.backends.cudnn.benchmark and len(cached["train"]) == 40 and len(cached["test"]) == 8
+    cached = build_feature_cache(model, splits, Accelerator(cpu=True), 16, "host", autotune=autotune)
+    assert seen == [(1, False), *[(16, expected)] * 4]  # 40 = 16 + 16 + 8 padded; 8 padded
+    assert torch.backends.cudnn.benchmark == run_setting  # the run's setting is back for training
+    assert len(cached["train"]) == 40 and len(cached["test"]) == 8
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous_weights", "channels_last_weights"])
+def test_the_feature_cache_keeps_the_layout_the_trunk_computes_in(channels_last):
+    # The trunk computes in channels_last whatever the weights' layout (the uint8 NHWC images are permuted, not
+    # copied, so the first convolution's input is channels_last already), and so does layer4. Features kept
+    # contiguous would be transposed as the build stores them and again by every convolution that reads them. The
+    # batches the loaders serve keep the layout too.
+    model = _model().to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    splits = trainer_parts.synthetic_splits(20, 4)
+    cached = build_feature_cache(model, splits, Accelerator(cpu=True), 8, "host")
+    batch, _ = cached["train"].__getitems__([3, 0, 7])
+    with torch.no_grad():
+        expected = model.trunk(splits.train.images[[3, 0, 7]])
+    assert layout_of(expected) == torch.channels_last
+    for features in (cached["train"].features, cached["test"].features, batch):
+        assert layout_of(features) == torch.channels_last and not features.is_contiguous()
+    torch.testing.assert_close(batch, expected, rtol=1e-4, atol=1e-4)  # batches of 8 against one of 3
+
+
+def test_layout_of_a_tensor_that_is_not_channels_last():
+    assert layout_of(torch.zeros(2, 3, 4, 4)) == torch.contiguous_format
+    assert layout_of(torch.zeros(2, 3, 1, 1)) == torch.contiguous_format  # both at once: either will do
+    assert layout_of(torch.zeros(2, 3)) == torch.contiguous_format
+    assert layout_of(torch.zeros(2, 3, 4, 4).to(memory_format=torch.channels_last)) == torch.channels_last
 
 
 SHARDED_FEATURES = """
