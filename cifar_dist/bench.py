@@ -28,6 +28,9 @@ drives it through cifar_dist.train.train_step (eval: its evaluate). In one proce
                   layer4 + head steps from its output); images/s of that whole pass (the cache's second build
                   timed: its one-off costs are spread over a run's 60,000 images, not the benchmark's few)
   cached_compiled cached_trunk + channels_last, fused Adam and --compile-step yes; GPU only
+  cache_build     the feature cache's build alone, twice as the trainer builds it (cuDNN's own choice of
+                  algorithm), then (on CUDA) twice with cuDNN's autotuning: a first build's extra is one-off,
+                  paid once per run; images/s of the trainer's second build
   eval            the trainer's evaluate over --steps batches of --eval-batch-size (its default layout), from
                   images: the whole model
   eval_cached     the same from the test images' cached frozen-stage features, as the trainer evaluates by
@@ -80,8 +83,8 @@ from cifar_dist.step_profile import format_profile, profile_steps
 from cifar_dist.steps import evaluate
 
 VARIANTS = ("straight_port", "eager", "channels_last", "compiled", "compiled_heuristic", "graphed", "graphed_compiled",
-            "cached_trunk", "cached_compiled", "cached_graphed", "cached_graphed_eager", "eval", "eval_cached", "host",
-            "ddp")
+            "cached_trunk", "cached_compiled", "cached_graphed", "cached_graphed_eager", "cache_build", "eval",
+            "eval_cached", "host", "ddp")
 EVALS = ("eval", "eval_cached")
 # The whole step as one CUDA graph (--whole-step-graph, cifar_dist/graphed_step.py): 'compile s' is its recording.
 GRAPHED = ("graphed", "graphed_compiled", "cached_graphed", "cached_graphed_eager")
@@ -125,7 +128,8 @@ class Result:
     variant: str
     images_per_s: float
     compile_s: float = 0.0
-    cache_builds_s: tuple[float, float] | None = None  # the feature cache's first build and a second one
+    # The feature cache's first build and a second one (cache_build: then two with cuDNN's autotuning).
+    cache_builds_s: tuple[float, ...] | None = None
 
 
 def synthetic_images(num_images: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,6 +254,26 @@ def _warm_cache_seconds(parts: trainer_parts.Parts, splits, args) -> float:
                         args.eval_batch_size, "auto")
     sync_device(device)
     return _slowest(time.perf_counter() - start, device)
+
+
+def bench_cache_build(splits, args, mixed_precision: str) -> Result:
+    """The feature cache of ``splits`` built four times on the model as channels_last lays it out: twice as the
+    trainer builds it, without cuDNN's autotuning, then twice with it. What a first build takes beyond a second
+    is one-off (first calls; with autotuning, its timing of each shape); the trainer builds once per run, so
+    autotuning would pay only if its one-off cost were less than what it saves per image times 60,000 images."""
+    parts = _build(splits, args, mixed_precision, SpeedConfig(**STEP_SPEED["channels_last"]))
+    model, device = parts.accelerator.unwrap_model(parts.model), parts.accelerator.device
+
+    def seconds(autotune: bool) -> float:
+        sync_device(device)
+        start = time.perf_counter()
+        build_feature_cache(model, splits, parts.accelerator, args.eval_batch_size, "auto", autotune=autotune)
+        sync_device(device)
+        return _slowest(time.perf_counter() - start, device)
+
+    autotuned = (True, True) if device.type == "cuda" else ()  # no cuDNN elsewhere
+    builds = tuple(seconds(autotune) for autotune in (False, False, *autotuned))
+    return Result("cache_build", (len(splits.train) + len(splits.test)) / builds[1], 0.0, builds)
 
 
 def bench_eval(variant: str, splits, args, mixed_precision: str) -> Result:
@@ -437,6 +461,8 @@ def run(args) -> dict:
             found = [bench_straight_port(*synthetic_images(num_train), args, device)]
         elif variant in EVALS:
             found = [bench_eval(variant, splits, args, mixed_precision)]
+        elif variant == "cache_build":
+            found = [bench_cache_build(train_splits, args, mixed_precision)]
         elif variant == "ddp":
             found = bench_ddp(train_splits, args, mixed_precision)
         else:
@@ -484,10 +510,12 @@ def format_table(report: dict) -> str:
         ratio = f"{r['vs_straight_port']:.2f}" if r["vs_straight_port"] is not None else "-"
         lines.append(f"| {r['variant']} | {r['images_per_s']:,.0f} | {ratio} | {r['compile_s'] or '-'} |")
     for r in report["results"]:
-        if r.get("cache_builds_s"):  # the first build's extra is one-off: cuDNN timing each new shape, first calls
-            first, second = r["cache_builds_s"]
-            lines.append(f"{r['variant']}: the feature cache of {report['cached_images']:,} images built in {first} s, "
-                         f"again in {second} s (the images/s above count the second)")
+        builds = r.get("cache_builds_s")
+        if builds:  # the first build's extra is one-off: first calls (and with autotuning, its timing of each shape)
+            autotuned = (f"; with cuDNN's autotuning in {builds[2]} s, again in {builds[3]} s" if len(builds) == 4
+                         else "")
+            lines.append(f"{r['variant']}: the feature cache of {report['cached_images']:,} images built in "
+                         f"{builds[0]} s, again in {builds[1]} s{autotuned} (the images/s above count the second)")
     if "communication_share" in report:
         lines.append(f"communication share of a step with {report['world_size']} processes: "
                      f"{100 * report['communication_share']:.0f}%")

@@ -26,7 +26,7 @@ def test_bench_reports_every_cpu_variant_the_floor_and_the_end_to_end_runs(tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert [r["variant"] for r in report["results"]] == ["straight_port", "eager", "channels_last", "cached_trunk",
-                                                          "eval", "eval_cached", "host"]
+                                                          "cache_build", "eval", "eval_cached", "host"]
     assert all(r["images_per_s"] > 0 for r in report["results"])
     assert report["results"][0]["vs_straight_port"] == 1.0
     assert report["device"] and report["torch"] and report["precision"] == "fp32"
@@ -36,6 +36,10 @@ def test_bench_reports_every_cpu_variant_the_floor_and_the_end_to_end_runs(tmp_p
     assert builds["eager"] is None and all(t > 0 for t in builds["cached_trunk"])
     assert (f"cached_trunk: the feature cache of {report['cached_images']:,} images built in "
             f"{builds['cached_trunk'][0]} s, again in {builds['cached_trunk'][1]} s") in proc.stdout
+    # The build alone, as the trainer builds it (no cuDNN here, so not also autotuned): images/s of the second.
+    assert len(builds["cache_build"]) == 2 and all(t > 0 for t in builds["cache_build"])
+    assert (f"cache_build: the feature cache of {report['cached_images']:,} images built in "
+            f"{builds['cache_build'][0]} s, again in {builds['cache_build'][1]} s (the images/s") in proc.stdout
 
     floor = report["compute_floor"]
     # At 32 px the trunk (conv1..layer3) is ~80% of a forward pass, as at 224 px; training layer4 + head adds
@@ -62,6 +66,17 @@ def test_bench_reports_every_cpu_variant_the_floor_and_the_end_to_end_runs(tmp_p
         assert len(r["val_acc_per_epoch"]) == 2 and r["val_acc_per_epoch"][-1] == pytest.approx(r["final_val_acc"],
                                                                                                 abs=1e-4)
         assert f"(per epoch: {r['val_acc_per_epoch'][0]:.3f} " in proc.stdout
+
+
+def test_the_cache_builds_line_adds_the_autotuned_builds_where_there_were_any():
+    from cifar_dist.bench import format_table
+
+    report = {"device": "a GPU", "torch": "2", "precision": "bf16", "image_size": 224, "batch_size": 32,
+              "eval_batch_size": 256, "cached_images": 1056,
+              "results": [{"variant": "cache_build", "images_per_s": 9000.0, "vs_straight_port": None, "compile_s": 0,
+                           "cache_builds_s": [1.5, 0.12, 2.9, 0.11]}]}
+    assert ("cache_build: the feature cache of 1,056 images built in 1.5 s, again in 0.12 s; with cuDNN's autotuning "
+            "in 2.9 s, again in 0.11 s (the images/s above count the second)") in format_table(report)
 
 
 def test_bench_times_the_trainers_own_step_optimizer_cache_and_evaluate(monkeypatch):
