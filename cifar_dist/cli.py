@@ -1,4 +1,5 @@
-"""Where a run's settings come from: defaults < YAML file (``--config``) < command-line flags.
+"""Where a run's settings come from: defaults < YAML file (``--config``) < command-line flags; and how every
+command reports bad input (one line) and leaves once its work is done (``exit_now``).
 
 The flags are built from the config's fields (their types, Literal choices and help); the YAML file is read
 strictly (a duplicate key, a key under the wrong section, a non-finite number are one-line errors).
@@ -7,10 +8,13 @@ strictly (a duplicate key, a key under the wrong section, a non-finite number ar
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import difflib
+import os
 import sys
+import threading
 from pathlib import Path
 
 import yaml
@@ -113,6 +117,20 @@ def one_line_errors(prog: str, exit_code: int = 2):
     except UserError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         raise SystemExit(exit_code) from None
+
+
+def exit_now(code: int) -> None:
+    """Exit without the interpreter's teardown of torch, torchvision and datasets, which writes nothing and took
+    about 1.6 s of a 7 s training run on a 2-core CPU: for a command whose work is done, its files written and
+    closed. What a normal exit runs first still runs: the atexit handlers (logging's, W&B's, accelerate's) and
+    the flush of stdout and stderr. A thread that is not a daemon (a checkpoint still being written) would be
+    joined by a normal exit, so then that is the way out."""
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        raise SystemExit(code)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from cifar_dist.checkpoint import atomic_write_bytes, atomic_write_text
-from cifar_dist.cli import OneLineParser, one_line_errors
+from cifar_dist.cli import OneLineParser, exit_now, one_line_errors
 from cifar_dist.config import UserError, plan_batches
 from cifar_dist.runs import TrainedModel, check_image_size, load_model, read_records, resolve_model
 
@@ -419,5 +419,12 @@ def main(argv: list[str] | None = None) -> None:
         run(args)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command (``python -m cifar_dist.evaluate``, ``cifar-dist-evaluate``): ``main``, then, once its report
+    is written, ``cli.exit_now``, without the interpreter's teardown of torch."""
     main()
+    exit_now(0)
+
+
+if __name__ == "__main__":
+    cli()

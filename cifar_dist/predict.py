@@ -41,7 +41,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from cifar_dist.cli import one_line_errors
+from cifar_dist.cli import exit_now, one_line_errors
 from cifar_dist.config import ModelConfig, UserError
 from cifar_dist.runs import check_image_size, load_model, resolve_model
 
@@ -341,12 +341,18 @@ def bench(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """The exit status: 0, or EXIT_SOME_FAILED when some images could not be read."""
     args = build_parser().parse_args(argv)
     with one_line_errors("cifar_dist.predict"):
-        code = run(args)
-    raise SystemExit(code)
+        return run(args)
+
+
+def cli() -> None:
+    """The command (``python -m cifar_dist.predict``, ``cifar-dist-predict``): ``main``, then, once its predictions
+    are written, ``cli.exit_now`` with its status, without the interpreter's teardown of torch."""
+    exit_now(main())
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -1,5 +1,6 @@
-"""How the trainer's command exits once a run has ended well (cifar_dist.train.exit_now): what a normal exit runs
-first still runs, the interpreter's teardown does not, and a thread with work left is waited for.
+"""How the trainer's, the evaluation's and the predictions' commands exit once their work is done
+(cifar_dist.cli.exit_now): what a normal exit runs first still runs, the interpreter's teardown does not, and a
+thread with work left is waited for.
 
 Each case is a real Python process; the package's command-line module imports neither torch nor datasets. The
 last case trains through the console script pip installed (pyproject.toml's cifar-dist-train), which exits so.
@@ -16,7 +17,7 @@ from conftest import REPO, TINY
 PROLOGUE = """
 import atexit, sys, threading, time
 from pathlib import Path
-from cifar_dist.train import exit_now
+from cifar_dist.cli import exit_now
 out = Path(sys.argv[1])
 
 class TornDown:  # its __del__ runs when the interpreter tears its modules down, and only then
@@ -68,3 +69,32 @@ def test_the_console_script_trains_and_exits_this_way(test_env, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "epoch 1: train loss" in proc.stdout  # printed, and flushed before the exit
     assert (out / "model.safetensors").is_file() and (out / "results.md").is_file()
+
+
+@pytest.mark.slow
+def test_the_predict_console_script_writes_every_row_and_exits_with_its_status(test_env, tmp_path):
+    # cifar-dist-predict (predict:cli) leaves through exit_now too, with main's status: 1 for an unreadable image.
+    import numpy as np
+    from PIL import Image
+
+    from cifar_dist.checkpoint import save_model
+    from cifar_dist.config import make_config, save_config
+    from cifar_dist.model import build_model
+
+    cfg = make_config(data_source="synthetic", image_size=32, weights="none")
+    save_config(cfg, tmp_path / "config.yaml")
+    save_model(build_model(cfg.model, 32), tmp_path / "model.safetensors")
+    images = tmp_path / "images"
+    images.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    for k in range(3):
+        Image.fromarray(pixels).save(images / f"{k}.png")
+    (images / "1.png").write_bytes(b"not a PNG")
+    script = Path(sys.executable).with_name("cifar-dist-predict")
+    proc = subprocess.run([str(script), str(tmp_path), str(images)], env=test_env, cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    rows = proc.stdout.splitlines()  # written to a pipe, so block-buffered until exit_now flushed it
+    assert rows[0].startswith("file,") and [r.split(",")[0] for r in rows[1:]] == [str(images / "0.png"),
+                                                                                  str(images / "2.png")]
+    assert "cifar_dist.predict: 2 of 3 images predicted" in proc.stderr
