@@ -258,6 +258,8 @@ def test_the_whole_step_as_one_cuda_graph_trains_as_the_eager_step(splits, backb
     try:
         assert parts.fast.features_cached == (("train", "test") if cache != "no" else ("test",))
         assert isinstance(parts.run_step, GraphedStep) and parts.run_step.graph is not None
+        if cache != "no":  # kept in the layout layer4 computes in, and so the graph's input buffer
+            assert parts.run_step.inputs.is_contiguous(memory_format=torch.channels_last)
         assert parts.fast.describe().startswith("whole step as one CUDA graph")
         before = bn_state(parts.model)
         assert parts.fast.compile_step == (compile_model == "yes")
