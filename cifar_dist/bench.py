@@ -428,6 +428,7 @@ def end_to_end(args, run: str, data: Path) -> dict:
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steady = records[1:] or records  # the first epoch also pays for compilation
     steady_train_s = sum(r["train_time_s"] for r in steady) / len(steady)
+    from_launch_s, times = trainer_times(proc.stdout)
     return {"variant": "end_to_end" + ("" if run == "default" else f"_{run}"), "wall_s": round(wall, 1),
             "epochs": len(records), "final_val_acc": records[-1]["val_acc"],
             "val_acc_per_epoch": [round(r["val_acc"], 4) for r in records],
@@ -438,7 +439,16 @@ def end_to_end(args, run: str, data: Path) -> dict:
             "eval_s": round(sum(r["eval_time_s"] for r in records), 1),
             "first_epoch_extra_s": round(records[0]["train_time_s"] - steady_train_s, 1),
             "outside_epochs_s": round(wall - sum(r["epoch_time_s"] for r in records), 1),
-            "startup_s": records[0]["startup_s"]}  # the trainer's own split of its start-up
+            "startup_s": records[0]["startup_s"],  # the trainer's own split of its start-up
+            # ... and of its whole time; what follows its last line (its exit) is the rest of the wall time.
+            "time_s": times, "exit_s": round(wall - from_launch_s, 1)}
+
+
+def trainer_times(stdout: str) -> tuple[float, dict[str, float]]:
+    """The trainer's closing line, "time: T s from launch (start-up 21.2, training 27.1, ...)": T and its parts."""
+    line = next(line for line in reversed(stdout.splitlines()) if line.startswith("time: "))
+    total, parts = line.removeprefix("time: ").removesuffix(")").split(" s from launch (")
+    return float(total), {name: float(seconds) for name, seconds in (p.rsplit(" ", 1) for p in parts.split(", "))}
 
 
 def run(args) -> dict:
@@ -542,7 +552,8 @@ def format_table(report: dict) -> str:
                      f"{e2e['train_images_per_s']:,.0f} train img/s (epochs after the first), "
                      f"final val acc {e2e['final_val_acc']:.3f} (per epoch: "
                      f"{' '.join(f'{acc:.3f}' for acc in e2e['val_acc_per_epoch'])})\n  start-up: "
-                     + ", ".join(f"{k} {v}" for k, v in e2e["startup_s"].items() if k != "total") + " s")
+                     + ", ".join(f"{k} {v}" for k, v in e2e["startup_s"].items() if k != "total") + " s\n  all of it: "
+                     + ", ".join(f"{k} {v}" for k, v in e2e["time_s"].items()) + f", exit {e2e['exit_s']} s")
     return "\n".join(lines)
 
 

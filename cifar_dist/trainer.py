@@ -225,6 +225,7 @@ class Run:
     writer: BackgroundWriter | None  # --async-checkpoints: writes the checkpoints while training goes on
     step: int = 0
     per_class_acc: list = field(default_factory=list)
+    checkpoint_s: float = 0.0  # this launch's pauses for checkpoints: every save, and the wait for the last one
 
     @property
     def output_dir(self) -> Path:
@@ -499,19 +500,25 @@ def save(r: Run, epoch: int, steps_in_epoch: int, totals: Totals | None) -> Path
              "records": r.run_log.records, "config": r.cfg.to_dict(),
              "num_processes": r.accelerator.num_processes}
     # The first complete checkpoint makes a new run permanent (Claim.commit), whenever the writer completes it.
+    start = time.perf_counter()
     path = save_checkpoint(r.accelerator, r.output_dir, state, r.cfg.train.keep_checkpoints, r.writer,
                            on_complete=r.claim.commit)
+    r.checkpoint_s += time.perf_counter() - start
     r.schedule.saved()
     return path
 
 
 def finish(r: Run) -> None:
-    """Final weights and the end-of-run report (not again for a finished run that was started again)."""
+    """Final weights and the end-of-run report (not again for a finished run that was started again), then the
+    line that says where this launch's time went."""
     accelerator = r.accelerator
+    waiting = time.perf_counter()
     if r.writer is not None:
         r.writer.wait()  # the last checkpoint is complete before the run reports itself done
+    r.checkpoint_s += time.perf_counter() - waiting
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        reporting = time.perf_counter()
         save_model(accelerator.unwrap_model(r.model), r.output_dir / "model.safetensors")
         records = r.run_log.records
         best = max(records, key=lambda rec: rec["val_acc"])
@@ -519,12 +526,32 @@ def finish(r: Run) -> None:
                    "best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "steps": r.step,
                    "startup_s": r.startup.figures(),  # this launch's
                    "total_time_s": round(r.startup.since_launch(), 1),
+                   "time_s": {k: round(v, 2) for k, v in launch_times(r).items()},
                    **compile_summary(r.fast)}
         if r.claim.resume_from is None or r.step > r.position["step"]:  # a finished run started again: nothing new
             r.run_log.finish(summary, r.per_class_acc,
                              sample_predictions(r.model, r.splits, accelerator),
                              r.output_dir / "model.safetensors" if r.cfg.tracking.log_model else None)
+        accelerator.print(time_line(r.startup.since_launch(),
+                                    {**launch_times(r), "report": time.perf_counter() - reporting}))
     accelerator.end_training()
+
+
+def launch_times(r: Run) -> dict[str, float]:
+    """Seconds of this launch by what they went to: its start-up, its epochs' training and evaluation (a resumed
+    epoch's record counts this launch's part), and its pauses for checkpoints."""
+    mine = [record for record in r.run_log.records if record["epoch"] >= r.position["epoch"]]
+    return {"startup": r.startup.total(), "training": sum(record["train_time_s"] for record in mine),
+            "evaluation": sum(record["eval_time_s"] for record in mine), "checkpoints": r.checkpoint_s}
+
+
+def time_line(total: float, times: dict[str, float]) -> str:
+    """"time: 54.6 s from launch (start-up 21.2, training 27.1, ..., other 0.3)": "report" is the final weights and
+    the report, "other" what no phase counts (progress, logging, each epoch's files)."""
+    times = {**times, "other": total - sum(times.values())}
+    parts = ", ".join(f"{'start-up' if name == 'startup' else name} {round(seconds, 1) + 0.0:.1f}"  # no "-0.0"
+                      for name, seconds in times.items())
+    return f"time: {total:.1f} s from launch ({parts})"
 
 
 def stopped(r: Run, stop: StopSignals, where: str, checkpoint: Path | None) -> TrainingStopped:

@@ -62,6 +62,12 @@ def test_bench_reports_every_cpu_variant_the_floor_and_the_end_to_end_runs(tmp_p
     # The trainer's own split of its start-up; with the cache, the cache is one of its phases.
     assert all(0 < r["startup_s"]["total"] <= r["outside_epochs_s"] + 0.1 for r in e2e.values())
     assert "feature_cache" in e2e["end_to_end_cached"]["startup_s"] and "\n  start-up: launch " in proc.stdout
+    # The trainer's own account of all of its time, and the exit after its closing line: the wall time.
+    for r in e2e.values():
+        assert list(r["time_s"]) == ["start-up", "training", "evaluation", "checkpoints", "report", "other"]
+        assert r["time_s"]["training"] == pytest.approx(r["train_s"], abs=0.15)
+        assert sum(r["time_s"].values()) + r["exit_s"] == pytest.approx(r["wall_s"], abs=0.5) and r["exit_s"] >= 0
+    assert "\n  all of it: start-up " in proc.stdout and ", exit " in proc.stdout
     for r in e2e.values():  # each epoch's accuracy, so that a late fall shows
         assert len(r["val_acc_per_epoch"]) == 2 and r["val_acc_per_epoch"][-1] == pytest.approx(r["final_val_acc"],
                                                                                                 abs=1e-4)

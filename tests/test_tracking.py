@@ -92,6 +92,10 @@ def test_summary_tables_and_report(two_process_wandb_run):
     # Where the launch's time before its first step went, inside the run's total from the process's start.
     assert {"total", "launch", "data", "model", "device", "tracker"} <= set(ended["startup_s"])
     assert 0 < ended["startup_s"]["total"] < ended["total_time_s"]
+    # ... and where all of it went, up to the report (which the printed closing line adds).
+    assert list(ended["time_s"]) == ["startup", "training", "evaluation", "checkpoints"]
+    assert ended["time_s"]["startup"] == pytest.approx(ended["startup_s"]["total"], abs=0.01)
+    assert 0 < sum(ended["time_s"].values()) < ended["total_time_s"]
     assert not any("startup" in key for row in rows for key in row)  # in the summary, not the history
     results = (out / "results.md").read_text()
     assert "Best validation accuracy" in results and "![curves](curves.png)" in results

@@ -52,6 +52,15 @@ def test_run_writes_every_output(one_process_run):
     assert "startup_s" not in records[1]
     assert re.search(r"^start-up: [\d.]+ s before the first step \(launch [\d.]+, imports [\d.]+, preflight",
                      proc.stdout, re.M)
+    # ... and its closing line, where all of its time went: the parts make up the time since the launch.
+    from cifar_dist.bench import trainer_times
+
+    total, times = trainer_times(proc.stdout)
+    assert list(times) == ["start-up", "training", "evaluation", "checkpoints", "report", "other"]
+    assert sum(times.values()) == pytest.approx(total, abs=0.35) and times["other"] >= 0  # each rounded to 0.1
+    assert times["start-up"] == pytest.approx(startup["total"], abs=0.06)
+    assert times["training"] == pytest.approx(sum(r["train_time_s"] for r in records), abs=0.06)
+    assert times["checkpoints"] >= first["checkpoint_time_s"] - 0.05 and times["report"] > 0
 
     results = (out / "results.md").read_text()
     assert "| Epoch | Training Accuracy | Validation Accuracy | Training Loss | Validation Loss |" in results

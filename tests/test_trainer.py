@@ -103,6 +103,19 @@ def test_the_start_up_clock_splits_its_phases_and_carves_the_compile_out_of_its_
     assert split.line() == "start-up: 3.0 s before the first step (launch 0.5, imports 2.5)"
 
 
+def test_the_closing_line_says_where_all_of_the_time_went_and_the_benchmark_reads_it():
+    from cifar_dist.bench import trainer_times
+
+    line = trainer.time_line(10.0, {"startup": 2.0, "training": 5.04, "evaluation": 1.0, "checkpoints": 0.5,
+                                    "report": 0.3})
+    assert line == ("time: 10.0 s from launch (start-up 2.0, training 5.0, evaluation 1.0, checkpoints 0.5, "
+                    "report 0.3, other 1.2)")
+    assert trainer_times(f"epoch 2: ...\n{line}\n") == (10.0, {"start-up": 2.0, "training": 5.0, "evaluation": 1.0,
+                                                                "checkpoints": 0.5, "report": 0.3, "other": 1.2})
+    # Rounding never shows as a negative remainder.
+    assert trainer.time_line(1.0, {"training": 1.02}) == "time: 1.0 s from launch (training 1.0, other 0.0)"
+
+
 def test_the_process_age_is_read_from_proc_and_left_out_where_there_is_none(monkeypatch):
     code = "import time; time.sleep(1); from cifar_dist.trainer import process_age_s; print(process_age_s())"
     age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
