@@ -263,7 +263,8 @@ def parse_train(facts_path: Path, output_dir: Path):
             "val_acc": epochs[-1]["val_acc"],
             **{k: v for k, v in facts.items() if k != "exit_code"},
         })
-        for key, start in (("feature_cache_line", "feature cache: "), ("startup_line", "start-up: ")):
+        for key, start in (("feature_cache_line", "feature cache: "), ("startup_line", "start-up: "),
+                           ("time_line", "time: ")):
             found = [line for line in output.splitlines() if line.startswith(start)]
             if found:
                 record[key] = found[0]
@@ -490,7 +491,7 @@ def _render_trainer(runs: list[tuple[str, dict]]) -> list[str]:
     for name, r in runs:
         if r.get("step_line"):
             lines.append(f"\n{name}: `{r['step_line']}`")
-        lines += [f"\n{name}: {r[key]}" for key in ("startup_line", "feature_cache_line") if r.get(key)]
+        lines += [f"\n{name}: {r[key]}" for key in ("startup_line", "feature_cache_line", "time_line") if r.get(key)]
     return lines
 
 

@@ -56,6 +56,7 @@ def test_the_whole_check_on_the_cpu_reports_every_step_and_fails_for_want_of_a_g
         assert run["step"]["fast_path"] == "plain eager step" + cached and run["step"]["compiled_step"] is False
         assert run["step"]["features_cached"] == (["train", "test"] if cached else [])
         assert run["startup_s"]["data"] > 0 and run["startup_line"].startswith("start-up: ")
+        assert run["time_line"].startswith("time: ") and ", checkpoints " in run["time_line"]
     assert steps["train_default"]["feature_cache_line"].startswith("feature cache: 256 train + 64 test images")
     bench = steps["bench"]["report"]
     assert [r["variant"] for r in bench["results"]] == ["straight_port", "eager"] and bench["checkpoint"]["seconds"] > 0
@@ -69,6 +70,7 @@ def test_the_whole_check_on_the_cpu_reports_every_step_and_fails_for_want_of_a_g
     assert "| gpu_tests | FAILED: could not read its results: AssertionError: no GPU test ran" in md
     assert "| default | " in md and "| images | " in md and "| straight_port |" in md
     assert "\ndefault: start-up: " in md and "\nimages: start-up: " in md and ", feature cache " in md
+    assert "\ndefault: time: " in md and "\nimages: time: " in md
     assert "checkpoint (the trainer's save_checkpoint" in md
     assert "## Where a step's time goes (" in md and "profile of eager, per step over 2 steps: wall " in md
     e2e = {r["variant"]: r for r in steps["end_to_end"]["report"]["end_to_end"]}
