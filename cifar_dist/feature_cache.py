@@ -18,7 +18,6 @@ without the cache, so runs with and without it, on any number of processes, trai
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import time
@@ -28,7 +27,7 @@ from torch.utils.data import Dataset
 
 from cifar_dist.config import SpeedConfig, UserError
 from cifar_dist.data import CifarSplits, index_on
-from cifar_dist.speed import FastPath
+from cifar_dist.speed import FastPath, cudnn_autotuning
 
 # Device memory left free for the training step and evaluation next to the cache.
 DEVICE_HEADROOM_BYTES = 6 * 2**30
@@ -153,14 +152,14 @@ def build_feature_cache(model, splits, accelerator, batch_size: int, location_ch
     convolution shapes at 224 px (the benchmark's cache_build times both ways)."""
     model.train()  # the configuration training runs in (frozen stages in eval mode), which the cache must match
     check_cacheable(model)
-    with _autotuning(autotune and torch.backends.cudnn.benchmark):
+    with cudnn_autotuning(autotune and torch.backends.cudnn.benchmark):
         return _build(model, splits, accelerator, batch_size, location_choice, which)
 
 
 def _build(model, splits, accelerator, batch_size: int, location_choice: str,
            which: tuple[str, ...]) -> dict[str, FeatureDataset]:
     device = accelerator.device
-    with accelerator.autocast(), _autotuning(False):  # one image, for the features' shape, dtype and layout
+    with accelerator.autocast(), cudnn_autotuning(False):  # one image, for the features' shape, dtype and layout
         probe = model.trunk(splits.train.images[:1].to(device))
     per_image = probe[0].numel() * probe.element_size()
     nbytes = per_image * sum(len(getattr(splits, name)) for name in which)
@@ -192,16 +191,6 @@ def layout_of(features: torch.Tensor) -> torch.memory_format:
             memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
-
-
-@contextlib.contextmanager
-def _autotuning(on: bool):
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = on
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = before
 
 
 def _features(model, images: torch.Tensor, accelerator, batch_size: int, probe: torch.Tensor,

@@ -21,6 +21,7 @@ what happened after the warm-up (recompiles, graph breaks, skips), which in a st
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -238,6 +239,19 @@ def apply_backends(fast: FastPath) -> None:
     """Process-wide backend switches the fast path decided; before the first convolution, so every shape is
     timed under them. Set both ways: the benchmark builds variants with and without in one process."""
     torch.backends.cudnn.benchmark = fast.cudnn_benchmark
+
+
+@contextlib.contextmanager
+def cudnn_autotuning(on: bool):
+    """cuDNN's autotuning (--cudnn-benchmark) switched ``on`` or off inside the block, the run's setting after.
+    Off for passes over shapes that run once: the timing of every algorithm of each convolution at a new shape
+    is paid on its first call, and only a shape that runs many times earns it back."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def _compile_support(device: torch.device) -> tuple[bool, str]:

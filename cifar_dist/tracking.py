@@ -12,6 +12,7 @@ import netrc
 import os
 import subprocess
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -19,7 +20,7 @@ import torch
 
 from cifar_dist.atomic import atomic_write_bytes, atomic_write_text
 from cifar_dist.config import BatchPlan, Config, TrackingConfig, UserError
-from cifar_dist.speed import FastPath, adam_implementation, device_name, mixed_precision_note
+from cifar_dist.speed import FastPath, adam_implementation, cudnn_autotuning, device_name, mixed_precision_note
 
 # The seed notebook's reported table (Keras, one GPU): epoch -> (train acc, val acc, train loss, val loss).
 SEED_RESULTS = {1: (0.498, 0.691, 1.92, 1.02), 5: (0.942, 0.728, 0.17, 1.40), 10: (0.980, 0.749, 0.06, 1.52)}
@@ -234,8 +235,10 @@ class RunLog:
         self.accelerator.log({names.get(k, k.replace("_", "/", 1)): v for k, v in record.items()
                               if not isinstance(v, dict)}, step=step)
 
-    def finish(self, summary: dict, per_class: list[tuple[str, float]], samples: list[tuple], model_path: Path | None):
-        """End-of-run report: summary, per-class accuracy and sample predictions to the tracker; files rewritten."""
+    def finish(self, summary: dict, per_class: list[tuple[str, float]], samples: Callable[[], list[tuple]],
+               model_path: Path | None):
+        """End-of-run report: summary, per-class accuracy and sample predictions to the tracker; files rewritten.
+        ``samples`` (sample_predictions: a pass of the whole model) is called only for W&B's table."""
         if not self.enabled:
             return
         self.summary = summary
@@ -247,7 +250,7 @@ class RunLog:
             run.summary.update(summary)
             run.log({"val/per_class_acc": wandb.Table(columns=["class", "accuracy"], data=per_class),
                      "val/samples": wandb.Table(columns=["image", "predicted", "true"],
-                                                data=[[wandb.Image(img), p, t] for img, p, t in samples])})
+                                                data=[[wandb.Image(img), p, t] for img, p, t in samples()])})
             if model_path is not None:
                 artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata=summary)
                 artifact.add_file(str(model_path))
@@ -338,10 +341,11 @@ def plot_curves(records: list[dict], title: str = "", seed_reference: bool = Tru
 
 
 def sample_predictions(model, splits, accelerator, num_images: int = 16) -> list[tuple]:
-    """(image, predicted class, true class) for the first test images, for a look at what the model does."""
+    """(image, predicted class, true class) for the first test images, for a look at what the model does. One
+    batch of a shape nothing else runs: not worth cuDNN's timing of every convolution for it."""
     images, labels = splits.test.images[:num_images], splits.test.labels[:num_images]
     model = accelerator.unwrap_model(model).eval()
-    with torch.no_grad(), accelerator.autocast():
+    with torch.no_grad(), accelerator.autocast(), cudnn_autotuning(False):
         predicted = model(images.to(accelerator.device)).argmax(1).tolist()
     names = splits.class_names
     return [(img.cpu().numpy(), names[p], names[t]) for img, p, t in zip(images, predicted, labels.tolist())]

@@ -529,8 +529,7 @@ def finish(r: Run) -> None:
                    "time_s": {k: round(v, 2) for k, v in launch_times(r).items()},
                    **compile_summary(r.fast)}
         if r.claim.resume_from is None or r.step > r.position["step"]:  # a finished run started again: nothing new
-            r.run_log.finish(summary, r.per_class_acc,
-                             sample_predictions(r.model, r.splits, accelerator),
+            r.run_log.finish(summary, r.per_class_acc, lambda: sample_predictions(r.model, r.splits, accelerator),
                              r.output_dir / "model.safetensors" if r.cfg.tracking.log_model else None)
         accelerator.print(time_line(r.startup.since_launch(),
                                     {**launch_times(r), "report": time.perf_counter() - reporting}))

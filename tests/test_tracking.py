@@ -15,9 +15,11 @@ from cifar_dist.config import TrackingConfig, UserError
 from cifar_dist.sync import find_offline_runs
 from cifar_dist.tracking import (
     WANDB_INIT_TIMEOUT_S,
+    RunLog,
     offline_fallback_note,
     plot_curves,
     run_id_for,
+    sample_predictions,
     tracker_backend,
     wandb_init_kwargs,
 )
@@ -178,6 +180,42 @@ def test_the_seed_is_shown_only_beside_the_recipe(tmp_path):
     assert "Seed" not in render_results("# run", [record], seed_reference=False)
     a, b = plot_curves([record], "a", seed_reference=True), plot_curves([record], "a", seed_reference=False)
     assert a != b
+
+
+def test_sample_predictions_are_one_pass_without_cudnn_autotuning(monkeypatch):
+    # One batch of 16 at a shape nothing else runs: cuDNN's timing of every convolution for it would cost more.
+    import torch
+    from accelerate import Accelerator
+
+    from cifar_dist import trainer_parts
+    from cifar_dist.config import ModelConfig
+    from cifar_dist.model import ResNet50Classifier
+
+    splits = trainer_parts.synthetic_splits(4, 20)
+    model, seen = ResNet50Classifier(ModelConfig(weights="none"), 32), []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda images: seen.append(torch.backends.cudnn.benchmark) or forward(images))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    samples = sample_predictions(model, splits, Accelerator(cpu=True))
+    assert seen == [False] and torch.backends.cudnn.benchmark  # the run's setting is back
+    assert len(samples) == 16 and all(predicted in splits.class_names for _, predicted, _ in samples)
+    trainer_parts.reset()
+
+
+def test_without_wandb_the_report_runs_no_sample_predictions(tmp_path):
+    # They are W&B's table only; elsewhere (tensorboard, --tracker none) not worth a pass of the whole model.
+    from accelerate import Accelerator
+
+    record = {"epoch": 1, "step": 8, "train_loss": 4.0, "train_acc": 0.1, "val_loss": 4.2, "val_acc": 0.05,
+              "val_top5": 0.2, "val_num_samples": 64}
+    log = RunLog(Accelerator(cpu=True), tmp_path, "# a run", [record])
+
+    def samples():
+        raise AssertionError("sample predictions without W&B")
+
+    log.finish({"best_val_acc": 0.05, "best_epoch": 1, "total_time_s": 3.0}, [], samples, None)
+    assert (tmp_path / "curves.png").is_file()
+    assert "Best validation accuracy 5.00%" in (tmp_path / "results.md").read_text()
 
 
 def test_curves_png_depends_on_the_data():
