@@ -4,12 +4,12 @@ Exact, not an approximation: the images are not augmented and the frozen stages 
 dropout, nothing trainable) are a fixed function of the image, so their output is the same every epoch.
 ``check_cacheable`` refuses a model for which that does not hold. The features are kept in the dtype the trunk
 produces under the run's autocast (bf16 under bf16: the very values the plain path hands to layer4), in the
-memory layout it produces them in (channels_last under --channels-last, the layout layer4 reads), on the
-device when they fit, else in host memory. For the recipe at 224 px the trunk ends at layer3, 1024x14x14
-values per image: 20 GB for the 50,000 training images in bf16, 4 GB for the 10,000 test images. By default
-(``auto``) both are cached on a CUDA GPU where they fit in device memory beside training; where they do not,
-``--cache-eval-features`` (``auto`` likewise) caches the test images alone: every evaluation then runs layer4
-and the head only, while training runs the whole model.
+memory layout it produces them in (channels_last, the layout layer4 computes in), on the device when they fit,
+else in host memory. For the recipe at 224 px the trunk ends at layer3, 1024x14x14 values per image: 20 GB for
+the 50,000 training images in bf16, 4 GB for the 10,000 test images. By default (``auto``) both are cached on a
+CUDA GPU where they fit in device memory beside training; where they do not, ``--cache-eval-features`` (``auto``
+likewise) caches the test images alone: every evaluation then runs layer4 and the head only, while training runs
+the whole model.
 
 With several processes each computes a contiguous shard of the images and an all-gather fills every
 process's full copy: the data order (which image any process trains on at any step) stays exactly what it is
@@ -184,9 +184,10 @@ def _build(model, splits, accelerator, batch_size: int, location_choice: str,
 
 
 def layout_of(features: torch.Tensor) -> torch.memory_format:
-    """The memory layout the trunk produced ``features`` in, which the cache keeps: under --channels-last that is
-    channels_last, the layout layer4's convolutions compute in: kept contiguous instead, the features would be
-    transposed once as the build stores them and again by every convolution that reads them, in every step."""
+    """The memory layout the trunk produced ``features`` in, which the cache keeps. That is channels_last (the
+    uint8 NHWC images are permuted, not copied, so every convolution computes in channels_last, whatever the
+    weights' layout), as layer4's convolutions do: kept contiguous instead, the features would be transposed as
+    the build stores them and again by each convolution that reads them, in every step."""
     if features.dim() == 4 and not features.is_contiguous() and features.is_contiguous(
             memory_format=torch.channels_last):
         return torch.channels_last
