@@ -76,7 +76,7 @@ from cifar_dist import trainer_parts
 from cifar_dist.checkpoint import BackgroundWriter, save_checkpoint
 from cifar_dist.config import ModelConfig, SpeedConfig, UserError
 from cifar_dist.data import ImageTensorDataset
-from cifar_dist.feature_cache import build_feature_cache
+from cifar_dist.feature_cache import build_feature_cache, cache_layout
 from cifar_dist.model import IMAGENET_MEAN, IMAGENET_STD, ResNet50Classifier
 from cifar_dist.speed import resolve_mixed_precision, sync_device
 from cifar_dist.step_profile import format_profile, profile_steps
@@ -251,7 +251,7 @@ def _warm_cache_seconds(parts: trainer_parts.Parts, splits, args) -> float:
     sync_device(device)
     start = time.perf_counter()
     build_feature_cache(parts.accelerator.unwrap_model(parts.model), splits, parts.accelerator,
-                        args.eval_batch_size, "auto")
+                        args.eval_batch_size, "auto", layout=cache_layout(parts.fast))
     sync_device(device)
     return _slowest(time.perf_counter() - start, device)
 
@@ -267,7 +267,8 @@ def bench_cache_build(splits, args, mixed_precision: str) -> Result:
     def seconds(autotune: bool) -> float:
         sync_device(device)
         start = time.perf_counter()
-        build_feature_cache(model, splits, parts.accelerator, args.eval_batch_size, "auto", autotune=autotune)
+        build_feature_cache(model, splits, parts.accelerator, args.eval_batch_size, "auto",
+                            layout=cache_layout(parts.fast), autotune=autotune)
         sync_device(device)
         return _slowest(time.perf_counter() - start, device)
 

@@ -4,7 +4,7 @@ Exact, not an approximation: the images are not augmented and the frozen stages 
 dropout, nothing trainable) are a fixed function of the image, so their output is the same every epoch.
 ``check_cacheable`` refuses a model for which that does not hold. The features are kept in the dtype the trunk
 produces under the run's autocast (bf16 under bf16: the very values the plain path hands to layer4), in the
-memory layout it produces them in (channels_last, the layout layer4 computes in), on the device when they fit,
+memory layout of the model's weights (channels_last under --channels-last), on the device when they fit,
 else in host memory. For the recipe at 224 px the trunk ends at layer3, 1024x14x14 values per image: 20 GB for
 the 50,000 training images in bf16, 4 GB for the 10,000 test images. By default (``auto``) both are cached on a
 CUDA GPU where they fit in device memory beside training; where they do not, ``--cache-eval-features`` (``auto``
@@ -119,7 +119,8 @@ def cache_for_run(model, splits: CifarSplits, accelerator, batch_size: int, spee
     if fast.train_cache and frozen:
         auto = speed.cache_frozen_features == "auto"
         cached = build_feature_cache(model, splits, accelerator, batch_size,
-                                     DEVICE_IF_FITS if auto else speed.feature_cache_location)
+                                     DEVICE_IF_FITS if auto else speed.feature_cache_location,
+                                     layout=cache_layout(fast))
         if cached:
             return dataclasses.replace(splits, **cached), dataclasses.replace(fast, features_cached=("train", "test"))
         fast = fast.without_train_cache(
@@ -130,7 +131,7 @@ def cache_for_run(model, splits: CifarSplits, accelerator, batch_size: int, spee
     if not (fast.eval_cache and frozen):
         return splits, fast
     location = speed.feature_cache_location if speed.cache_eval_features == "yes" else DEVICE_IF_FITS
-    cached = build_feature_cache(model, splits, accelerator, batch_size, location, ("test",))
+    cached = build_feature_cache(model, splits, accelerator, batch_size, location, ("test",), cache_layout(fast))
     if not cached:
         return splits, dataclasses.replace(fast, notes=[
             *fast.notes, "--cache-eval-features auto: off, the test images' frozen-stage features do not fit in "
@@ -140,10 +141,11 @@ def cache_for_run(model, splits: CifarSplits, accelerator, batch_size: int, spee
 
 @torch.no_grad()
 def build_feature_cache(model, splits, accelerator, batch_size: int, location_choice: str,
-                        which: tuple[str, ...] = ("train", "test"),
+                        which: tuple[str, ...] = ("train", "test"), layout=torch.contiguous_format,
                         autotune: bool = False) -> dict[str, FeatureDataset]:
     """{split name: FeatureDataset} holding ``model.trunk``'s output for every image of the splits named in
-    ``which``; {} when ``location_choice`` is DEVICE_IF_FITS and device memory is too small.
+    ``which``, kept in the memory format ``layout`` (``cache_layout(fast)``); {} when ``location_choice`` is
+    DEVICE_IF_FITS and device memory is too small.
 
     cuDNN's autotuning (--cudnn-benchmark) is left off here unless ``autotune`` (and the run's setting) ask for
     it: it times every algorithm of every convolution on the first call of each input shape, and the trunk's
@@ -153,13 +155,13 @@ def build_feature_cache(model, splits, accelerator, batch_size: int, location_ch
     model.train()  # the configuration training runs in (frozen stages in eval mode), which the cache must match
     check_cacheable(model)
     with cudnn_autotuning(autotune and torch.backends.cudnn.benchmark):
-        return _build(model, splits, accelerator, batch_size, location_choice, which)
+        return _build(model, splits, accelerator, batch_size, location_choice, which, layout)
 
 
-def _build(model, splits, accelerator, batch_size: int, location_choice: str,
-           which: tuple[str, ...]) -> dict[str, FeatureDataset]:
+def _build(model, splits, accelerator, batch_size: int, location_choice: str, which: tuple[str, ...],
+           layout) -> dict[str, FeatureDataset]:
     device = accelerator.device
-    with accelerator.autocast(), cudnn_autotuning(False):  # one image, for the features' shape, dtype and layout
+    with accelerator.autocast(), cudnn_autotuning(False):  # one image, for the features' shape and dtype
         probe = model.trunk(splits.train.images[:1].to(device))
     per_image = probe[0].numel() * probe.element_size()
     nbytes = per_image * sum(len(getattr(splits, name)) for name in which)
@@ -175,7 +177,7 @@ def _build(model, splits, accelerator, batch_size: int, location_choice: str,
     start = time.perf_counter()
     store = device if location == "device" else torch.device("cpu")
     cached = {name: FeatureDataset(_features(model, getattr(splits, name).images, accelerator, batch_size, probe,
-                                             store), getattr(splits, name).labels) for name in which}
+                                             store, layout), getattr(splits, name).labels) for name in which}
     counts = " + ".join(f"{len(getattr(splits, name))} {name}" for name in which)
     accelerator.print(f"feature cache: {counts} images -> {'x'.join(map(str, probe.shape[1:]))} "
                       f"{str(probe.dtype).removeprefix('torch.')} per image, {nbytes / 2**30:.2f} GiB in {location} "
@@ -183,19 +185,17 @@ def _build(model, splits, accelerator, batch_size: int, location_choice: str,
     return cached
 
 
-def layout_of(features: torch.Tensor) -> torch.memory_format:
-    """The memory layout the trunk produced ``features`` in, which the cache keeps. That is channels_last (the
-    uint8 NHWC images are permuted, not copied, so every convolution computes in channels_last, whatever the
-    weights' layout), as layer4's convolutions do: kept contiguous instead, the features would be transposed as
-    the build stores them and again by each convolution that reads them, in every step."""
-    if features.dim() == 4 and not features.is_contiguous() and features.is_contiguous(
-            memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+def cache_layout(fast: FastPath) -> torch.memory_format:
+    """The memory format the features are kept in: the weights' (--channels-last). A convolution computes in
+    channels_last when its input or its weight is, converting the other: contiguous features beside
+    channels_last weights (a GPU's default) would be transposed by each convolution that reads them, every step;
+    channels_last features beside contiguous weights (a CPU's default) make the CPU's convolutions compute in
+    channels_last, which ran evaluation from the cache 16% slower there (the benchmark's eval_cached, 64 px)."""
+    return torch.channels_last if fast.channels_last else torch.contiguous_format
 
 
 def _features(model, images: torch.Tensor, accelerator, batch_size: int, probe: torch.Tensor,
-              store: torch.device) -> torch.Tensor:
+              store: torch.device, layout=torch.contiguous_format) -> torch.Tensor:
     """trunk(images) for all images: each process computes a contiguous shard; all-gather completes each copy.
     Batches are slices and land in slices, so the loop never waits for the device (an index mask would, twice a
     batch) and the host queues the next batch's kernels while the device runs this one's. Every batch is whole,
@@ -203,7 +203,7 @@ def _features(model, images: torch.Tensor, accelerator, batch_size: int, probe: 
     all-gather needs (and cuDNN's autotuning, where asked for, times once, not again for each remainder)."""
     n, world, rank = len(images), accelerator.num_processes, accelerator.process_index
     shard = -(-n // world)
-    out = torch.empty((n, *probe.shape[1:]), dtype=probe.dtype, device=store, memory_format=layout_of(probe))
+    out = torch.empty((n, *probe.shape[1:]), dtype=probe.dtype, device=store, memory_format=layout)
     for begin in range(0, shard, batch_size):
         start = min(rank * shard + begin, n - 1)
         batch = images[start:start + batch_size]

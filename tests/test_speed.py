@@ -25,9 +25,9 @@ from cifar_dist.feature_cache import (
     _features,
     build_feature_cache,
     cache_for_run,
+    cache_layout,
     check_cacheable,
     choose_location,
-    layout_of,
 )
 from cifar_dist.model import ResNet50Classifier
 from cifar_dist.speed import (
@@ -688,29 +688,33 @@ def test_the_feature_cache_is_built_without_cudnn_autotuning_unless_asked(monkey
     assert len(cached["train"]) == 40 and len(cached["test"]) == 8
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous_weights", "channels_last_weights"])
-def test_the_feature_cache_keeps_the_layout_the_trunk_computes_in(channels_last):
-    # The trunk computes in channels_last whatever the weights' layout (the uint8 NHWC images are permuted, not
-    # copied, so the first convolution's input is channels_last already), and so does layer4. Features kept
-    # contiguous would be transposed as the build stores them and again by every convolution that reads them. The
-    # batches the loaders serve keep the layout too.
-    model = _model().to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_the_feature_cache_is_kept_in_the_weights_layout(channels_last):
+    # A convolution computes in channels_last when its input or its weight is: features in the weights' layout
+    # are read by layer4 as they are. The batches the loaders serve, and so the graph's input, keep it.
+    fast = resolve_fast_path(SpeedConfig(channels_last="yes" if channels_last else "no"), torch.device("cpu"), "no", 1)
+    model = _model().to(memory_format=cache_layout(fast))
     splits = trainer_parts.synthetic_splits(20, 4)
-    cached = build_feature_cache(model, splits, Accelerator(cpu=True), 8, "host")
+    cached = build_feature_cache(model, splits, Accelerator(cpu=True), 8, "host", layout=cache_layout(fast))
     batch, _ = cached["train"].__getitems__([3, 0, 7])
-    with torch.no_grad():
-        expected = model.trunk(splits.train.images[[3, 0, 7]])
-    assert layout_of(expected) == torch.channels_last
     for features in (cached["train"].features, cached["test"].features, batch):
-        assert layout_of(features) == torch.channels_last and not features.is_contiguous()
-    torch.testing.assert_close(batch, expected, rtol=1e-4, atol=1e-4)  # batches of 8 against one of 3
+        assert features.is_contiguous(memory_format=torch.channels_last) == channels_last
+        assert features.is_contiguous() == (not channels_last)
+    with torch.no_grad():  # batches of 8 against one of 3: float32 rounding apart
+        torch.testing.assert_close(batch, model.trunk(splits.train.images[[3, 0, 7]]), rtol=1e-4, atol=1e-4)
 
 
-def test_layout_of_a_tensor_that_is_not_channels_last():
-    assert layout_of(torch.zeros(2, 3, 4, 4)) == torch.contiguous_format
-    assert layout_of(torch.zeros(2, 3, 1, 1)) == torch.contiguous_format  # both at once: either will do
-    assert layout_of(torch.zeros(2, 3)) == torch.contiguous_format
-    assert layout_of(torch.zeros(2, 3, 4, 4).to(memory_format=torch.channels_last)) == torch.channels_last
+def test_cache_for_run_keeps_the_features_in_the_runs_layout(monkeypatch):
+    monkeypatch.setattr(feature_cache, "choose_location", lambda *args: "host")  # stands in for device memory
+    splits, accelerator = trainer_parts.synthetic_splits(4, 8), Accelerator(cpu=True)
+    for choice, expected in (("yes", torch.channels_last), ("no", torch.contiguous_format)):
+        speed = SpeedConfig(channels_last=choice, cache_frozen_features="yes")
+        fast = dataclasses.replace(resolve_fast_path(speed, torch.device("cpu"), "no", 1), train_cache=True)
+        data, fast = cache_for_run(_model("layer4"), splits, accelerator, 4, speed, fast)
+        assert fast.features_cached == ("train", "test")
+        assert data.train.features.is_contiguous(memory_format=expected)
+        assert data.test.features.is_contiguous(memory_format=expected)
+    trainer_parts.reset()
 
 
 SHARDED_FEATURES = """
