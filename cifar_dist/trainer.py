@@ -404,7 +404,7 @@ def train_one_epoch(r: Run, epoch: int, stop: StopSignals) -> None:
                 save_s = time.perf_counter() - save_start
                 meter.leave_out(save_s)
                 saving_s += save_s
-            if stopping:
+            if stopping and r.step < r.total_steps:  # at the last step, the epoch's end below decides
                 raise stopped(r, stop, f"at step {r.step}", path)
             if r.step >= r.total_steps:
                 break
@@ -426,7 +426,7 @@ def train_one_epoch(r: Run, epoch: int, stop: StopSignals) -> None:
     finished = done == r.steps_per_epoch
     path = save(r, epoch + 1, 0, None) if finished else save(r, epoch, done, totals)
     if stopping:
-        raise stopped(r, stop, f"at the end of epoch {epoch}", path)
+        stop_unless_done(r, stop, f"at the end of epoch {epoch}", path)
 
 
 def eta(r: Run, seconds_per_step: float, eval_seconds: float) -> str:
@@ -528,7 +528,9 @@ def finish(r: Run) -> None:
                    "total_time_s": round(r.startup.since_launch(), 1),
                    "time_s": {k: round(v, 2) for k, v in launch_times(r).items()},
                    **compile_summary(r.fast)}
-        if r.claim.resume_from is None or r.step > r.position["step"]:  # a finished run started again: nothing new
+        # A finished run started again has nothing new to report, unless it was stopped before its report was
+        # complete (curves.png is the report's last file).
+        if r.step > r.position["step"] or not (r.output_dir / "curves.png").exists():
             r.run_log.finish(summary, r.per_class_acc, lambda: sample_predictions(r.model, r.splits, accelerator),
                              r.output_dir / "model.safetensors" if r.cfg.tracking.log_model else None)
         accelerator.print(time_line(r.startup.since_launch(),
@@ -551,6 +553,17 @@ def time_line(total: float, times: dict[str, float]) -> str:
     parts = ", ".join(f"{'start-up' if name == 'startup' else name} {round(seconds, 1) + 0.0:.1f}"  # no "-0.0"
                       for name, seconds in times.items())
     return f"time: {total:.1f} s from launch ({parts})"
+
+
+def stop_unless_done(r: Run, stop: StopSignals, where: str, checkpoint: Path) -> None:
+    """Raises ``stopped`` for a stop asked for before the run's last step. After it nothing is left to resume:
+    the run finishes instead (its report takes a second or two) and exits 0, so a job script does not requeue
+    it; stopped there and resumed, it would have nothing to train and no report to write."""
+    if r.step < r.total_steps:
+        raise stopped(r, stop, where, checkpoint)
+    if r.accelerator.is_main_process:
+        print(f"cifar_dist.train: {stop.received or 'a signal to another process'} arrived by the last step; the "
+              "run finishes instead of stopping", file=sys.stderr)
 
 
 def stopped(r: Run, stop: StopSignals, where: str, checkpoint: Path | None) -> TrainingStopped:

@@ -39,9 +39,10 @@ def assert_identical_runs(a: Path, b: Path):
     assert records(a) == records(b)
 
 
-def kill_when(env, args, path: Path, sig=signal.SIGKILL, num_processes=1, whole_tree=True):
-    """Start a run, wait for ``path``, send ``sig`` to the launcher (and, with whole_tree, to every worker)."""
-    log_dir = path.parents[2]
+def kill_when(env, args, path: Path, sig=signal.SIGKILL, num_processes=1, whole_tree=True, log_dir=None):
+    """Start a run, wait for ``path``, send ``sig`` to the launcher (and, with whole_tree, to every worker).
+    Its output goes to ``log_dir``, by default the folder holding the run's output dir (``path`` a checkpoint)."""
+    log_dir = log_dir or path.parents[2]
     proc = start_train(env, args, log_dir, num_processes)
     wait_for(path, proc)
     # torchrun starts each worker in a session of its own, so a process-group kill would miss them.
@@ -119,9 +120,11 @@ def test_a_checkpoint_written_in_the_foreground_resumes_exactly_in_the_backgroun
 def test_sigterm_saves_and_exits_75_then_resumes_exactly(test_env, reference, tmp_path):
     out = tmp_path / "out"
     args = [*RUN, "--output-dir", str(out), "--checkpoint-every-steps", "0"]
-    # Signalled once the first epoch-end checkpoint exists: it stops at the next check (step 10).
-    code, _, err = kill_when(test_env, args, out / "checkpoints" / "step-00000008", sig=signal.SIGTERM,
-                             whole_tree=False)
+    # Signalled once epoch 1's record is written, just before its checkpoint: it stops at the next check (step 10).
+    # Not once the checkpoint's folder appears: it is written in the background while training goes on, and may
+    # appear only after that check.
+    code, _, err = kill_when(test_env, args, out / "metrics.jsonl", sig=signal.SIGTERM, whole_tree=False,
+                             log_dir=tmp_path)
     assert code == 75, err[-3000:]
     assert "cifar_dist.train: stopped by SIGTERM at step 10" in err
     assert (out / "checkpoints" / "step-00000010" / "COMPLETE").exists()
@@ -141,9 +144,9 @@ def test_two_processes_sigterm_to_the_launcher(test_env, reference, tmp_path):
     out = tmp_path / "out"
     args = [*RUN, "--output-dir", str(out), "--checkpoint-every-steps", "0"]
     # The launcher forwards SIGTERM to both workers, which agree on a step, save and exit with 75; the
-    # launcher itself reports the signal it got as a failure.
-    code, _, err = kill_when(test_env, args, out / "checkpoints" / "step-00000008", sig=signal.SIGTERM,
-                             num_processes=2, whole_tree=False)
+    # launcher itself reports the signal it got as a failure. Signalled as the single-process case is (above).
+    code, _, err = kill_when(test_env, args, out / "metrics.jsonl", sig=signal.SIGTERM, num_processes=2,
+                             whole_tree=False, log_dir=tmp_path)
     assert code != 0
     assert err.count("cifar_dist.train: stopped by SIGTERM at step 10") == 2
     run_train(test_env, args, num_processes=2)

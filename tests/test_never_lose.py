@@ -230,3 +230,34 @@ def test_a_full_disk_stops_with_one_line_and_keeps_every_checkpoint(test_env, sm
     resumed = run_train(test_env, args)
     assert "resuming from" in resumed.stdout and f"{kept[-1]}" in resumed.stdout
     assert [r["step"] for r in records(out)] == [8]
+
+
+def test_a_stop_asked_for_by_the_last_step_finishes_the_run_instead(test_env, tmp_path):
+    # One epoch of 8 steps: no health check before the epoch's end, which is the last step. Stopped there, the run
+    # would have nothing left to train when resumed, and no report: it finishes instead, and exits 0.
+    out = tmp_path / "out"
+    proc = start_train(test_env, [*RUN, "--checkpoint-every-steps", "0", "--output-dir", str(out)], tmp_path)
+    while "start-up: " not in (tmp_path / "stdout").read_text():  # printed once setup is done: training begins
+        assert proc.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0, (tmp_path / "stderr").read_text()[-3000:]
+    assert ("cifar_dist.train: SIGTERM arrived by the last step; the run finishes instead of stopping"
+            in (tmp_path / "stderr").read_text())
+    assert [r["step"] for r in records(out)] == [8]
+    assert (out / "model.safetensors").is_file() and (out / "curves.png").is_file()
+    assert "Best validation accuracy" in (out / "results.md").read_text()
+    assert "\ntime: " in (tmp_path / "stdout").read_text()
+
+
+def test_a_finished_run_killed_before_its_report_writes_it_when_started_again(test_env, old_run):
+    # Its last checkpoint holds the whole run; a kill before the report left no final weights or curves. The
+    # same command resumes with nothing to train, and writes them.
+    (old_run / "model.safetensors").unlink()
+    (old_run / "curves.png").unlink()
+    before = records(old_run)
+    proc = run_train(test_env, [*RUN, "--max-steps", "3", "--checkpoint-every-steps", "2", "--output-dir",
+                                str(old_run)])
+    assert "resuming from" in proc.stdout
+    assert (old_run / "model.safetensors").is_file() and (old_run / "curves.png").is_file()
+    assert records(old_run) == before

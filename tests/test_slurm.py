@@ -76,8 +76,10 @@ def test_preempted_job_requeues_resumes_and_ends_like_an_uninterrupted_one(slurm
     args = [*TINY, "--num-epochs", "2", "--checkpoint-every-steps", "0", "--tracker", "wandb"]
     out = tmp_path / "out"
     job, log = submit(slurm_cluster, job_env, tmp_path, [*args, "--output-dir", str(out)])
-    first_checkpoint = out / "checkpoints" / "step-00000008"
-    wait_until(first_checkpoint.exists, timeout=300, what=str(first_checkpoint))
+    # Signalled once epoch 1's record is written, just before its checkpoint, so that the stop lands on the next
+    # check (step 10); the checkpoint's own folder appears only once written, in the background.
+    first_record = out / "metrics.jsonl"
+    wait_until(first_record.exists, timeout=300, what=str(first_record))
     slurm_cluster.signal_batch(job, "USR1")  # what --signal=B:USR1@N does before the time limit
     state = slurm_cluster.wait_for_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=400)
     text = log.read_text()

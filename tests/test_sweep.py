@@ -141,7 +141,7 @@ def array_states(cluster, job: int) -> list[dict]:
 
 @pytest.mark.slurm
 def test_slurm_job_array_sweep_with_a_preempted_point(slurm_cluster, test_env, tmp_path):
-    # A checkpoint every 3 steps: task 0 is told to stop once the first exists, mid-epoch, and must requeue.
+    # A checkpoint every 3 steps: task 0 is told to stop as it starts training, stops mid-epoch and must requeue.
     grid = write(tmp_path / "g.yaml", GRID.replace("checkpoint_every_steps: 0", "checkpoint_every_steps: 3")
                  + "tracker: wandb\n")
     root = tmp_path / "sweep"
@@ -155,8 +155,10 @@ def test_slurm_job_array_sweep_with_a_preempted_point(slurm_cluster, test_env, t
     assert proc.returncode == 0, proc.stderr
     job = int(proc.stdout.split("job array ")[1].split(":")[0])
     deadline = time.monotonic() + 600
-    first = root / "lr=0.0003" / "checkpoints" / "step-00000003"
-    while not first.exists():
+    # Signalled once task 0's training begins (its start-up line), so that the stop lands mid-epoch, on a checkpoint
+    # (at step 3 or 6), not after the last step (a stop there finishes the run instead: nothing to requeue).
+    log = tmp_path / "task-0.out"
+    while not (log.exists() and "start-up: " in log.read_text()):
         assert time.monotonic() < deadline, (array_states(slurm_cluster, job), slurm_cluster.log_tail())
         time.sleep(0.05)
     task0 = next(s for s in array_states(slurm_cluster, job) if s.get("ArrayTaskId") == "0")
