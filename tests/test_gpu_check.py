@@ -31,8 +31,9 @@ def test_the_whole_check_on_the_cpu_reports_every_step_and_fails_for_want_of_a_g
     assert proc.returncode == 1, proc.stderr[-3000:]  # the GPU tests were all skipped: that is a failure here
     report = json.loads((out / "gpu_check.json").read_text())
     steps = report["steps"]
-    assert list(steps) == ["environment", "data", "train_default", "train_images", "gpu_tests", "bench", "profile",
-                           "graphed", "end_to_end"]
+    # The end-to-end runs, which the targets are judged by, come before anything a short budget could cut.
+    assert list(steps) == ["environment", "data", "end_to_end", "train_default", "train_images", "gpu_tests", "bench",
+                           "profile", "graphed"]
     assert report["failed_steps"] == ["gpu_tests"] and not report["ok"]
     graphed = steps["graphed"]["report"]["results"]
     assert [r["variant"] for r in graphed] == ["graphed"] and graphed[0]["images_per_s"] > 0
@@ -75,9 +76,7 @@ def test_the_whole_check_on_the_cpu_reports_every_step_and_fails_for_want_of_a_g
     assert "## Where a step's time goes (" in md and "profile of eager, per step over 2 steps: wall " in md
     e2e = {r["variant"]: r for r in steps["end_to_end"]["report"]["end_to_end"]}
     assert set(e2e) == {"end_to_end", "end_to_end_images"} and all(r["epochs"] == 1 for r in e2e.values())
-    assert "## End to end, compile cache warm from the steps above (" in md and "\nend_to_end_images: " in md
-    alone = {**report, "steps": {k: v for k, v in steps.items() if k in ("environment", "end_to_end")}}
-    assert "## End to end, compile cache empty at its start (" in render(alone)  # nothing compiled before it
+    assert "## End to end, compile cache empty at its start (" in md and "\nend_to_end_images: " in md
     assert "0 passed, 0 failed, 0 errors, " in md
     assert "===== train_default: " in (out / "gpu_check.log").read_text()
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]
