@@ -201,7 +201,9 @@ def _complete(tmp: Path, final: Path, large: dict, state: str, keep: int, on_com
         atomic_write_text(tmp / COMPLETE, "")
     except (OSError, SafetensorError, RuntimeError) as exc:
         raise _save_failed(exc, tmp, root, final) from None
-    shutil.rmtree(final, ignore_errors=True)  # a stale copy of the same step, e.g. after a stop at epoch end
+    # An earlier save of the same step (a stop at an epoch's last step, then its epoch end) goes first: a folder
+    # cannot be renamed onto a full one. A kill in between leaves tmp complete, which the next start names.
+    shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(p for p in root.glob("step-*") if _NAME.fullmatch(p.name))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

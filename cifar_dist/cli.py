@@ -32,6 +32,16 @@ from cifar_dist.config import (
 )
 
 
+class TrainingStopped(Exception):
+    """Raised on every process when a run stops early; ``exit_code`` is what the command exits with. Defined
+    here, not in the trainer, so that the command catches it around the trainer's own import, and as one class
+    whether cifar_dist.train runs as __main__ or is imported."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def _unknown_key(key: str, path: str, section: str | None = None) -> UserError:
     """The error for a key that is no setting of ``section`` (or none at all), saying where it belongs."""
     shown = f"{section}.{key}" if section else repr(key)

@@ -2,9 +2,11 @@
 
 - **Lock.** ``.lock`` names its holder (host, PID, SLURM job) and is created with O_EXCL, which NFS v3+,
   Lustre and GPFS honour. The holder refreshes its timestamp every 30 s, so a lock whose holder died is
-  taken over: at once when the holder was on this host and its PID is gone, or was an earlier attempt of
-  this SLURM job (a requeue); elsewhere once it has not been refreshed for 2 minutes. Ages are measured
-  against a file written now in the same directory, so clocks that differ between nodes do not matter.
+  taken over: at once when the holder was an earlier attempt of this SLURM job (a requeue) or was on this
+  host and its process is gone (never while it runs there, however old the lock); elsewhere once it has not
+  been refreshed for 2 minutes. Ages are measured against a file written now in the same directory, so
+  clocks that differ between nodes do not matter. A holder whose lock was taken over says so and stops
+  refreshing it.
 - **Provisional start.** A fresh run writes ``.starting`` first, and ``--overwrite`` moves the old run into
   ``.previous-run/`` instead of deleting it. The first complete checkpoint makes the new run permanent (the
   marker goes, then the old run). A start that fails before that, by an error, Ctrl-C or a kill noticed by
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cifar_dist.atomic import atomic_write_text, unfinished_writes
-from cifar_dist.checkpoint import CHECKPOINTS, check_compatible, checkpoint_problem, find_latest
+from cifar_dist.checkpoint import CHECKPOINTS, check_compatible, checkpoint_problem, find_latest, read_state
 from cifar_dist.config import Config, TrainConfig, UserError
 from cifar_dist.preflight import node_name
 
@@ -63,6 +66,12 @@ class Lock:
 
     def _refresh(self):
         while not self._stop.wait(REFRESH_EVERY_S):
+            holder = _read_holder(self.path)
+            if holder and holder.get("token") != self.token:  # never refresh another run's lock
+                print(f"cifar_dist: warning: another start took over the lock of {self.path.parent} (pid "
+                      f"{holder.get('pid', '?')} on {holder.get('host', '?')}) as if this run were gone; two runs "
+                      "now write there: stop one of them", file=sys.stderr, flush=True)
+                return
             try:
                 os.utime(self.path)
             except OSError:
@@ -75,9 +84,19 @@ class Lock:
 
 
 def _me() -> dict:
-    return {"host": node_name(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
-            "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0"),
+    return {"host": node_name(), "pid": os.getpid(), "pid_start": _process_start(os.getpid()),
+            "slurm_job": os.environ.get("SLURM_JOB_ID"), "slurm_restart": os.environ.get("SLURM_RESTART_COUNT", "0"),
             "since": time.strftime("%Y-%m-%d %H:%M:%S"), "token": os.urandom(8).hex()}
+
+
+def _process_start(pid) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux), to tell it from a later one that reuses
+    its PID; None where /proc does not say."""
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[19])  # field 22; the name before ")" may hold spaces
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _read_holder(path: Path) -> dict:
@@ -88,14 +107,18 @@ def _read_holder(path: Path) -> dict:
     return holder if isinstance(holder, dict) else {}
 
 
-def _pid_alive(pid) -> bool:
+def _holder_alive(holder: dict) -> bool:
+    """Whether the process that took the lock still runs (on this host): its PID exists and, where both starts
+    are known, it is the same process, not a later one with its PID."""
+    pid = holder["pid"]
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
     except (PermissionError, TypeError, ValueError):
         return True  # another user's process, or an unreadable PID: assume alive
-    return True
+    started, now = holder.get("pid_start"), _process_start(pid)
+    return started is None or now is None or started == now
 
 
 def _age_s(path: Path) -> float:
@@ -107,11 +130,13 @@ def _age_s(path: Path) -> float:
 def stale_reason(path: Path, holder: dict) -> str | None:
     """Why the lock at ``path`` held by ``holder`` is left over from a run that is gone, or None."""
     me = _me()
-    if holder.get("host") == me["host"] and holder.get("pid") is not None and not _pid_alive(holder["pid"]):
-        return f"its process {holder['pid']} on {holder['host']} is gone"
     if holder.get("slurm_job") and holder["slurm_job"] == me["slurm_job"] \
             and holder.get("slurm_restart") != me["slurm_restart"]:
         return f"it was an earlier attempt of this SLURM job {me['slurm_job']}"
+    if holder.get("host") == me["host"] and holder.get("pid") is not None:
+        if not _holder_alive(holder):
+            return f"its process {holder['pid']} on {holder['host']} is gone"
+        return None  # alive here, however old its lock: stopped (Ctrl-Z) or busy, it is still the run
     age = _age_s(path)
     if age > STALE_AFTER_S:
         return f"it has not been refreshed for {age:.0f} s"
@@ -218,7 +243,7 @@ def undo_start(output_dir: Path) -> bool:
 
 
 def clear_leftovers(output_dir: Path) -> list[str]:
-    """With the lock held: finish an interrupted start's undo and remove half-written checkpoints.
+    """With the lock held: finish an interrupted start's undo; name or remove what a killed save left.
 
     Returns one line per thing done, for the run's log.
     """
@@ -227,46 +252,88 @@ def clear_leftovers(output_dir: Path) -> list[str]:
         notes.append(f"undid an earlier start in {output_dir} that stopped before its first checkpoint")
     elif (output_dir / PREVIOUS).is_dir():  # replaced by --overwrite, whose successor made its checkpoint
         shutil.rmtree(output_dir / PREVIOUS)
-    for tmp in (output_dir / CHECKPOINTS).glob(".tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
-        notes.append(f"removed the unfinished checkpoint {tmp}")
+    for tmp in sorted((output_dir / CHECKPOINTS).glob(".tmp-*")):
+        notes.append(finish_or_remove(tmp))
     # A process killed inside an atomic write leaves its temporary file (the file itself is old or new, whole).
     for tmp in unfinished_writes(output_dir, (*RUN_FILES, STARTING)):
         tmp.unlink(missing_ok=True)
     return notes
 
 
+def finish_or_remove(tmp: Path) -> str:
+    """A checkpoint's temporary folder left by a killed save: complete (its COMPLETE marker is written last), it
+    takes its final name, in place of an older save of the same step, as the save was about to do; else it
+    goes. Returns the note for the log."""
+    final = tmp.with_name(tmp.name.removeprefix(".tmp-"))
+    if checkpoint_problem(tmp) is None:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return f"completed the checkpoint {final}, whose save was stopped as it was being named"
+    shutil.rmtree(tmp, ignore_errors=True)
+    return f"removed the unfinished checkpoint {tmp}"
+
+
 def check_fresh_start_allowed(output_dir: Path, cfg: TrainConfig) -> None:
     """A fresh start may not clobber a run unless --overwrite says so; UserError otherwise."""
     existing = [name for name in RUN_ENTRIES if (output_dir / name).exists()]
     if existing and not cfg.overwrite:
-        why = "and no complete checkpoint to resume" if cfg.resume == "auto" else "and --resume is never"
-        raise UserError(f"--output-dir {cfg.output_dir} already holds a run ({', '.join(existing)}) {why}; "
-                        "choose another --output-dir or pass --overwrite")
+        why = {"auto": "and no complete checkpoint to resume", "never": "and --resume is never"}.get(
+            cfg.resume, f"and --resume {cfg.resume} would start another run in it")
+        fix = "choose another --output-dir" + (" or pass --overwrite" if cfg.resume in ("auto", "never") else "")
+        raise UserError(f"--output-dir {cfg.output_dir} already holds a run ({', '.join(existing)}) {why}; {fix}")
 
 
-def resolve_start(output_dir: Path, cfg: Config) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh start, applying --resume / --overwrite.
-
-    Reads only; raises UserError when the start would mix or clobber runs.
-    """
+def resolve_start(output_dir: Path, cfg: Config) -> tuple[Path | None, str | None]:
+    """(the checkpoint to resume from or None for a fresh start, a note for the log), applying --resume and
+    --overwrite. Reads only; raises UserError when the start would mix or clobber runs."""
     train = cfg.train
     if train.resume not in ("auto", "never"):
         if train.overwrite:
             raise UserError("--overwrite starts a new run and --resume PATH continues one; pass only one of them")
-        path = Path(train.resume)
-        problem = checkpoint_problem(path)
-        if problem:
-            raise UserError(f"--resume {train.resume}: {problem}")
-        check_compatible(path, cfg)
-        return path
+        return resume_from_path(output_dir, cfg)
     if train.resume == "auto" and not train.overwrite:
         latest = find_latest(output_dir / CHECKPOINTS)
         if latest is not None:
             check_compatible(latest, cfg)
-            return latest
+            return latest, None
     check_fresh_start_allowed(output_dir, train)
-    return None
+    return None, None
+
+
+def resume_from_path(output_dir: Path, cfg: Config) -> tuple[Path, str | None]:
+    """--resume PATH: a run's first start continues from PATH; once the output dir holds checkpoints of the run
+    started from it, the same command continues from the newest of them, as a SLURM requeue or a rerun after a
+    stop expects (PATH again would throw their progress away). Another run in the output dir, or a newer
+    checkpoint of the run PATH belongs to, is refused: resuming there would overwrite it."""
+    resume = cfg.train.resume
+    path, latest = Path(resume), find_latest(output_dir / CHECKPOINTS)
+    if latest is not None and os.path.realpath(path) != os.path.realpath(latest):
+        if os.path.realpath(path.parent) == os.path.realpath(output_dir / CHECKPOINTS):
+            raise UserError(f"--resume {resume}: {output_dir} holds a newer checkpoint of that run ({latest.name}), "
+                            f"which going back would overwrite; resume {path.name} into another --output-dir")
+        if read_state(latest).get("started_from") != os.path.realpath(path):
+            raise UserError(f"--output-dir {cfg.train.output_dir} already holds another run (newest checkpoint "
+                            f"{latest.name}); resume {resume} into another --output-dir, or leave --resume out to "
+                            "continue the run there")
+        check_compatible(latest, cfg)
+        return latest, f"--resume {resume}: this run went on from it; resuming from its newest checkpoint"
+    problem = checkpoint_problem(path)
+    if problem:
+        raise UserError(f"--resume {resume}: {problem}")
+    if latest is None:
+        check_fresh_start_allowed(output_dir, cfg.train)
+    check_compatible(path, cfg)
+    return path, None
+
+
+def started_from(output_dir: Path, resume_from: Path | None) -> str | None:
+    """The checkpoint outside ``output_dir`` that its run was first started from (--resume PATH), kept in every
+    checkpoint's state so that the same command later continues the run instead of starting it again."""
+    if resume_from is None:
+        return None
+    if os.path.realpath(resume_from.parent) != os.path.realpath(output_dir / CHECKPOINTS):
+        return os.path.realpath(resume_from)
+    return read_state(resume_from).get("started_from")
 
 
 @dataclass
@@ -278,6 +345,7 @@ class Claim:
     resume_from: Path | None = None
     lock: Lock | None = None
     start: FreshStart | None = None
+    started_from: str | None = None  # the main process's: where --resume PATH first started the run
 
     def begin(self, overwrite: bool) -> None:
         if self.start is not None:
@@ -308,7 +376,9 @@ def claim_output_dir(cfg: Config) -> Claim:
     try:
         for line in ([note] if note else []) + clear_leftovers(output_dir):
             print(line, flush=True)
-        resume_from = resolve_start(output_dir, cfg)
+        resume_from, note = resolve_start(output_dir, cfg)
+        if note:
+            print(note, flush=True)
     except BaseException:
         lock.release()
         if created:
@@ -316,4 +386,5 @@ def claim_output_dir(cfg: Config) -> Claim:
         raise
     # A run is new (and undone if it fails before its first checkpoint) unless it continues this dir's own run.
     new = resume_from is None or not any((output_dir / name).exists() for name in RUN_ENTRIES)
-    return Claim(output_dir, resume_from, lock, FreshStart(output_dir, created) if new else None)
+    return Claim(output_dir, resume_from, lock, FreshStart(output_dir, created) if new else None,
+                 started_from(output_dir, resume_from))

@@ -27,7 +27,7 @@ import errno
 import sys
 import time
 
-from cifar_dist.cli import exit_now, one_line_errors, parse_config
+from cifar_dist.cli import TrainingStopped, exit_now, one_line_errors, parse_config
 
 # Exit codes (the README's table).
 EXIT_USER_ERROR = 2  # bad input or a busy output dir; nothing was changed
@@ -46,10 +46,10 @@ def main(argv: list[str] | None = None) -> None:
     """
     with one_line_errors("cifar_dist.train", EXIT_USER_ERROR):
         cfg = parse_config(argv)
-        importing = time.perf_counter()
-        from cifar_dist.trainer import TrainingStopped, run
-
         try:
+            importing = time.perf_counter()  # a Ctrl-C during these seconds of imports is one line too
+            from cifar_dist.trainer import run
+
             run(cfg, imports_s=time.perf_counter() - importing)  # the start-up line's "imports"
         except TrainingStopped as exc:
             print(f"cifar_dist.train: {exc}", file=sys.stderr)

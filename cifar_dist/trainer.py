@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from cifar_dist.checkpoint import BackgroundWriter, SaveSchedule, find_latest, read_state, save_checkpoint, save_model
+from cifar_dist.cli import TrainingStopped
 from cifar_dist.config import BatchPlan, Config, UserError, plan_batches, save_config
 from cifar_dist.data import CifarSplits, build_splits
 from cifar_dist.model import build_model, count_parameters
@@ -64,14 +65,6 @@ LESS_MEMORY = {
 # tiny all-reduce and one wait for the device, so not every step (a lone process's waits for nothing: see
 # check_health); a signal is acted on within this many steps.
 CHECK_EVERY_STEPS = 10
-
-
-class TrainingStopped(Exception):
-    """Raised on every process when the run stops early; ``exit_code`` is what the CLI exits with."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 class StopSignals:
@@ -498,7 +491,7 @@ def save(r: Run, epoch: int, steps_in_epoch: int, totals: Totals | None) -> Path
         train_sums = [sums["loss_sum"], sums["correct"], sums["count"]]
     state = {"epoch": epoch, "steps_in_epoch": steps_in_epoch, "step": r.step, "train_sums": train_sums,
              "records": r.run_log.records, "config": r.cfg.to_dict(),
-             "num_processes": r.accelerator.num_processes}
+             "num_processes": r.accelerator.num_processes, "started_from": r.claim.started_from}
     # The first complete checkpoint makes a new run permanent (Claim.commit), whenever the writer completes it.
     start = time.perf_counter()
     path = save_checkpoint(r.accelerator, r.output_dir, state, r.cfg.train.keep_checkpoints, r.writer,

@@ -261,3 +261,58 @@ def test_a_finished_run_killed_before_its_report_writes_it_when_started_again(te
     assert "resuming from" in proc.stdout
     assert (old_run / "model.safetensors").is_file() and (old_run / "curves.png").is_file()
     assert records(old_run) == before
+
+
+def test_resume_path_starts_a_run_that_the_same_command_then_continues(test_env, finished_run, tmp_path):
+    # --resume PATH is where a run starts, not where every launch of it starts: the same command again (a rerun
+    # after a stop, a SLURM requeue) continues from the run's own newest checkpoint instead of throwing it away.
+    source = finished_run / "checkpoints" / "step-00000002"
+    source_before, out = tree_digest(finished_run), tmp_path / "from-2"
+    args = [*RUN, "--max-steps", "6", "--checkpoint-every-steps", "2", "--output-dir", str(out), "--resume",
+            str(source)]
+    first = run_train(test_env, args)
+    assert f"resuming from {source} (epoch 1, step 2)" in first.stdout
+    weights = (out / "model.safetensors").read_bytes()
+    again = run_train(test_env, args)
+    assert f"--resume {source}: this run went on from it; resuming from its newest checkpoint" in again.stdout
+    assert f"resuming from {out / 'checkpoints' / 'step-00000006'} (epoch 1, step 6)" in again.stdout
+    assert (out / "model.safetensors").read_bytes() == weights and [r["step"] for r in records(out)] == [6]
+    # Going back to an older checkpoint in the same dir would overwrite the newer one: refused, nothing changed.
+    kept = tree_digest(out)
+    older = out / "checkpoints" / "step-00000004"
+    back = run_train(test_env, [*RUN, "--output-dir", str(out), "--resume", str(older)], check=False)
+    assert back.returncode == 2
+    assert last_line(back.stderr) == (
+        f"cifar_dist.train: error: --resume {older}: {out} holds a newer checkpoint of that run (step-00000006), "
+        "which going back would overwrite; resume step-00000004 into another --output-dir")
+    assert tree_digest(out) == kept and tree_digest(finished_run) == source_before
+
+
+def test_resume_path_into_an_output_dir_holding_another_run_is_refused(test_env, finished_run, old_run):
+    source = finished_run / "checkpoints" / "step-00000002"
+    before = tree_digest(old_run)
+    proc = run_train(test_env, [*RUN, "--output-dir", str(old_run), "--resume", str(source)], check=False)
+    assert proc.returncode == 2
+    assert last_line(proc.stderr) == (
+        f"cifar_dist.train: error: --output-dir {old_run} already holds another run (newest checkpoint "
+        f"step-00000003); resume {source} into another --output-dir, or leave --resume out to continue the run there")
+    assert tree_digest(old_run) == before
+    shutil.rmtree(old_run / "checkpoints")  # a run whose checkpoints are gone is still a run
+    before = tree_digest(old_run)
+    proc = run_train(test_env, [*RUN, "--output-dir", str(old_run), "--resume", str(source)], check=False)
+    assert proc.returncode == 2 and last_line(proc.stderr).startswith(
+        f"cifar_dist.train: error: --output-dir {old_run} already holds a run (config.yaml, ")
+    assert last_line(proc.stderr).endswith(f"and --resume {source} would start another run in it; choose another "
+                                           "--output-dir")
+    assert tree_digest(old_run) == before
+
+
+def test_ctrl_c_during_the_imports_is_one_line(test_env, tmp_path):
+    out = tmp_path / "out"
+    proc = start_train(test_env, [*RUN, "--output-dir", str(out)], tmp_path)
+    time.sleep(0.8)  # past parsing the flags, inside the seconds of importing torch and the rest
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    err = (tmp_path / "stderr").read_text()
+    assert "Traceback" not in err and last_line(err).startswith("cifar_dist.train: interrupted; nothing was saved")
+    assert not out.exists()

@@ -8,7 +8,10 @@ import sys
 import time
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
+from cifar_dist import rundir
 from cifar_dist.config import UserError
 from cifar_dist.rundir import (
     LOCK,
@@ -67,6 +70,44 @@ def test_a_lock_not_refreshed_for_two_minutes_is_taken_over(tmp_path):
     os.utime(tmp_path / LOCK, (old, old))
     lock, note = acquire_lock(tmp_path)
     assert "it has not been refreshed for" in note
+    lock.release()
+
+
+def test_a_live_holder_on_this_host_keeps_its_lock_however_old(tmp_path):
+    # A run stopped with Ctrl-Z refreshes nothing, but it is still the run: starting a second one beside it would
+    # have both write the same checkpoints.
+    from cifar_dist.preflight import node_name
+
+    me = rundir._me()
+    plant_lock(tmp_path, host=node_name(), pid=me["pid"], pid_start=me["pid_start"])
+    old = time.time() - STALE_AFTER_S - 30
+    os.utime(tmp_path / LOCK, (old, old))
+    with pytest.raises(UserError, match=f"is in use by another run \\(pid {me['pid']} on "):
+        acquire_lock(tmp_path)
+    assert json.loads((tmp_path / LOCK).read_text())["token"] == "x"
+
+
+def test_a_pid_that_a_later_process_took_is_a_holder_gone(tmp_path):
+    from cifar_dist.preflight import node_name
+
+    me = rundir._me()
+    assert me["pid_start"] is not None  # Linux: /proc tells when a process started
+    plant_lock(tmp_path, host=node_name(), pid=me["pid"], pid_start=me["pid_start"] - 1)
+    lock, note = acquire_lock(tmp_path)
+    assert note == f"took over the lock of {tmp_path}: its process {me['pid']} on {node_name()} is gone"
+    lock.release()
+
+
+def test_a_holder_whose_lock_was_taken_over_says_so_and_stops_refreshing_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(rundir, "REFRESH_EVERY_S", 0.05)
+    lock, _ = acquire_lock(tmp_path)
+    plant_lock(tmp_path, host="node7", pid=99)  # another start judged this one gone and took the lock
+    old = time.time() - 1000
+    os.utime(tmp_path / LOCK, (old, old))
+    time.sleep(0.5)
+    assert (tmp_path / LOCK).stat().st_mtime == old  # not refreshed: it is not this run's
+    err = capsys.readouterr().err
+    assert f"warning: another start took over the lock of {tmp_path} (pid 99 on node7)" in err
     lock.release()
 
 
@@ -146,6 +187,35 @@ def test_half_written_checkpoints_are_removed_once_the_lock_is_held(tmp_path):
     notes = clear_leftovers(tmp_path)
     assert notes == [f"removed the unfinished checkpoint {tmp_path / 'checkpoints' / '.tmp-step-00000003'}"]
     assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def write_checkpoint(path, step: int, weight: float):
+    """A checkpoint folder as checkpoint_problem checks it: weights, optimizer state, the state file, COMPLETE."""
+    path.mkdir(parents=True)
+    save_file({"w": torch.full((2,), weight)}, path / "model.safetensors")
+    torch.save({"state": {}}, path / "optimizer.bin")
+    (path / "trainer_state.json").write_text(json.dumps({"step": step, "epoch": 1, "config": {}}))
+    (path / "COMPLETE").write_text("")
+
+
+def test_a_complete_checkpoint_left_under_its_temporary_name_takes_its_name(tmp_path):
+    # A kill between removing an earlier save of the same step and renaming the new one (a stop at an epoch's
+    # last step, then that epoch's end) must not lose the step: the next start names the complete copy.
+    checkpoints = tmp_path / "checkpoints"
+    write_checkpoint(checkpoints / "step-00000002", 2, 2.0)
+    write_checkpoint(checkpoints / ".tmp-step-00000004", 4, 4.0)
+    write_checkpoint(checkpoints / "step-00000006", 6, 6.0)  # an older save of step 6, cut short by its rmtree
+    (checkpoints / "step-00000006" / "COMPLETE").unlink()
+    write_checkpoint(checkpoints / ".tmp-step-00000006", 6, 6.5)
+    notes = clear_leftovers(tmp_path)
+    assert notes == [f"completed the checkpoint {checkpoints / name}, whose save was stopped as it was being named"
+                     for name in ("step-00000004", "step-00000006")]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000002", "step-00000004", "step-00000006"]
+    from cifar_dist.checkpoint import find_latest
+
+    assert find_latest(checkpoints) == checkpoints / "step-00000006"
+    assert (checkpoints / "step-00000006" / "COMPLETE").exists()
+    assert load_file(checkpoints / "step-00000006" / "model.safetensors")["w"].tolist() == [6.5, 6.5]  # the newer
 
 
 def test_a_write_cut_short_leaves_no_temporary_file_once_the_lock_is_held(tmp_path):
