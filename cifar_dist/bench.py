@@ -590,6 +590,12 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
+    # Folders the report goes to are checked now, not after the minutes of timing that come first.
+    if args.checkpoint and args.checkpoint_dir and not os.path.isdir(args.checkpoint_dir):
+        parser.error(f"--checkpoint-dir {args.checkpoint_dir}: no such folder")
+    for flag, path in (("--json", args.json), ("--profile-trace", args.profile_trace)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            parser.error(f"{flag} {path}: no such folder {os.path.dirname(os.path.abspath(path))}")
     try:
         report = run(args)
     except UserError as exc:

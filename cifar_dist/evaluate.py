@@ -110,9 +110,9 @@ def superclass_order(class_names: list[str]) -> list[tuple[str, list[int]]] | No
     return [(coarse, [index[f] for f in fines]) for coarse, fines in CIFAR100_SUPERCLASSES.items()]
 
 
-def analyse(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict:
-    """Confusion, most confused pairs, calibration and per-superclass accuracy from the gathered logits."""
-    predicted = logits.topk(1, dim=1).indices[:, 0]  # the trainer's top-1 (ties broken as topk breaks them)
+def analyse(logits: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict:
+    """Confusion, most confused pairs, calibration and per-superclass accuracy from the gathered logits and the
+    trainer's top-1 (GatherLogits)."""
     confidence = logits.double().softmax(1).gather(1, predicted[:, None])[:, 0]
     confusion = confusion_matrix(labels, predicted, len(class_names))
     ece, bins = calibration(confidence, predicted == labels)
@@ -210,14 +210,20 @@ def render_markdown(report: dict) -> str:
 
 
 class GatherLogits:
-    """Forward hook: each eval batch's logits gathered over processes as the trainer's metrics are
-    (gather_for_metrics drops the padding of uneven shards), so the rows are the split's images in order."""
+    """Forward hook: each eval batch's logits, and the trainer's top-1 of them, gathered over processes as the
+    trainer's metrics are (gather_for_metrics drops the padding of uneven shards), so the rows are the split's
+    images in order."""
 
     def __init__(self, accelerator):
-        self.accelerator, self.parts = accelerator, []
+        self.accelerator, self.parts, self.top1 = accelerator, [], []
 
     def __call__(self, module, inputs, output):
-        self.parts.append(self.accelerator.gather_for_metrics(output.detach().float()))
+        # Top-1 exactly as steps.evaluate takes it, on this device and in this dtype: between tied logits (common
+        # in bf16) topk(1) and topk(5)[:, 0], or the CPU and a GPU, can pick different classes.
+        top1 = output.topk(min(5, output.shape[1]), dim=1).indices[:, 0]
+        logits, top1 = self.accelerator.gather_for_metrics((output.detach().float(), top1))
+        self.parts.append(logits)
+        self.top1.append(top1)
 
 
 def build_eval_loader(found: TrainedModel, model, splits, split: str, accelerator, eval_batch_size: int, fast):
@@ -276,7 +282,7 @@ def evaluate_model(found: TrainedModel, args):
     seconds = time.perf_counter() - start
     hook.remove()
     logits = torch.cat(gather.parts).cpu()
-    figures = analyse(logits, labels.cpu(), splits.class_names)
+    figures = analyse(logits, torch.cat(gather.top1).cpu(), labels.cpu(), splits.class_names)
     count = metrics["val_num_samples"]
     assert len(logits) == count and figures["top1_correct"] == round(metrics["val_acc"] * count), "eval pass mismatch"
     report = {"model": found.describe(), "weights": str(found.weights), "data_source": data_cfg.data_source,
@@ -311,7 +317,7 @@ def trainer_record(found: TrainedModel, metrics: dict) -> dict | None:
 
 def report_to_wandb(found: TrainedModel, report: dict, confusion_png: Path) -> str | None:
     """Add the figures to the run's W&B summary when it has a run id; returns the line that says what happened."""
-    from cifar_dist.tracking import RUN_ID_FILE, wandb_init_kwargs, wandb_project
+    from cifar_dist.tracking import RUN_ID_FILE, offline_retry, wandb_init_kwargs, wandb_project
 
     id_file = found.run_dir / RUN_ID_FILE
     if not id_file.is_file():
@@ -324,7 +330,15 @@ def report_to_wandb(found: TrainedModel, report: dict, confusion_png: Path) -> s
     if kwargs["mode"] == "disabled":
         return note
     prefix = "eval" if report["split"] == "test" else f"eval_{report['split']}"
-    run = wandb.init(project=wandb_project(found.config.tracking), **kwargs)
+    project = wandb_project(found.config.tracking)
+    try:
+        run = wandb.init(project=project, **kwargs)
+    except Exception as exc:  # the server out of reach: into the offline copy of the run, as the trainer does
+        retry = offline_retry(kwargs, exc)
+        if retry is None:
+            raise
+        kwargs, note = retry
+        run = wandb.init(project=project, **kwargs)
     run.summary.update({f"{prefix}/{k}": report[k] for k in ("loss", "top1", "top5", "ece", "num_samples")})
     run.summary[f"{prefix}/confusion"] = wandb.Image(str(confusion_png))
     run.finish()
@@ -370,9 +384,19 @@ def check_args(args, found: TrainedModel) -> Path:
     if not 1 <= args.top_k <= found.config.model.num_classes:
         raise UserError(f"--top-k must be between 1 and {found.config.model.num_classes}, got {args.top_k}")
     check_image_size(args.image_size, found)
+    from cifar_dist.tracking import RUN_ID_FILE, check_wandb_login
+
+    if args.wandb and (found.run_dir / RUN_ID_FILE).is_file():
+        check_wandb_login()  # WANDB_MODE=online without credentials: one line now, not a traceback after the pass
     if args.predictions and not Path(args.predictions).resolve().parent.is_dir():
         raise UserError(f"--predictions {args.predictions}: its folder does not exist")
-    return Path(args.output_dir) if args.output_dir else default_output_dir(found, args.split)
+    if args.predictions and Path(args.predictions).is_dir():
+        raise UserError(f"--predictions {args.predictions} is a folder; give a file name for the CSV")
+    output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(found, args.split)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output-dir {output_dir} is a file; give a folder for eval.json, eval.md and "
+                        "confusion.png")
+    return output_dir
 
 
 def write_outputs(report: dict, confusion: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,

@@ -262,6 +262,8 @@ def check_args(args) -> None:
         raise UserError("expected RUN and at least one image file or folder (or --bench)")
     if args.output != "-" and not Path(args.output).resolve().parent.is_dir():
         raise UserError(f"--output {args.output}: its folder does not exist")
+    if args.output != "-" and Path(args.output).is_dir():
+        raise UserError(f"--output {args.output} is a folder; give a file name for the predictions")
 
 
 def run(args) -> int:

@@ -29,6 +29,7 @@ import itertools
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -37,7 +38,16 @@ from pathlib import Path
 import yaml
 
 from cifar_dist.cli import OneLineParser, one_line_errors
-from cifar_dist.config import _OWNER, _SECTION_TYPES, Config, UserError, _base_type, _coerce, make_config
+from cifar_dist.config import (
+    _OWNER,
+    _SECTION_TYPES,
+    Config,
+    UserError,
+    _base_type,
+    _coerce,
+    make_config,
+    meaning_keys,
+)
 from cifar_dist.config import save_config as write_config
 from cifar_dist.runs import CONFIG_FILE, SWEEP_POINT_FILE, is_finished, load_config, read_records
 
@@ -145,10 +155,20 @@ def prepare(point: Point, root: Path) -> Path:
 
 
 def finished(point: Point, root: Path) -> bool:
+    """The point's run reached the end the grid asks for now. A run made with other values of what a run
+    computes (the grid was edited) is not this point's: the trainer, handed it, refuses in one line; more epochs
+    than it trained continue it."""
     out = root / point.name
     if not (out / CONFIG_FILE).is_file():
         return False
-    return is_finished(out, load_config(out / CONFIG_FILE), read_records(out))
+    made, wanted = (_flat(cfg) for cfg in (load_config(out / CONFIG_FILE), point.config(root)))
+    if any(made[key] != wanted[key] for key in meaning_keys()):
+        return False
+    return is_finished(out, point.config(root), read_records(out))
+
+
+def _flat(cfg: Config) -> dict:
+    return {key: value for section in cfg.to_dict().values() for key, value in section.items()}
 
 
 def run_all(points: list[Point], root: Path, launcher: list[str]) -> int:
@@ -181,8 +201,11 @@ def sbatch_command(grid: str, root: Path, count: int, script: Path, sbatch_args:
 
 def submit(grid: str, root: Path, count: int, script: Path, sbatch_args: list[str]) -> int:
     """sbatch the array (the grid is already checked); job.sh finds the repository through CIFAR_DIST_DIR."""
-    Path("logs").mkdir(exist_ok=True)  # the scripts' --output=logs/...
     cmd = sbatch_command(grid, root, count, script, sbatch_args)
+    if shutil.which("sbatch") is None:
+        raise UserError(f"no sbatch on PATH: submit from a SLURM login node ({shlex.join(cmd)}), or train the points "
+                        "here with --run ROOT")
+    Path("logs").mkdir(exist_ok=True)  # the scripts' --output=logs/...
     env = {**os.environ, "CIFAR_DIST_DIR": os.environ.get("CIFAR_DIST_DIR", str(script.resolve().parents[1]))}
     proc = subprocess.run([cmd[0], "--parsable", *cmd[1:]], env=env, capture_output=True, text=True, check=False)
     if proc.returncode:

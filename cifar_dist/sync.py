@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(f"would sync {run}")
             continue
-        result = subprocess.run(["wandb", "sync", str(run)], capture_output=True, text=True)
+        # This interpreter's wandb: its command may not be on PATH (a venv used without activating it).
+        result = subprocess.run([sys.executable, "-m", "wandb", "sync", str(run)], capture_output=True, text=True)
         ok = result.returncode == 0 and any(run.glob("run-*.wandb.synced"))
         failed += not ok
         last = (result.stdout + result.stderr).strip().splitlines()[-1:] or [""]

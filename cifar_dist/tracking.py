@@ -130,6 +130,19 @@ def offline_fallback_note(run_id: str, wandb_dir: Path, exc: BaseException) -> s
     return f"W&B: cannot start the run online ({reason}); continuing offline: {_kept_offline(run_id, wandb_dir)}"
 
 
+def offline_retry(kwargs: dict, exc: BaseException) -> tuple[dict, str] | None:
+    """For an online W&B start that could not reach or be accepted by the server: (the same run's wandb.init
+    kwargs, offline; the line that says so), with wandb's service restarted; None for any other failure, which
+    is a bug to surface."""
+    if kwargs.get("mode") != "online" or not _wandb_comm_error(exc):
+        return None
+    import wandb
+
+    wandb.teardown()  # wandb's service keeps the failed run's id registered ("run ID is in use"); a fresh one frees it
+    kwargs = {k: v for k, v in kwargs.items() if k != "settings"} | {"mode": "offline"}
+    return kwargs, offline_fallback_note(kwargs["id"], Path(kwargs["dir"]), exc)
+
+
 def wandb_project(cfg: TrackingConfig, env=os.environ) -> str:
     return cfg.wandb_project or env.get("WANDB_PROJECT") or "cifar_dist"
 
@@ -206,15 +219,11 @@ class RunLog:
             self.accelerator.init_trackers(project, config=run_config, init_kwargs=init_kwargs)
             return
         except Exception as exc:
-            if not (self.enabled and init_kwargs.get("wandb", {}).get("mode") == "online" and _wandb_comm_error(exc)):
+            retry = offline_retry(init_kwargs.get("wandb", {}), exc) if self.enabled else None
+            if retry is None:
                 raise
-            failure = exc
-        import wandb
-
-        kwargs = {k: v for k, v in init_kwargs["wandb"].items() if k != "settings"} | {"mode": "offline"}
-        self.accelerator.print(offline_fallback_note(kwargs["id"], Path(kwargs["dir"]), failure))
-        # wandb's service keeps the failed run's id registered ("run ID is in use"); a fresh service frees it.
-        wandb.teardown()
+        kwargs, note = retry
+        self.accelerator.print(note)
         self.accelerator.trackers = []  # drop the tracker whose start failed
         self.accelerator.init_trackers(project, config=run_config, init_kwargs={**init_kwargs, "wandb": kwargs})
 

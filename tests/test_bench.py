@@ -183,7 +183,12 @@ def test_the_profile_splits_a_steps_time_and_names_the_costliest_host_operations
     (["--steps", "0"], "--steps must be positive"),
     (["--e2e-epochs", "0"], "--e2e-epochs must be positive"),
     (["--warmup", "-1"], "--warmup must be >= 0"),
+    # Where the report goes is checked before the timing, which takes minutes on a GPU, not after it.
+    (["--checkpoint-dir", "/no/such/dir"], "--checkpoint-dir /no/such/dir: no such folder"),
+    (["--json", "/no/such/dir/b.json"], "--json /no/such/dir/b.json: no such folder /no/such/dir"),
+    (["--profile", "eager", "--profile-trace", "/no/such/t.json"], "--profile-trace /no/such/t.json: no such folder"),
 ])
-def test_bench_refuses_bad_sizes(args, message):
+def test_bench_refuses_bad_sizes_and_folders(args, message):
     proc = bench(args, timeout=120)
-    assert proc.returncode == 2 and message in proc.stderr
+    assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1]
+    assert "straight_port" not in proc.stdout  # nothing was timed

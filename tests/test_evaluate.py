@@ -199,6 +199,31 @@ def test_confusion_calibration_and_most_confused():
     assert perfect == 0
 
 
+def test_top1_between_tied_logits_is_the_trainers(fresh_accelerate_state):
+    # bf16 logits tie often enough over 10,000 images that topk(1) and the trainer's topk(5)[:, 0] (which pick
+    # different classes between ties) made the analysis disagree with the trainer's accuracy.
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from cifar_dist.evaluate import GatherLogits, analyse
+    from cifar_dist.steps import evaluate
+
+    class Tied(torch.nn.Module):
+        def forward(self, images):
+            out = torch.zeros(len(images), 100)
+            out[:, 7] = out[:, 42] = 1.0  # two classes tie for every image
+            return out
+
+    names, labels = [f"c{i}" for i in range(100)], torch.tensor([42, 7, 42, 3])
+    accelerator, model = Accelerator(cpu=True), Tied()
+    gather = GatherLogits(accelerator)
+    model.register_forward_hook(gather)
+    metrics, _ = evaluate(model, DataLoader(TensorDataset(torch.zeros(4, 3), labels), batch_size=2), accelerator,
+                          names)
+    figures = analyse(torch.cat(gather.parts), torch.cat(gather.top1), labels, names)
+    assert figures["top1_correct"] == round(metrics["val_acc"] * 4) == 2
+
+
 def test_confusion_png_groups_by_superclass():
     names = sorted(SUPERCLASS_OF)
     confusion = torch.eye(100, dtype=torch.long) * 10
@@ -253,6 +278,11 @@ def test_refusals(model_files, tmp_path, capsys, fresh_accelerate_state):
     assert "--eval-batch-size must be positive, got 0" in refused(capsys, [str(run), "--eval-batch-size", "0"])
     assert "--predictions /nope/p.csv: its folder does not exist" in refused(
         capsys, [str(run), "--predictions", "/nope/p.csv"])
+    # Output paths of the wrong kind: refused before the pass, not after it with the results lost.
+    assert f"--predictions {tmp_path} is a folder; give a file name for the CSV" in refused(
+        capsys, [str(run), "--predictions", str(tmp_path)])
+    assert f"--output-dir {run / 'config.yaml'} is a file; give a folder" in refused(
+        capsys, [str(run), "--output-dir", str(run / "config.yaml")])
     # The model is fine; the data source is not: refused after the model, before anything is written.
     assert "--data-source /nonexistent/data" in refused(capsys, [str(run)])
     assert not (run / "eval.json").exists()

@@ -169,6 +169,8 @@ def test_refusals(run_dir, tmp_path, capsys):
     assert "--output /nope/out.csv: its folder does not exist" in refused(
         capsys, [str(run_dir), str(tmp_path), "--output", "/nope/out.csv"])
     assert "invalid choice: 'xml'" in refused(capsys, [str(run_dir), str(tmp_path), "--format", "xml"])
+    assert f"--output {tmp_path / 'empty'} is a folder; give a file name" in refused(
+        capsys, [str(run_dir), str(tmp_path), "--output", str(tmp_path / "empty")])
 
 
 def test_refused_under_a_launcher(run_dir, tmp_path, capsys, monkeypatch):

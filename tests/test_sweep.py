@@ -11,7 +11,7 @@ import pytest
 
 from cifar_dist.cli import parse_config
 from cifar_dist.sweep import main, read_grid
-from conftest import REPO
+from conftest import REPO, records
 from wandb_log import read_records
 
 # The tests' tiny training settings (conftest.TINY) as a grid file, with two learning rates.
@@ -106,12 +106,14 @@ def test_bad_grids_are_refused_by_key_before_anything(tmp_path, capsys, text, me
     assert not root.exists()
 
 
-def test_other_refusals(tmp_path, capsys):
+def test_other_refusals(tmp_path, capsys, monkeypatch):
     grid = write(tmp_path / "g.yaml", GRID)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch: a laptop, not a SLURM login node
     for argv, message in [([str(tmp_path / "none.yaml"), "--list"], "none.yaml: no such grid file"),
                           ([grid, "--show", "2"], "point 2: the grid has points 0 to 1"),
                           ([grid, "--prepare", str(tmp_path)], "pass --point I"),
-                          ([grid, "--submit", str(tmp_path), "--script", "/nope.sh"], "--script /nope.sh: no such")]:
+                          ([grid, "--submit", str(tmp_path), "--script", "/nope.sh"], "--script /nope.sh: no such"),
+                          ([grid, "--submit", str(tmp_path)], "no sbatch on PATH: submit from a SLURM login node")]:
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         err = capsys.readouterr().err.strip().splitlines()
@@ -129,6 +131,17 @@ def test_run_trains_every_point_then_skips_them(test_env, tmp_path):
     assert set(rows) == {"lr=0.0003", "lr=0.001"} and all(r[2] == "finished" for r in rows.values())
     again = sweep(test_env, grid, "--run", root)
     assert again.returncode == 0 and again.stdout.count("finished already, skipped") == 2
+    # An edited grid: a point's run made with another value of what it computes is not skipped as finished;
+    # the trainer refuses it in one line, and the run stays as it was.
+    edited = write(tmp_path / "g.yaml", GRID + "bn_momentum: 0.1\n")
+    proc = sweep(test_env, edited, "--run", root)
+    assert proc.returncode == 1 and "finished already" not in proc.stdout
+    assert "was made with --bn-momentum 0.01, this run has 0.1" in proc.stderr
+    assert compare_rows(test_env, root) == rows
+    # More epochs continue each point's run.
+    proc = sweep(test_env, write(tmp_path / "g.yaml", GRID.replace("num_epochs: 1", "num_epochs: 2")), "--run", root)
+    assert proc.returncode == 0 and "finished already" not in proc.stdout, proc.stderr[-3000:]
+    assert all([r["epoch"] for r in records(root / name)] == [1, 2] for name in rows)
 
 
 def array_states(cluster, job: int) -> list[dict]:

@@ -2,6 +2,7 @@
 curves.png; the sync helper."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -247,6 +248,14 @@ def test_sync_finds_offline_runs_and_skips_synced_ones(two_process_wandb_run, tm
     proc = subprocess.run([sys.executable, "-m", "cifar_dist.sync", str(tmp_path / "nope")],
                           capture_output=True, text=True, cwd=REPO, check=False)
     assert proc.returncode == 2 and "no such folder" in proc.stderr
+    # A venv's python run without activating the venv: no `wandb` command on PATH, and here no login either.
+    # The upload is tried with this interpreter's wandb and fails in one line per run, not a traceback.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(PATH="/usr/bin:/bin", HOME=str(tmp_path), PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "cifar_dist.sync", str(out.parent)], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=300, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"FAILED {offline_runs(out)[0]}: " in proc.stdout and "API key" in proc.stdout
 
 
 # -- W&B environment failures: a missing login is one line before any work; an unreachable server never costs
@@ -380,3 +389,18 @@ def test_unreachable_wandb_server_falls_back_to_offline_within_30_s(isolated_wan
     rows = history(run_log(runs[0]))
     assert [(row["epoch"], row["val/acc"]) for row in rows if "val/acc" in row] == [
         (r["epoch"], r["val_acc"]) for r in records(out)]
+    # The evaluation CLI adds its figures to the same run: with the server still out of reach, it goes into an
+    # offline copy of the run as the trainer did, one line, no traceback; without credentials it stops before
+    # its pass, in one line, as the trainer does.
+    proc = subprocess.run([sys.executable, "-m", "cifar_dist.evaluate", str(out)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "W&B: cannot start the run online (" in proc.stdout and (out / "eval.json").is_file()
+    assert [run_id(run_log(r)) for r in offline_runs(out)] == [run, run]
+    (out / "eval.json").unlink()
+    no_key = {k: v for k, v in env.items() if k != "WANDB_API_KEY"}
+    proc = subprocess.run([sys.executable, "-m", "cifar_dist.evaluate", str(out)], env=no_key, cwd=REPO,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "cifar_dist.evaluate: error: " + NO_CREDENTIALS.format(mode="online", host="127.0.0.1")]
+    assert not (out / "eval.json").exists()
