@@ -152,8 +152,6 @@ def build_dataloaders(
             f"the training set has {n} images, fewer than one global batch of {plan.global_batch_size}; lower "
             f"--global-batch-size or raise --max-train-samples"
         )
-    # Pinned host batches copy to the GPU asynchronously; batches of a feature cache already on the GPU cannot be.
-    pin = torch.cuda.is_available() and all(t.device.type == "cpu" for t in splits.train[0])
     train = DataLoader(
         splits.train,
         batch_size=plan.per_device_batch_size,
@@ -161,10 +159,25 @@ def build_dataloaders(
         drop_last=True,
         num_workers=0,
         collate_fn=take_batch,
-        pin_memory=pin,
+        pin_memory=pinned(splits.train),
     )
     test = DataLoader(
-        splits.test, batch_size=eval_batch_size, shuffle=False, drop_last=False, num_workers=0, pin_memory=pin,
-        collate_fn=take_batch,
+        splits.test, batch_size=eval_batch_size, shuffle=False, drop_last=False, num_workers=0,
+        pin_memory=pinned(splits.test), collate_fn=take_batch,
     )
     return train, test
+
+
+def pinned(dataset) -> bool:
+    """Whether the loader over ``dataset`` pins its batches: with CUDA, for data in host memory (a feature cache
+    kept there), each split on its own; data already on the GPU cannot be."""
+    return torch.cuda.is_available() and all(t.device.type == "cpu" for t in dataset[0])
+
+
+def loader_config():
+    """The prepared loaders' configuration: pinned batches (``pinned``) copied to the GPU without blocking.
+    accelerate's default copies with non_blocking=False, so every batch from host memory would wait for the GPU
+    to finish the queued steps, and the host could no longer prepare steps ahead of it."""
+    from accelerate import DataLoaderConfiguration
+
+    return DataLoaderConfiguration(non_blocking=True)

@@ -247,7 +247,7 @@ def evaluate_model(found: TrainedModel, args):
     """Run the trainer's evaluate over the split: (report, confusion, gathered logits, labels, accelerator)."""
     from accelerate import Accelerator
 
-    from cifar_dist.data import build_splits
+    from cifar_dist.data import build_splits, loader_config
     from cifar_dist.speed import (
         apply_backends,
         device_name,
@@ -264,7 +264,7 @@ def evaluate_model(found: TrainedModel, args):
     eval_batch_size = args.eval_batch_size or cfg.train.eval_batch_size
     cpu = not torch.accelerator.is_available()
     precision = resolve_mixed_precision(args.mixed_precision or cfg.train.mixed_precision)
-    accelerator = Accelerator(cpu=cpu, mixed_precision=precision)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=precision, dataloader_config=loader_config())
     fast = resolve_fast_path(cfg.speed, accelerator.device, precision, accelerator.num_processes,
                              deterministic=cfg.train.deterministic)
     apply_backends(fast)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from cifar_dist.checkpoint import BackgroundWriter, SaveSchedule, find_latest, read_state, save_checkpoint, save_model
 from cifar_dist.cli import TrainingStopped
 from cifar_dist.config import BatchPlan, Config, UserError, plan_batches, save_config
-from cifar_dist.data import CifarSplits, build_splits
+from cifar_dist.data import CifarSplits, build_splits, loader_config
 from cifar_dist.model import build_model, count_parameters
 from cifar_dist.preflight import preflight
 from cifar_dist.rundir import CHECKPOINTS, Claim, claim_output_dir
@@ -300,6 +300,7 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
         log_with=log_with,
         project_dir=str(claim.output_dir),
         kwargs_handlers=accelerator_kwargs(cfg.speed, fast),
+        dataloader_config=loader_config(),
     )
     set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)
     startup.lap("accelerator")

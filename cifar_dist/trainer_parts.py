@@ -31,7 +31,7 @@ from cifar_dist.config import (
     UserError,
     plan_batches,
 )
-from cifar_dist.data import CifarSplits, build_dataloaders, build_splits
+from cifar_dist.data import CifarSplits, build_dataloaders, build_splits, loader_config
 from cifar_dist.feature_cache import cache_for_run
 from cifar_dist.graphed_step import GraphedStep
 from cifar_dist.model import ResNet50Classifier, convert_sync_batchnorm
@@ -157,7 +157,7 @@ def build(splits: CifarSplits, image_size: int, *, speed: SpeedConfig | None = N
     plan = plan_batches(TrainConfig(global_batch_size=global_batch_size,
                                     per_device_batch_size=per_device_batch_size), state.num_processes)
     fast = resolve_fast_path(speed, state.device, mixed_precision, plan.num_processes, plan.grad_accum_steps)
-    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision,
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, dataloader_config=loader_config(),
                               gradient_accumulation_steps=plan.grad_accum_steps,
                               kwargs_handlers=accelerator_kwargs(speed, fast, ddp=ddp == "cifar_dist"))
     torch.manual_seed(0)  # the head's initialisation, as set_seed does in the trainer

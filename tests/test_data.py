@@ -613,3 +613,21 @@ def test_image_decoding_is_plain_pil(arrays):
     # Guards the fixture: the PNG round trip is lossless, so any mismatch above is the loader's fault.
     image = arrays.images["train"][0]
     assert np.array_equal(np.asarray(Image.fromarray(image)), image)
+
+
+def test_each_split_is_pinned_where_it_lives_in_host_memory_and_copied_without_blocking(monkeypatch):
+    # With CUDA: the images on the GPU, the test split's cached features left in host memory (--cache-eval-features
+    # yes where they do not fit): only the test loader pins, and the prepared loaders copy without blocking, so a
+    # batch from host memory does not make the host wait for the GPU.
+    from cifar_dist.data import loader_config, pinned
+
+    on_gpu = ImageTensorDataset(torch.zeros(64, 32, 32, 3, dtype=torch.uint8, device="meta"),
+                                torch.zeros(64, dtype=torch.int64, device="meta"))
+    in_host = ImageTensorDataset(torch.zeros(8, 32, 32, 3, dtype=torch.uint8), torch.zeros(8, dtype=torch.int64))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    train, test = build_dataloaders(CifarSplits(on_gpu, in_host, ["a"]), BatchPlan(32, 32, 1, 1), 8, seed=0)
+    assert (train.pin_memory, test.pin_memory) == (False, True)
+    assert pinned(in_host) and not pinned(on_gpu)
+    assert loader_config().non_blocking
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not pinned(in_host)  # no GPU: nothing to copy to
