@@ -281,7 +281,10 @@ def ddp_kwargs(cfg: SpeedConfig, fast: FastPath) -> DistributedDataParallelKwarg
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     return DistributedDataParallelKwargs(
         bucket_cap_mb=cfg.ddp_bucket_mb,
-        gradient_as_bucket_view=True,  # gradients live in the buckets: no copy in and out of them each step
+        # Gradients become views of the buckets, so the reduced values are not copied back out. The copy in
+        # stays: zero_grad(set_to_none=True) drops the views every step (set_to_none=False would swap each
+        # copy for an in-place add, plus the zeroing).
+        gradient_as_bucket_view=True,
         comm_hook=DDPCommunicationHookType.BF16 if fast.bf16_grad_reduce else DDPCommunicationHookType.NO,
     )
 
