@@ -32,7 +32,7 @@ from cifar_dist.preflight import node_name
 
 # What a run leaves in its output dir; any of them there means a fresh start would clobber a run.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "results.md", "model.safetensors", "curves.png", "wandb_run_id")
-RUN_ENTRIES = (*RUN_FILES, CHECKPOINTS, "wandb")
+RUN_ENTRIES = (*RUN_FILES, CHECKPOINTS, "wandb", "tensorboard")
 LOCK = ".lock"
 STARTING = ".starting"
 PREVIOUS = ".previous-run"

@@ -25,6 +25,7 @@ from cifar_dist.speed import FastPath, adam_implementation, cudnn_autotuning, de
 # The seed notebook's reported table (Keras, one GPU): epoch -> (train acc, val acc, train loss, val loss).
 SEED_RESULTS = {1: (0.498, 0.691, 1.92, 1.02), 5: (0.942, 0.728, 0.17, 1.40), 10: (0.980, 0.749, 0.06, 1.52)}
 RUN_ID_FILE = "wandb_run_id"
+TENSORBOARD_DIR = "tensorboard"  # --tracker tensorboard logs into <output-dir>/tensorboard/<project>/
 _PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}
 # WANDB_MODE values wandb accepts, by what they do ('run' and 'dryrun' are its old names).
 _WANDB_MODES = {"online": "online", "run": "online", "shared": "online", "offline": "offline", "dryrun": "offline",
@@ -130,6 +131,18 @@ def offline_fallback_note(run_id: str, wandb_dir: Path, exc: BaseException) -> s
     return f"W&B: cannot start the run online ({reason}); continuing offline: {_kept_offline(run_id, wandb_dir)}"
 
 
+def tensorboard_hparams(config: dict, prefix: str = "") -> dict:
+    """``config`` as TensorBoard's hparams take it (int, float, str or bool values, one level): sections become
+    prefixes ("optim/lr"), anything else (None, lists, str subclasses such as torch's version) its text."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(tensorboard_hparams(value, f"{prefix}{key}/"))
+        else:
+            flat[prefix + key] = value if type(value) in (int, float, str, bool) else str(value)  # str(TorchVersion)
+    return flat
+
+
 def offline_retry(kwargs: dict, exc: BaseException) -> tuple[dict, str] | None:
     """For an online W&B start that could not reach or be accepted by the server: (the same run's wandb.init
     kwargs, offline; the line that says so), with wandb's service restarted; None for any other failure, which
@@ -204,6 +217,8 @@ class RunLog:
             kwargs, note = wandb_init_kwargs(cfg, self.output_dir, run_id)
             init_kwargs["wandb"] = kwargs
             self.accelerator.print(note)
+        if "tensorboard" in [str(t) for t in self.accelerator.log_with]:
+            run_config = tensorboard_hparams(run_config)
         self._init_trackers(wandb_project(cfg), run_config, init_kwargs)
         if self.enabled and "wandb" in init_kwargs:
             run = self.accelerator.get_tracker("wandb", unwrap=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -41,6 +41,7 @@ from cifar_dist.speed import (
 )
 from cifar_dist.steps import evaluate, no_progress_bar
 from cifar_dist.tracking import (
+    TENSORBOARD_DIR,
     RunLog,
     compares_to_seed,
     describe_run,
@@ -298,7 +299,8 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=plan.grad_accum_steps,
         log_with=log_with,
-        project_dir=str(claim.output_dir),
+        project_config=ProjectConfiguration(project_dir=str(claim.output_dir),
+                                            logging_dir=str(claim.output_dir / TENSORBOARD_DIR)),
         kwargs_handlers=accelerator_kwargs(cfg.speed, fast),
         dataloader_config=loader_config(),
     )

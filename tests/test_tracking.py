@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cifar_dist.config import TrackingConfig, UserError
 from cifar_dist.sync import find_offline_runs
@@ -404,3 +405,25 @@ def test_unreachable_wandb_server_falls_back_to_offline_within_30_s(isolated_wan
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "cifar_dist.evaluate: error: " + NO_CREDENTIALS.format(mode="online", host="127.0.0.1")]
     assert not (out / "eval.json").exists()
+
+
+@pytest.mark.slow  # real training processes
+def test_tensorboard_logs_every_epoch_and_a_replaced_run_takes_its_logs_along(test_env, tmp_path):
+    # TensorBoard's hparams take only scalars: the run's nested config (with None values) made the start fail.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "out"
+    env = {k: v for k, v in test_env.items() if k != "WANDB_PROJECT"}
+
+    def logged(tag: str) -> list[tuple[int, float]]:
+        (logs,) = (out / "tensorboard").iterdir()  # <output-dir>/tensorboard/<project>/
+        return [(e.step, e.value) for e in EventAccumulator(str(logs)).Reload().Scalars(tag)]
+
+    run_train(env, [*TINY, "--num-epochs", "2", "--tracker", "tensorboard", "--output-dir", str(out)])
+    assert [v for _, v in logged("val/acc")] == pytest.approx([r["val_acc"] for r in records(out)])
+    assert [s for s, _ in logged("val/acc")] == [r["step"] for r in records(out)] == [8, 16]
+    hparams = yaml.safe_load(next((out / "tensorboard").rglob("hparams.yml")).read_text())
+    assert hparams["optim/lr"] == 1e-3 and hparams["data/max_train_samples"] == "None"
+    # --overwrite moves the old run's logs aside with the rest of it, and they go once the new run has a checkpoint.
+    run_train(env, [*TINY, "--max-steps", "1", "--tracker", "tensorboard", "--output-dir", str(out), "--overwrite"])
+    assert [s for s, _ in logged("val/acc")] == [1]
