@@ -6,7 +6,7 @@ set -uo pipefail
 
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-1}}}
 GPUS_PER_NODE=${GPUS_PER_NODE##*:}          # SLURM_GPUS_PER_NODE may read "h100:8"
-MIXED_PRECISION=${MIXED_PRECISION:-bf16}
+MIXED_PRECISION=${MIXED_PRECISION:-}           # empty: the trainer's --mixed-precision auto (bf16 where native)
 MAX_REQUEUES=${MAX_REQUEUES:-3}
 NNODES=${SLURM_NNODES:-1}
 NUM_PROCESSES=$((NNODES * GPUS_PER_NODE))
@@ -27,9 +27,11 @@ fi
 # torchrun (inside accelerate launch) forwards these signals to the training processes and then waits up to
 # the timeout for them to save, instead of dying on SIGUSR1 or killing them after 30 s.
 export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-300}
+# Since Slurm 22.05 srun does not take --cpus-per-task from sbatch by itself; the launchers' CPUs come from it.
+[ -n "${SLURM_CPUS_PER_TASK:-}" ] && export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
 
 echo "cifar_dist job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $NNODES node(s) [$SLURM_JOB_NODELIST]" \
-     "x $GPUS_PER_NODE process(es) = $NUM_PROCESSES, head $HEAD_ADDR:$PORT, precision $MIXED_PRECISION"
+     "x $GPUS_PER_NODE process(es) = $NUM_PROCESSES, head $HEAD_ADDR:$PORT, precision ${MIXED_PRECISION:-auto}"
 
 # Preflight: every node answers and shows its GPUs within a minute, or the job says which did not.
 expected=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sort | tr '\n' ' ')
@@ -58,15 +60,22 @@ trap 'forward TERM' TERM
 # The launch settings travel to every node as environment variables, and the body below is one single-quoted
 # script that each node expands itself: its own SLURM_NODEID as the machine rank (expanded here, in the batch
 # shell, every node would be rank 0). The training flags follow it as arguments, "$@" there, word for word.
+# One process runs as the task itself: accelerate's launcher for one process forwards no signal and dies of
+# SIGUSR1, and the step's end would then kill the trainer before its checkpoint. Several run under torchrun
+# (--multi_gpu), which forwards the signals (PET_SIGNALS_TO_HANDLE) and waits for them to save.
 export NNODES NUM_PROCESSES HEAD_ADDR PORT MIXED_PRECISION
+[ "$NUM_PROCESSES" -eq 1 ] && echo "cifar_dist job: one process, run as the task itself (no launcher)"
 # shellcheck disable=SC2016
 srun --export=ALL --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c '
-    multi_gpu=()
-    [ "$NUM_PROCESSES" -gt 1 ] && multi_gpu=(--multi_gpu)
-    exec accelerate launch "${multi_gpu[@]}" --num_machines "$NNODES" --num_processes "$NUM_PROCESSES" \
+    if [ "$NUM_PROCESSES" -eq 1 ]; then
+        [ -n "$MIXED_PRECISION" ] && export ACCELERATE_MIXED_PRECISION=$MIXED_PRECISION
+        exec "${PYTHON:-python}" -m cifar_dist.train "$@"
+    fi
+    precision=()
+    [ -n "$MIXED_PRECISION" ] && precision=(--mixed_precision "$MIXED_PRECISION")
+    exec accelerate launch --multi_gpu --num_machines "$NNODES" --num_processes "$NUM_PROCESSES" \
         --machine_rank "$SLURM_NODEID" --main_process_ip "$HEAD_ADDR" --main_process_port "$PORT" \
-        --rdzv_backend static --same_network --mixed_precision "$MIXED_PRECISION" \
-        -m cifar_dist.train "$@"
+        --rdzv_backend static --same_network "${precision[@]}" -m cifar_dist.train "$@"
 ' bash "$@" --stop-marker "$STOP_MARKER" &
 SRUN=$!
 # A trapped signal interrupts `wait`; keep waiting until srun itself has ended.
@@ -80,8 +89,11 @@ if [ -f "$STOP_MARKER" ]; then
     rm -f "$STOP_MARKER"
     if [ "${SLURM_RESTART_COUNT:-0}" -lt "$MAX_REQUEUES" ]; then
         echo "cifar_dist job: checkpoint saved; requeueing (restart $(( ${SLURM_RESTART_COUNT:-0} + 1 )) of at most $MAX_REQUEUES)"
-        scontrol requeue "$SLURM_JOB_ID"
-        exit 0
+        if scontrol requeue "$SLURM_JOB_ID"; then
+            exit 0
+        fi
+        echo "cifar_dist job: checkpoint saved, but SLURM refused the requeue (above); submit again to continue" >&2
+        exit 75
     fi
     echo "cifar_dist job: checkpoint saved, but already requeued $MAX_REQUEUES times; submit again to continue" >&2
     exit 75

@@ -29,9 +29,9 @@ def job_env(test_env, slurm_cluster):
             "WANDB_SILENT": "true"}
 
 
-def submit(cluster, env, tmp_path: Path, args: list[str]) -> tuple[int, Path]:
+def submit(cluster, env, tmp_path: Path, args: list[str], sbatch_opts: tuple[str, ...] = ()) -> tuple[int, Path]:
     log = tmp_path / "job.out"
-    job = cluster.sbatch(SCRIPT, *args, cwd=tmp_path, extra_env=env, sbatch_opts=[f"--output={log}"])
+    job = cluster.sbatch(SCRIPT, *args, cwd=tmp_path, extra_env=env, sbatch_opts=[f"--output={log}", *sbatch_opts])
     return job, log
 
 
@@ -109,3 +109,24 @@ def test_failed_job_is_not_requeued(slurm_cluster, job_env, tmp_path):
     assert state["JobState"] == "FAILED" and state["Restarts"] == "0", text[-3000:]
     assert "cifar_dist.train: error: --num-epochs must be positive, got 0" in text
     assert "training failed with exit code" in text and "(not requeued)" in text
+
+
+def test_a_one_process_job_that_slurm_will_not_requeue_stops_with_its_checkpoint_and_says_so(slurm_cluster, job_env,
+                                                                                               tmp_path):
+    # One node, one process: the trainer runs as the task itself, so SLURM's signal reaches it, not a launcher
+    # that would die of it. --no-requeue: the stop's checkpoint is saved, the requeue refused, and the job fails
+    # with 75 saying so, rather than reporting success with the run unfinished and nothing queued.
+    out = tmp_path / "out"
+    job, log = submit(slurm_cluster, job_env, tmp_path, [*TINY, "--num-epochs", "2", "--output-dir", str(out)],
+                      ("--nodes=1", "--no-requeue"))
+    first_record = out / "metrics.jsonl"
+    wait_until(first_record.exists, timeout=300, what=str(first_record))
+    slurm_cluster.signal_batch(job, "USR1")
+    state = slurm_cluster.wait_for_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=400)
+    text = log.read_text()
+    assert "cifar_dist job: one process, run as the task itself (no launcher)" in text
+    assert "stopped by SIGUSR1 at step " in text, text[-3000:]
+    assert "checkpoint saved, but SLURM refused the requeue (above); submit again to continue" in text
+    assert (state["JobState"], state["ExitCode"], state["Restarts"]) == ("FAILED", "75:0", "0"), text[-3000:]
+    assert list((out / "checkpoints").glob("step-*"))
+
