@@ -293,8 +293,14 @@ def _coerce(name: str, value, where: str):
     typ, nullable = _base_type(cls, name)
     if value is None and nullable:
         return None
-    if isinstance(value, bool) and {"yes", "no"} <= set(_choices(cls, name) or ()):
-        return "yes" if value else "no"  # YAML 1.1, which PyYAML follows, reads yes and no (and on, off) as booleans
+    if isinstance(value, bool) and typ is str:
+        # YAML 1.1, which PyYAML follows, reads yes and no (and on, off) as booleans; a setting whose choices
+        # include the word meant it (mixed_precision: no).
+        word = "yes" if value else "no"
+        if word in (_choices(cls, name) or ()):
+            return word
+        raise UserError(f"{where}: {name} must be text, got {value!r} (YAML reads yes/no/on/off unquoted as "
+                        f"true/false: quote the value)")
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is float and isinstance(value, str):

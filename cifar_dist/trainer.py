@@ -265,6 +265,14 @@ def run(cfg: Config, dtype: torch.dtype = torch.float32, imports_s: float = 0.0)
     return r.run_log.records
 
 
+def check_head_size(num_classes: int, splits: CifarSplits) -> None:
+    """UserError for a head with fewer outputs than the data has classes: the loss would fail at the first step
+    (on a GPU as a device-side assert), after the data and the model had loaded."""
+    if num_classes < len(splits.class_names):
+        raise UserError(f"--num-classes {num_classes}: the training data has {len(splits.class_names)} classes "
+                        f"(labels 0 to {len(splits.class_names) - 1}); give at least that many")
+
+
 def claim_on_main(state: PartialState, cfg: Config) -> Claim:
     """The main process locks the output dir and decides where to start; every process learns the outcome, or
     exits with the main process's error (which only the main process prints)."""
@@ -311,6 +319,7 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
     with accelerator.main_process_first():
         splits = build_splits(cfg.data, seed=cfg.train.seed)
         startup.lap("data")
+        check_head_size(cfg.model.num_classes, splits)
         model = build_model(cfg.model, cfg.data.image_size).to(dtype)
     startup.lap("model")
     counts = count_parameters(model)

@@ -47,6 +47,13 @@ def test_yes_and_no_in_yaml_are_the_choices_not_booleans(tmp_path):
         ("yes", "no", "no", "yes")
     path.write_text("log_model: yes\n")  # a real boolean setting stays one
     assert parse_config(["--config", str(path)]).tracking.log_model is True
+    path.write_text("mixed_precision: no\n")  # no among other words: the word too
+    assert parse_config(["--config", str(path)]).train.mixed_precision == "no"
+
+
+def test_an_unquoted_yes_or_no_where_the_word_is_no_choice_says_to_quote_it(tmp_path):
+    assert refused_file(tmp_path, "resume: no\n") == ("resume must be text, got False (YAML reads yes/no/on/off "
+                                                      "unquoted as true/false: quote the value)")
 
 
 @pytest.mark.parametrize("argv, expected", [

@@ -92,6 +92,7 @@ def assert_refused(proc, message: str):
     (["--per-device-batch-size", "64"], "--per-device-batch-size 64 is larger than global batch 32"),
     (["--weights", "missing.pth"], "--weights missing.pth: no such file"),
     (["--data-source", "/nonexistent/cifar"], "/nonexistent/cifar"),
+    (["--num-classes", "10"], "--num-classes 10: the training data has 100 classes (labels 0 to 99)"),
 ])
 def test_bad_input_stops_before_work(test_env, tmp_path, args, message):
     out = tmp_path / "out"
