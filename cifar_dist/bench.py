@@ -227,6 +227,8 @@ def bench_trainer_step(variant: str, splits, args, mixed_precision: str) -> Resu
     step as one CUDA graph, 'compile s' being their warm-up and capture); for the cached variants, images/s of a
     whole pass: the trainer's feature cache (trunk once per image, at the eval batch), then layer4 + head steps."""
     parts = _variant_parts(variant, splits, args, mixed_precision)
+    if variant in GRAPHED and parts.fast.graph_record_s is None:  # turned off: several processes, fp16
+        raise UserError(f"{variant}: the step could not run as one graph ({'; '.join(parts.fast.notes)})")
     if variant in GRAPHED:
         compile_s = parts.fast.graph_record_s
     elif STEP_SPEED[variant]["compile_step"] == "yes" and parts.fast.compiled is None:

@@ -192,3 +192,20 @@ def test_bench_refuses_bad_sizes_and_folders(args, message):
     proc = bench(args, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1]
     assert "straight_port" not in proc.stdout  # nothing was timed
+
+
+def test_a_graphed_variant_whose_graph_was_turned_off_is_refused_not_timed(monkeypatch):
+    # Under torchrun or fp16 the trainer turns --whole-step-graph off; timing the plain step under the graphed
+    # variant's name would report the wrong thing (and its missing recording time crashed the report).
+    from types import SimpleNamespace
+
+    from cifar_dist import bench
+    from cifar_dist.config import UserError
+
+    off = SimpleNamespace(fast=SimpleNamespace(graph_record_s=None, notes=["--whole-step-graph yes: off with several "
+                                                                           "processes"]))
+    monkeypatch.setattr(bench, "_variant_parts", lambda *args: off)
+    with pytest.raises(UserError, match=r"^graphed: the step could not run as one graph \(--whole-step-graph yes: "
+                                        r"off with several processes\)$"):
+        bench.bench_trainer_step("graphed", None, None, "no")
+
