@@ -26,6 +26,8 @@ ROOT=${2:?$usage}
 shift 2
 : "${SLURM_ARRAY_TASK_ID:?not an array job: submit with sbatch --array=0-N}"
 DIR="${CIFAR_DIST_DIR:-$SLURM_SUBMIT_DIR}"
+[ -f "$DIR/slurm/job.sh" ] || { echo "cifar_dist sweep: no $DIR/slurm/job.sh: submit from the repository root," \
+    "or set CIFAR_DIST_DIR=<the repository>" >&2; exit 2; }
 # Every task checks the whole grid (a bad one fails here, exit 2, never requeued) and writes its point's config;
 # a requeued task writes the same file again and the trainer resumes from ROOT/<point>'s checkpoint.
 prepared=$("${PYTHON:-python}" -m cifar_dist.sweep "$GRID" --prepare "$ROOT" --point "$SLURM_ARRAY_TASK_ID")

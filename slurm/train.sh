@@ -20,4 +20,7 @@
 # MAX_REQUEUES=3                         # stop requeueing after this many restarts
 # -----------------------------------------------------------------------------------
 # sbatch runs a copy of this file, so the body is found from the submission directory.
-exec bash "${CIFAR_DIST_DIR:-$SLURM_SUBMIT_DIR}/slurm/job.sh" "$@"
+JOB_SH="${CIFAR_DIST_DIR:-$SLURM_SUBMIT_DIR}/slurm/job.sh"
+[ -f "$JOB_SH" ] || { echo "cifar_dist job: no $JOB_SH: submit from the repository root, or set" \
+    "CIFAR_DIST_DIR=<the repository>" >&2; exit 2; }
+exec bash "$JOB_SH" "$@"

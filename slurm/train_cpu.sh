@@ -10,4 +10,7 @@
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@60
 export GPUS_PER_NODE=1 MIXED_PRECISION=no    # "GPUS" = processes per node; no GPU is needed
-exec bash "${CIFAR_DIST_DIR:-$SLURM_SUBMIT_DIR}/slurm/job.sh" "$@"
+JOB_SH="${CIFAR_DIST_DIR:-$SLURM_SUBMIT_DIR}/slurm/job.sh"
+[ -f "$JOB_SH" ] || { echo "cifar_dist job: no $JOB_SH: submit from the repository root, or set" \
+    "CIFAR_DIST_DIR=<the repository>" >&2; exit 2; }
+exec bash "$JOB_SH" "$@"

@@ -130,3 +130,13 @@ def test_a_one_process_job_that_slurm_will_not_requeue_stops_with_its_checkpoint
     assert (state["JobState"], state["ExitCode"], state["Restarts"]) == ("FAILED", "75:0", "0"), text[-3000:]
     assert list((out / "checkpoints").glob("step-*"))
 
+
+
+def test_a_job_submitted_away_from_the_repository_says_where_to_submit_from(slurm_cluster, job_env, tmp_path):
+    # sbatch runs a copy of the script, which finds job.sh from the submission directory (or CIFAR_DIST_DIR).
+    env = {k: v for k, v in job_env.items() if k != "CIFAR_DIST_DIR"}
+    job, log = submit(slurm_cluster, env, tmp_path, [*TINY, "--output-dir", str(tmp_path / "out")])
+    state = slurm_cluster.wait_for_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=120)
+    assert (state["JobState"], state["ExitCode"], state["Restarts"]) == ("FAILED", "2:0", "0")
+    assert log.read_text().strip() == (f"cifar_dist job: no {tmp_path}/slurm/job.sh: submit from the repository "
+                                       "root, or set CIFAR_DIST_DIR=<the repository>")
