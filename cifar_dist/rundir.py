@@ -5,8 +5,8 @@
   taken over: at once when the holder was an earlier attempt of this SLURM job (a requeue) or was on this
   host and its process is gone (never while it runs there, however old the lock); elsewhere once it has not
   been refreshed for 2 minutes. Ages are measured against a file written now in the same directory, so
-  clocks that differ between nodes do not matter. A holder whose lock was taken over says so and stops
-  refreshing it.
+  clocks that differ between nodes do not matter. A run whose lock was taken over all the same says so, leaves
+  the new holder's lock alone and stops without saving (``Lock.lost``, read by the trainer's health check).
 - **Provisional start.** A fresh run writes ``.starting`` first, and ``--overwrite`` moves the old run into
   ``.previous-run/`` instead of deleting it. The first complete checkpoint makes the new run permanent (the
   marker goes, then the old run). A start that fails before that, by an error, Ctrl-C or a kill noticed by
@@ -59,6 +59,7 @@ class Lock:
 
     path: Path
     token: str
+    lost: threading.Event = field(default_factory=threading.Event)  # another start took it over: stop (trainer)
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self):
@@ -70,7 +71,8 @@ class Lock:
             if holder and holder.get("token") != self.token:  # never refresh another run's lock
                 print(f"cifar_dist: warning: another start took over the lock of {self.path.parent} (pid "
                       f"{holder.get('pid', '?')} on {holder.get('host', '?')}) as if this run were gone; two runs "
-                      "now write there: stop one of them", file=sys.stderr, flush=True)
+                      "now write there; this one stops at its next check", file=sys.stderr, flush=True)
+                self.lost.set()
                 return
             try:
                 os.utime(self.path)

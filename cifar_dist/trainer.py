@@ -50,7 +50,7 @@ from cifar_dist.tracking import (
     sample_predictions,
     tracker_backend,
 )
-from cifar_dist.train import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OUT_OF_MEMORY, EXIT_STOPPED
+from cifar_dist.train import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OUT_OF_MEMORY, EXIT_STOPPED, EXIT_USER_ERROR
 from cifar_dist.trainer_parts import assemble, record_step
 
 # What to change when the GPU runs out of memory, by what was running then. None of these settings changes what
@@ -612,20 +612,26 @@ def finish_writing(writer: BackgroundWriter | None) -> None:
 
 
 def check_health(r: Run, totals: Totals, stop: StopSignals, wait: bool = True) -> tuple[bool, bool]:
-    """All processes agree whether the loss went non-finite (raises), whether to stop (a signal arrived
-    somewhere) and whether a time-based checkpoint is due (any process's clock says so).
+    """All processes agree whether the loss went non-finite or the output dir's lock was taken over (each
+    raises), whether to stop (a signal arrived somewhere) and whether a time-based checkpoint is due (any
+    process's clock says so).
 
     Agreeing means reading a collective's result, which waits for the GPU. A lone process has no one to agree
     with: its signal and clock are on the host, and with ``wait`` False it reads the loss flag one check late
     (Totals.nonfinite), so that its steady steps never wait and the GPU never runs dry behind a waiting host.
     Every checkpoint is preceded by a check that waits: none holds weights a non-finite loss produced.
     """
+    lost = r.claim.lock is not None and r.claim.lock.lost.is_set()  # the main process holds the lock
     if r.accelerator.num_processes == 1:
-        flags = [totals.nonfinite(wait), stop.received is not None, r.schedule.time_vote()]
+        flags = [totals.nonfinite(wait), stop.received is not None, r.schedule.time_vote(), lost]
     else:
         flags = r.accelerator.reduce(torch.stack([
             totals.sums[3].clamp(max=1), totals.sums.new_tensor(stop.received is not None),
-            totals.sums.new_tensor(r.schedule.time_vote())]), reduction="sum").tolist()
+            totals.sums.new_tensor(r.schedule.time_vote()), totals.sums.new_tensor(lost)]), reduction="sum").tolist()
+    if flags[3]:  # another start judged this run gone and took the output dir over: leave it to that run
+        raise TrainingStopped(f"another start took over --output-dir {r.output_dir} as if this run were gone; "
+                              f"stopped at step {r.step} without saving, leaving the directory to it",
+                              EXIT_USER_ERROR)
     if flags[0]:
         finish_writing(r.writer)  # written before the loss went bad: every save is preceded by a check that waits
         latest = find_latest(r.output_dir / CHECKPOINTS)

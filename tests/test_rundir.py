@@ -108,6 +108,7 @@ def test_a_holder_whose_lock_was_taken_over_says_so_and_stops_refreshing_it(tmp_
     assert (tmp_path / LOCK).stat().st_mtime == old  # not refreshed: it is not this run's
     err = capsys.readouterr().err
     assert f"warning: another start took over the lock of {tmp_path} (pid 99 on node7)" in err
+    assert lock.lost.is_set()  # for the trainer's next health check
     lock.release()
 
 

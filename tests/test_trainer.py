@@ -180,3 +180,38 @@ def test_the_loss_flag_on_the_cpu_is_read_at_once_whether_or_not_the_check_may_w
     totals.add(torch.tensor([float("nan"), 0, 32, 1], dtype=torch.float64))
     assert totals.nonfinite(wait=False) and totals.nonfinite()
     assert totals.global_values(Accelerator(cpu=True))["count"] == 32
+
+
+def test_a_run_whose_lock_was_taken_over_stops_without_saving_and_leaves_the_lock(monkeypatch, tmp_path, capsys):
+    # Another start (on another node, after 2 minutes without a refresh: this node froze) judged the run gone and
+    # took its output dir over. The run says so at its next check and leaves the directory to the other run.
+    import json
+    import time
+
+    from cifar_dist import rundir, train
+
+    monkeypatch.setattr(rundir, "REFRESH_EVERY_S", 0.05)
+    out, saved = tmp_path / "run", trainer.save
+
+    def save_then_taken_over(r, *args, **kwargs):
+        path = saved(r, *args, **kwargs)
+        if r.step == 2:
+            (out / rundir.LOCK).write_text(json.dumps({"host": "node7", "pid": 99, "since": "now", "token": "theirs"}))
+            time.sleep(0.5)  # the lock's refresh thread finds it
+        return path
+
+    monkeypatch.setattr(trainer, "save", save_then_taken_over)
+    try:
+        with pytest.raises(SystemExit) as info:
+            train.main(["--data-source", "synthetic", "--synthetic-train-samples", "128", "--synthetic-eval-samples",
+                        "16", "--image-size", "32", "--weights", "none", "--tracker", "none", "--max-steps", "8",
+                        "--checkpoint-every-steps", "2", "--output-dir", str(out)])
+    finally:
+        trainer_parts.reset()
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any(f"warning: another start took over the lock of {out} (pid 99 on node7)" in line for line in err)
+    assert err[-1] == (f"cifar_dist.train: another start took over --output-dir {out} as if this run were gone; "
+                       "stopped at step 4 without saving, leaving the directory to it")
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]  # nothing saved after it
+    assert json.loads((out / rundir.LOCK).read_text())["token"] == "theirs"  # the other run's lock, left alone
