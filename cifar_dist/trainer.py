@@ -319,9 +319,9 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
     with accelerator.main_process_first():
         splits = build_splits(cfg.data, seed=cfg.train.seed)
         startup.lap("data")
-        check_head_size(cfg.model.num_classes, splits)
         model = build_model(cfg.model, cfg.data.image_size).to(dtype)
     startup.lap("model")
+    check_head_size(cfg.model.num_classes, splits)  # on every process, past the barrier: all stop together
     counts = count_parameters(model)
     parts = assemble(accelerator, model, splits, plan, fast, cfg.optim, cfg.speed, cfg.train.eval_batch_size,
                      cfg.train.seed)

@@ -107,3 +107,15 @@ def test_unwritable_output_dir(test_env, tmp_path):
     proc = run_train(test_env, [*TINY, "--output-dir", str(blocker / "out")], check=False)
     assert_refused(proc, f"--output-dir {blocker / 'out'} is not writable")
     assert blocker.read_text() == "keep me"
+
+
+@pytest.mark.multiprocess
+def test_a_head_too_small_for_the_data_stops_every_process(test_env, tmp_path):
+    # Every process checks once the data is loaded (past accelerate's main-process-first barrier): checked
+    # inside it, the main process alone would stop and the other would wait for it until the timeout.
+    out = tmp_path / "out"
+    proc = run_train(test_env, [*TINY, "--num-classes", "10", "--output-dir", str(out)], num_processes=2,
+                     check=False, timeout=300)
+    assert proc.returncode != 0
+    assert "cifar_dist.train: error: --num-classes 10: the training data has 100 classes" in proc.stderr
+    assert not out.exists()
