@@ -248,6 +248,7 @@ def evaluate_model(found: TrainedModel, args):
     from accelerate import Accelerator
 
     from cifar_dist.data import build_splits, loader_config
+    from cifar_dist.preflight import main_first
     from cifar_dist.speed import (
         apply_backends,
         device_name,
@@ -268,8 +269,7 @@ def evaluate_model(found: TrainedModel, args):
     fast = resolve_fast_path(cfg.speed, accelerator.device, precision, accelerator.num_processes,
                              deterministic=cfg.train.deterministic)
     apply_backends(fast)
-    with accelerator.main_process_first():
-        splits = build_splits(data_cfg, seed=cfg.train.seed)
+    splits = main_first(accelerator, lambda: build_splits(data_cfg, seed=cfg.train.seed))
     if accelerator.device.type == "cuda":
         splits = splits.to(accelerator.device)
     model = accelerator.prepare(prepare_model_layout(model, fast))

@@ -56,3 +56,27 @@ def preflight(num_processes: int, processes_per_node: int, timeout_s: float = 60
     nodes = ", ".join(f"{name}: {count}" for name, count in per_node.items())
     return (f"preflight: {num_processes} processes on {len(per_node)} node(s) ({nodes}) checked in within "
             f"{time.perf_counter() - start:.1f} s")
+
+
+def main_first(accelerator, load):
+    """``load()`` on the main process first (it downloads and decodes into the shared caches), then on the
+    others, which reuse what it left. A UserError in it (a bad data source or weights file) stops every process:
+    the main process with its one line, the others silently with the same exit code. Under accelerate's
+    main_process_first the others waited at its barrier for a main process that had stopped, then failed with
+    tracebacks of their own."""
+    from accelerate.utils import broadcast_object_list
+
+    failed, loaded = [None], None
+    if accelerator.is_main_process:
+        try:
+            loaded = load()
+        except UserError as exc:
+            failed[0] = str(exc)
+    if accelerator.num_processes > 1:
+        broadcast_object_list(failed)  # the others wait here, as at main_process_first's barrier
+    if failed[0] is not None:
+        if accelerator.is_main_process:
+            raise UserError(failed[0])
+        raise SystemExit(2)  # train.EXIT_USER_ERROR; the main process says why
+    return loaded if accelerator.is_main_process else load()
+

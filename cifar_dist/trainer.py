@@ -29,7 +29,7 @@ from cifar_dist.cli import TrainingStopped
 from cifar_dist.config import BatchPlan, Config, UserError, plan_batches, save_config
 from cifar_dist.data import CifarSplits, build_splits, loader_config
 from cifar_dist.model import build_model, count_parameters
-from cifar_dist.preflight import preflight
+from cifar_dist.preflight import main_first, preflight
 from cifar_dist.rundir import CHECKPOINTS, Claim, claim_output_dir
 from cifar_dist.speed import (
     FastPath,
@@ -316,12 +316,15 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
     startup.lap("accelerator")
 
     # Rank 0 decodes the dataset into datasets' cache and fetches the weights; the others then reuse both.
-    with accelerator.main_process_first():
+    # A bad input found here stops every process, with the main process's one line (main_first).
+    def data_and_model():
         splits = build_splits(cfg.data, seed=cfg.train.seed)
         startup.lap("data")
-        model = build_model(cfg.model, cfg.data.image_size).to(dtype)
+        check_head_size(cfg.model.num_classes, splits)
+        return splits, build_model(cfg.model, cfg.data.image_size).to(dtype)
+
+    splits, model = main_first(accelerator, data_and_model)
     startup.lap("model")
-    check_head_size(cfg.model.num_classes, splits)  # on every process, past the barrier: all stop together
     counts = count_parameters(model)
     parts = assemble(accelerator, model, splits, plan, fast, cfg.optim, cfg.speed, cfg.train.eval_batch_size,
                      cfg.train.seed)

@@ -110,12 +110,19 @@ def test_unwritable_output_dir(test_env, tmp_path):
 
 
 @pytest.mark.multiprocess
-def test_a_head_too_small_for_the_data_stops_every_process(test_env, tmp_path):
-    # Every process checks once the data is loaded (past accelerate's main-process-first barrier): checked
-    # inside it, the main process alone would stop and the other would wait for it until the timeout.
-    out = tmp_path / "out"
-    proc = run_train(test_env, [*TINY, "--num-classes", "10", "--output-dir", str(out)], num_processes=2,
-                     check=False, timeout=300)
+@pytest.mark.parametrize("bad, message", [
+    # Found by the main process while the others wait for it to load the data and weights first.
+    ("weights", "--weights {path}: not a readable state dict (SafetensorError); is the file complete?"),
+    ("head", "--num-classes 10: the training data has 100 classes (labels 0 to 99); give at least that many"),
+])
+def test_bad_input_found_while_loading_stops_every_process_with_one_line(test_env, tmp_path, bad, message):
+    out, weights = tmp_path / "out", tmp_path / "truncated.safetensors"
+    weights.write_bytes(b"not a state dict")
+    args = ["--weights", str(weights)] if bad == "weights" else ["--num-classes", "10"]
+    proc = run_train(test_env, [*TINY, *args, "--output-dir", str(out)], num_processes=2, check=False, timeout=300)
     assert proc.returncode != 0
-    assert "cifar_dist.train: error: --num-classes 10: the training data has 100 classes" in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("cifar_dist.train: ")]
+    assert errors == [f"cifar_dist.train: error: {message.format(path=weights)}"], errors
+    assert "[rank" not in proc.stderr  # no process but the launcher prints a traceback
     assert not out.exists()
+
