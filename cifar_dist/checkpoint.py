@@ -36,7 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from cifar_dist.atomic import atomic_write_bytes, atomic_write_text
-from cifar_dist.config import Config, UserError, meaning_keys
+from cifar_dist.config import Config, UserError, flat_settings, meaning_keys
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -50,10 +50,6 @@ def save_model(model: torch.nn.Module, path: Path) -> None:
     """The model's weights as safetensors (torchvision key names, head under ``fc.``)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(path, save(state, metadata={"format": "pt"}))
-
-
-def _flat(config: dict) -> dict:
-    return {k: v for section in config.values() for k, v in section.items()}
 
 
 def checkpoint_problem(path: Path) -> str | None:
@@ -101,7 +97,7 @@ def read_state(path: Path) -> dict:
 
 def check_compatible(path: Path, cfg: Config) -> None:
     """Refuse a checkpoint whose run computed something else (image size, freeze point, global batch...)."""
-    saved, current = _flat(read_state(path)["config"]), _flat(cfg.to_dict())
+    saved, current = flat_settings(read_state(path)["config"]), cfg.flat()
     for key in meaning_keys():
         was = saved.get(key, LEGACY_VALUES.get(key))
         if was != current[key]:

@@ -78,7 +78,7 @@ def read_run(path: Path, name: str) -> RunRow:
         records = read_records(path) if started else []
     except UserError as exc:
         return RunRow(path, name, {}, [], f"unreadable: {exc}")
-    return RunRow(path, name, _flat(cfg), records, status(path, cfg, records, started), run_facts(path))
+    return RunRow(path, name, cfg.flat(), records, status(path, cfg, records, started), run_facts(path))
 
 
 def status(path: Path, cfg: Config, records: list[dict], started: bool) -> str:
@@ -91,10 +91,6 @@ def status(path: Path, cfg: Config, records: list[dict], started: bool) -> str:
         text = "unfinished" + (f", checkpoint at step {int(latest.name[5:])}" if latest else "")
     resumes = resumed_segments(records)
     return text + (f", resumed{f' {resumes}x' if resumes > 1 else ''}" if resumes else "")
-
-
-def _flat(cfg: Config) -> dict:
-    return {k: v for section in cfg.to_dict().values() for k, v in section.items()}
 
 
 def differing(rows: list[RunRow]) -> list[str]:

@@ -246,6 +246,15 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def flat(self) -> dict:
+        """{setting: value} over all sections (setting names are unique across them)."""
+        return flat_settings(self.to_dict())
+
+
+def flat_settings(config: dict) -> dict:
+    """A config dict by section (``Config.to_dict``, or one saved in a checkpoint) as {setting: value}."""
+    return {key: value for section in config.values() for key, value in section.items()}
+
 
 _SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "train": TrainConfig,
                   "tracking": TrackingConfig, "speed": SpeedConfig}

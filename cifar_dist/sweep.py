@@ -161,14 +161,11 @@ def finished(point: Point, root: Path) -> bool:
     out = root / point.name
     if not (out / CONFIG_FILE).is_file():
         return False
-    made, wanted = (_flat(cfg) for cfg in (load_config(out / CONFIG_FILE), point.config(root)))
-    if any(made[key] != wanted[key] for key in meaning_keys()):
+    wanted = point.config(root)
+    made, asked = load_config(out / CONFIG_FILE).flat(), wanted.flat()
+    if any(made[key] != asked[key] for key in meaning_keys()):
         return False
-    return is_finished(out, point.config(root), read_records(out))
-
-
-def _flat(cfg: Config) -> dict:
-    return {key: value for section in cfg.to_dict().values() for key, value in section.items()}
+    return is_finished(out, wanted, read_records(out))
 
 
 def run_all(points: list[Point], root: Path, launcher: list[str]) -> int:
