@@ -146,10 +146,24 @@ def test_running_out_of_gpu_memory_is_one_line_saying_what_to_change(tmp_path, m
         raise RuntimeError("anything else goes through")
 
 
+def stopped_in_process(out, max_steps: int):
+    """The real trainer's command in this process (so that monkeypatches reach it) on a tiny synthetic run with a
+    checkpoint every 2 steps, expected to exit early; the SystemExit's info."""
+    from cifar_dist import train
+
+    try:
+        with pytest.raises(SystemExit) as info:
+            train.main(["--data-source", "synthetic", "--synthetic-train-samples", "128", "--synthetic-eval-samples",
+                        "16", "--image-size", "32", "--weights", "none", "--tracker", "none", "--max-steps",
+                        str(max_steps), "--checkpoint-every-steps", "2", "--output-dir", str(out)])
+    finally:
+        trainer_parts.reset()
+    return info
+
+
 def test_running_out_of_gpu_memory_in_evaluation_stops_the_run_and_keeps_its_checkpoint(monkeypatch, tmp_path,
                                                                                          capsys):
     # The trainer's own path from evaluate to the exit code; a real out-of-memory is tests/test_gpu.py's.
-    from cifar_dist import train
     from cifar_dist.checkpoint import checkpoint_problem
 
     def out_of_memory(*args, **kwargs):
@@ -157,13 +171,7 @@ def test_running_out_of_gpu_memory_in_evaluation_stops_the_run_and_keeps_its_che
 
     monkeypatch.setattr(trainer, "evaluate", out_of_memory)
     out = tmp_path / "run"
-    try:
-        with pytest.raises(SystemExit) as info:
-            train.main(["--data-source", "synthetic", "--synthetic-train-samples", "128", "--synthetic-eval-samples",
-                        "16", "--image-size", "32", "--weights", "none", "--tracker", "none", "--max-steps", "3",
-                        "--checkpoint-every-steps", "2", "--output-dir", str(out)])
-    finally:
-        trainer_parts.reset()
+    info = stopped_in_process(out, max_steps=3)
     assert info.value.code == 4
     checkpoint = out / "checkpoints" / "step-00000002"
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
@@ -188,7 +196,7 @@ def test_a_run_whose_lock_was_taken_over_stops_without_saving_and_leaves_the_loc
     import json
     import time
 
-    from cifar_dist import rundir, train
+    from cifar_dist import rundir
 
     monkeypatch.setattr(rundir, "REFRESH_EVERY_S", 0.05)
     out, saved = tmp_path / "run", trainer.save
@@ -201,13 +209,7 @@ def test_a_run_whose_lock_was_taken_over_stops_without_saving_and_leaves_the_loc
         return path
 
     monkeypatch.setattr(trainer, "save", save_then_taken_over)
-    try:
-        with pytest.raises(SystemExit) as info:
-            train.main(["--data-source", "synthetic", "--synthetic-train-samples", "128", "--synthetic-eval-samples",
-                        "16", "--image-size", "32", "--weights", "none", "--tracker", "none", "--max-steps", "8",
-                        "--checkpoint-every-steps", "2", "--output-dir", str(out)])
-    finally:
-        trainer_parts.reset()
+    info = stopped_in_process(out, max_steps=8)
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert any(f"warning: another start took over the lock of {out} (pid 99 on node7)" in line for line in err)
