@@ -45,9 +45,9 @@ def main(argv: list[str] | None = None) -> None:
     at once.
     """
     with one_line_errors("cifar_dist.train", EXIT_USER_ERROR):
-        cfg = parse_config(argv)
-        try:
-            importing = time.perf_counter()  # a Ctrl-C during these seconds of imports is one line too
+        try:  # a Ctrl-C from the first line on is one line, during the parsing and the imports too
+            cfg = parse_config(argv)
+            importing = time.perf_counter()
             from cifar_dist.trainer import run
 
             run(cfg, imports_s=time.perf_counter() - importing)  # the start-up line's "imports"

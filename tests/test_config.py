@@ -324,3 +324,18 @@ def test_help_and_flag_errors_answer_before_torch_is_imported():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "usage: cifar_dist.train" in out.stdout
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_ctrl_c_while_the_flags_are_parsed_is_one_line(monkeypatch, capsys):
+    """A Ctrl-C in the first moments (parsing; on a busy machine that can take a second) is the same one line and
+    exit code as one during the imports, not a traceback and death by SIGINT."""
+    from cifar_dist import train
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "parse_config", interrupted)
+    with pytest.raises(SystemExit) as info:
+        train.main(["--num-epochs", "1"])
+    assert info.value.code == train.EXIT_INTERRUPTED
+    assert capsys.readouterr().err.startswith("cifar_dist.train: interrupted; nothing was saved")

@@ -310,7 +310,12 @@ def test_resume_path_into_an_output_dir_holding_another_run_is_refused(test_env,
 def test_ctrl_c_during_the_imports_is_one_line(test_env, tmp_path):
     out = tmp_path / "out"
     proc = start_train(test_env, [*RUN, "--output-dir", str(out)], tmp_path)
-    time.sleep(0.8)  # past parsing the flags, inside the seconds of importing torch and the rest
+    # Torch's library mapped: the flags are parsed and seconds of imports (torch's own, torchvision, accelerate,
+    # datasets) are still to come. A fixed sleep was not enough on a busy machine.
+    maps, deadline = Path(f"/proc/{proc.pid}/maps"), time.monotonic() + 60
+    while "libtorch" not in maps.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 130
     err = (tmp_path / "stderr").read_text()
