@@ -366,6 +366,9 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
     total_steps = steps_per_epoch * cfg.train.num_epochs
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
+    if position["step"] >= total_steps:  # a rerun of a finished run: only its report, if that is missing
+        accelerator.print(f"nothing left to train: the run is at step {position['step']} and this one ends at step "
+                          f"{total_steps}; a larger --num-epochs or --max-steps trains on")
     return Run(cfg, plan, accelerator, claim, fast, model, parts.run_step, optimizer, splits,
                parts.train_loader, parts.eval_loader, parts.input_name, parts.eval_input_name, run_log,
                SaveSchedule(cfg.train.checkpoint_every_steps, cfg.train.checkpoint_every_minutes), position,
@@ -548,8 +551,9 @@ def finish(r: Run) -> None:
 
 def launch_times(r: Run) -> dict[str, float]:
     """Seconds of this launch by what they went to: its start-up, its epochs' training and evaluation (a resumed
-    epoch's record counts this launch's part), and its pauses for checkpoints."""
-    mine = [record for record in r.run_log.records if record["epoch"] >= r.position["epoch"]]
+    epoch's record counts this launch's part), and its pauses for checkpoints. This launch's records are those
+    past the step it started at: a rerun of a finished run trained nothing and counts none."""
+    mine = [record for record in r.run_log.records if record["step"] > r.position["step"]]
     return {"startup": r.startup.total(), "training": sum(record["train_time_s"] for record in mine),
             "evaluation": sum(record["eval_time_s"] for record in mine), "checkpoints": r.checkpoint_s}
 

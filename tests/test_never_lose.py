@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 import conftest
+from cifar_dist.bench import trainer_times
 from conftest import FLOAT64, TINY, records, run_train, run_trains_at_once, start_train, tree_digest, wait_for
 
 pytestmark = pytest.mark.slow
@@ -259,8 +260,13 @@ def test_a_finished_run_killed_before_its_report_writes_it_when_started_again(te
     proc = run_train(test_env, [*RUN, "--max-steps", "3", "--checkpoint-every-steps", "2", "--output-dir",
                                 str(old_run)])
     assert "resuming from" in proc.stdout
+    assert "nothing left to train: the run is at step 3 and this one ends at step 3; a larger --num-epochs or " \
+           "--max-steps trains on" in proc.stdout
     assert (old_run / "model.safetensors").is_file() and (old_run / "curves.png").is_file()
     assert records(old_run) == before
+    # Its closing line counts no training, which the run's earlier launch did.
+    times = trainer_times(proc.stdout)[1]
+    assert times["training"] == 0 and times["evaluation"] == 0 and times["other"] >= 0
 
 
 def test_resume_path_starts_a_run_that_the_same_command_then_continues(test_env, finished_run, tmp_path):

@@ -116,6 +116,23 @@ def test_the_closing_line_says_where_all_of_the_time_went_and_the_benchmark_read
     assert trainer.time_line(1.0, {"training": 1.02}) == "time: 1.0 s from launch (training 1.0, other 0.0)"
 
 
+def test_the_closing_line_counts_only_what_this_launch_trained():
+    from types import SimpleNamespace
+
+    records = [{"epoch": 1, "step": 8, "train_time_s": 4.0, "eval_time_s": 1.0},
+               {"epoch": 2, "step": 16, "train_time_s": 2.0, "eval_time_s": 1.0}]  # epoch 2 resumed at step 12
+
+    def launch(step):
+        return SimpleNamespace(run_log=SimpleNamespace(records=records), position={"epoch": 2, "step": step},
+                               startup=SimpleNamespace(total=lambda: 3.0), checkpoint_s=0.5)
+
+    assert trainer.launch_times(launch(12)) == {"startup": 3.0, "training": 2.0, "evaluation": 1.0,
+                                                "checkpoints": 0.5}
+    # The same command once the run has finished trains nothing: its line must not count the last launch's epoch
+    # (it printed "other -2.2").
+    assert trainer.launch_times(launch(16)) == {"startup": 3.0, "training": 0, "evaluation": 0, "checkpoints": 0.5}
+
+
 def test_the_process_age_is_read_from_proc_and_left_out_where_there_is_none(monkeypatch):
     code = "import time; time.sleep(1); from cifar_dist.trainer import process_age_s; print(process_age_s())"
     age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
