@@ -141,7 +141,8 @@ class TrainConfig(_Section):
         "auto", "auto: continue from the newest complete checkpoint in --output-dir if there is one; never: start "
         "fresh; or the path of a checkpoint folder to continue from",
     )
-    overwrite: bool = _field(False, "start fresh even if --output-dir already holds a run, deleting its files")
+    overwrite: bool = _field(False, "start fresh even if --output-dir already holds a run (kept in .previous-run/ "
+                                    "until the new run's first checkpoint)")
     checkpoint_every_minutes: float = _field(
         20.0, "also checkpoint mid-epoch once this many minutes have passed since the last save (0: never)")
     checkpoint_every_steps: int = _field(0, "also checkpoint every N optimizer steps (0: never)")
@@ -191,12 +192,12 @@ class SpeedConfig(_Section):
     cache_frozen_features: AutoYesNo = _field(
         "auto", "run the frozen stages once per image (they are a fixed function of it: no augmentation, frozen "
         "BatchNorm in eval mode), keep their output, and train/evaluate the rest from it; auto: on CUDA where the "
-        "features fit in device memory beside training (22 GB in bf16 at 224 px for CIFAR-100's 60,000 images), "
+        "features fit in device memory beside training (22.4 GiB in bf16 at 224 px for CIFAR-100's 60,000 images), "
         "unless --cache-eval-features no")
     cache_eval_features: AutoYesNo = _field(
         "auto", "evaluate from the frozen stages' output for the test images, computed once (exact, as "
-        "--cache-frozen-features, for the test split alone: 4 GB in bf16 at 224 px); auto: on CUDA when it fits in "
-        "device memory beside training")
+        "--cache-frozen-features, for the test split alone: 3.7 GiB in bf16 at 224 px); auto: on CUDA when it fits "
+        "in device memory beside training")
     feature_cache_location: CacheLocation = _field(
         "auto", "where the cached features live: device memory, host memory, or auto (the device if they fit, "
         "else the host)")

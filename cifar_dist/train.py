@@ -9,7 +9,7 @@ GPU) reports 74.9% validation accuracy after 10 epochs.
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m cifar_dist.train
     sbatch slurm/train.sh                                        # SLURM, several nodes, requeued on preemption
     python -m cifar_dist.train --no-cache-frozen-features             # every epoch from images, not the cache
-    python -m cifar_dist.train --data-source synthetic --image-size 64 --num-epochs 2   # no network needed
+    python -m cifar_dist.train --data-source synthetic --weights none --image-size 64 --num-epochs 2  # no network
 
 The global batch stays 32 on any number of processes: per-device batch x processes x accumulation steps = 32.
 Runs checkpoint to <output-dir>/checkpoints/ and resume by default: kill one at any moment and run the same

@@ -9,9 +9,8 @@
 #SBATCH --ntasks-per-node=1              # one launcher per node; it starts one process per GPU
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=32
-#SBATCH --output=logs/%x-%j.out          # logs/ must exist; append so a requeued job keeps its history
-#SBATCH --error=logs/%x-%j.err
-#SBATCH --open-mode=append
+#SBATCH --output=logs/%x-%j.out          # logs/ must exist; errors go there too, in order with the output
+#SBATCH --open-mode=append               # a requeued job keeps its history
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@180              # warn the batch shell 3 minutes before the time limit
 # GPUS_PER_NODE=8                        # default: what SLURM allocated

@@ -5,7 +5,7 @@
 #SBATCH --time=00:30:00
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
-#SBATCH --output=%x-%j.out
+#SBATCH --output=%x-%j.out                # in the submission directory: no logs/ needed
 #SBATCH --open-mode=append
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@60

@@ -339,3 +339,17 @@ def test_ctrl_c_while_the_flags_are_parsed_is_one_line(monkeypatch, capsys):
         train.main(["--num-epochs", "1"])
     assert info.value.code == train.EXIT_INTERRUPTED
     assert capsys.readouterr().err.startswith("cifar_dist.train: interrupted; nothing was saved")
+
+
+@pytest.mark.parametrize("name", ["single_gpu", "multi_gpu", "cpu_2proc"])
+def test_the_shipped_accelerate_configs_load_and_leave_the_recipe_to_the_flags(name):
+    """accelerate reads each file; its process count makes the global batch of 32, and it sets no precision,
+    so that --mixed-precision auto keeps a V100 or T4 in fp32 rather than emulating bf16."""
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = Path(__file__).parents[1] / "accelerate_configs" / f"{name}.yaml"
+    config = load_config_from_file(str(path))
+    assert 32 % config.num_processes == 0
+    assert str(config.mixed_precision) == "no"
