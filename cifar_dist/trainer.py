@@ -73,13 +73,16 @@ class StopSignals:
     flag; a second Ctrl-C stops at once.
 
     The handler only sets the flag: saving from inside a signal handler can interleave with a half-done step.
+    A SIGINT the process was started to ignore (a script's background job, nohup) stays ignored, as Python
+    leaves it.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
         self.received: str | None = None
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS
+                          if not (sig == signal.SIGINT and signal.getsignal(sig) == signal.SIG_IGN)}
 
     def _handle(self, signum, frame):
         if signum == signal.SIGINT:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,7 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from slurm_cluster import slurm_cluster  # noqa: F401 (a session fixture: a real two-node SLURM cluster)
+from slurm_cluster import (
+    free_ports,
+    slurm_cluster,  # noqa: F401 (a session fixture: a real two-node SLURM cluster)
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_2PROC = REPO / "accelerate_configs" / "cpu_2proc.yaml"
@@ -31,7 +35,10 @@ def test_env(tmp_path_factory) -> dict[str, str]:
     checkpoints = torch_home / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
     torch.save(imagenet_standin(), checkpoints / V1_FILE)
-    env = dict(os.environ)
+    # Nothing of the outer W&B set-up (a WANDB_DIR would move runs out of <output-dir>/wandb) or proxies (the
+    # tests' refused connections must be refused here, not by a proxy).
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("WANDB_") and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
     env.update({
         "TORCH_HOME": str(torch_home),
         "HF_HOME": str(root / "hf"),
@@ -42,6 +49,9 @@ def test_env(tmp_path_factory) -> dict[str, str]:
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
         "TQDM_DISABLE": "1",
+        # torchrun kills workers this long after forwarding a stop signal; its 30 s default is short for two
+        # processes saving on a busy 2-core machine (slurm/job.sh sets the same)
+        "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "300",
     })
     return env
 
@@ -144,8 +154,11 @@ def start_train(env: dict, args: list[str], log_dir: Path, num_processes: int = 
                "--num_processes", str(num_processes), "--main_process_port", str(_free_port()),
                "-m", "cifar_dist.train", *args]
     # Output to files, not pipes: a full pipe would block the run before it reaches the point we wait for.
+    # Ctrl-C as a terminal sends it: the run starts with SIGINT's default action even where pytest runs as a
+    # script's background job, which starts with SIGINT ignored (and so would the run).
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=open(log_dir / "stdout", "w"),
-                            stderr=open(log_dir / "stderr", "w"))
+                            stderr=open(log_dir / "stderr", "w"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300):
@@ -171,11 +184,9 @@ def refused(capsys, main, argv: list[str]) -> str:
 
 
 def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A bindable port below the ephemeral range: between this call and the launcher binding it, an outgoing
+    connection (another test's gloo processes) cannot take it, as it could one the system handed out."""
+    return free_ports(1)[0]
 
 
 def pytest_collection_modifyitems(items):

@@ -1,5 +1,6 @@
 """cifar_dist.compare on runs the real trainer made (finished, stopped, resumed), and its table and refusals."""
 
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 import conftest
 from cifar_dist.compare import RunRow, differing, main, table
 from cifar_dist.config import make_config, save_config
-from conftest import REPO, TINY, run_train
+from conftest import REPO, TINY, records, run_train
 
 RUN = [*TINY, "--checkpoint-every-steps", "0"]
 
@@ -32,31 +33,34 @@ def rows(text: str) -> dict[str, list[str]]:
 @pytest.mark.slow
 def test_finished_stopped_and_resumed_runs(test_env, tmp_path):
     root = tmp_path / "runs"
-    stopped = [*RUN, "--num-epochs", "2", "--output-dir", str(root / "long")]
+    # Three epochs of 8 steps: a stop is acted on at the next multiple of 10 steps, so a signal sent once epoch 1
+    # has ended lands before the last step even on a busy machine (at step 10 or 20).
+    stopped = [*RUN, "--num-epochs", "3", "--output-dir", str(root / "long")]
     with open(tmp_path / "log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "cifar_dist.train", *stopped], env=test_env, cwd=REPO,
                                 stdout=log, stderr=log)
-        checkpoint = root / "long" / "checkpoints" / "step-00000008"
         deadline = time.monotonic() + 300
-        while not checkpoint.exists():  # the end of epoch 1
+        while not (root / "long" / "metrics.jsonl").exists():  # the end of epoch 1
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()[-2000:]
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=300) == 75  # stopped at step 10 with a checkpoint
+        assert proc.wait(timeout=300) == 75  # stopped with a checkpoint
+    step = int(re.search(r"stopped by SIGTERM at step (\d+)", (tmp_path / "log").read_text())[1])
+    epochs_done = len(records(root / "long"))
     run_train(test_env, [*RUN, "--num-epochs", "1", "--lr", "3e-4", "--output-dir", str(root / "short")])
 
     text = compare(test_env, root)
     table_rows = rows(text)
     head = text.splitlines()[0]
     assert [c.strip() for c in head.strip("|").split("|")][:4] == ["run", "lr", "num_epochs", "status"]
-    assert table_rows["long"][1:4] == ["0.001", "2", "unfinished, checkpoint at step 10"]
-    assert table_rows["long"][8] == "1/2" and table_rows["short"][3:4] == ["finished"]
+    assert table_rows["long"][1:4] == ["0.001", "3", f"unfinished, checkpoint at step {step}"]
+    assert table_rows["long"][8] == f"{epochs_done}/3" and table_rows["short"][3:4] == ["finished"]
     assert table_rows["short"][-2:] == ["cpu (cpu), no", "1"]
     assert (root / "compare.md").is_file() and (root / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
     run_train(test_env, stopped)  # the same command resumes and finishes
     table_rows = rows(compare(test_env, root))
-    assert table_rows["long"][3] == "finished, resumed" and table_rows["long"][8] == "2/2"
+    assert table_rows["long"][3] == "finished, resumed" and table_rows["long"][8] == "3/3"
     # Sorted by best validation top-1.
     best = {name: float(cells[5].split("%")[0]) for name, cells in table_rows.items()}
     assert list(table_rows) == sorted(best, key=lambda n: -best[n])

@@ -187,7 +187,8 @@ def test_synthetic_is_learnable_from_a_frozen_random_trunk():
 # -- malformed sources
 
 
-def test_missing_path(tmp_path):
+def test_missing_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # (the relative path must not exist whoever runs the tests from where)
     assert "no such file or folder" in user_error(tmp_path / "nowhere")
     assert "no such file or folder" in user_error("./cifar-100-python.tar.gz")
 
@@ -329,7 +330,7 @@ def test_hub_offline_gives_the_local_copy_hint(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     start = time.monotonic()
     message = user_error("uoft-cs/cifar100")
-    assert time.monotonic() - start < 10
+    assert time.monotonic() - start < 15  # no retries (datasets' own take 23 s); room for a busy machine
     assert "--data-source uoft-cs/cifar100:" in message and "cannot be reached" in message
     assert "--data-source PATH" in message and "cifar-100-python.tar.gz" in message
     assert "datasets.load_dataset('uoft-cs/cifar100').save_to_disk('DIR')" in message
@@ -423,7 +424,7 @@ def test_unreachable_hub_is_one_fast_line_without_retries(hub_at, caplog):
     start = time.monotonic()
     with caplog.at_level(logging.INFO):
         message = user_error("someone/cifar100-copy")
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 15  # no retries (they take 23 s); room for a busy machine
     assert message.startswith(f"--data-source someone/cifar100-copy: not a local path, and the Hugging Face Hub "
                               f"({endpoint}) cannot be reached to download it (ConnectError: ")
     assert "Connection refused" in message and "--data-source PATH" in message
@@ -435,7 +436,7 @@ def test_unreachable_hub_uses_the_cached_copy_and_says_so(hub_at, hf_cache, arra
     endpoint = hub_at(f"http://127.0.0.1:{_free_port()}")
     start = time.monotonic()
     assert_matches(load("someone/cifar100-copy"), arrays)
-    assert time.monotonic() - start < 10
+    assert time.monotonic() - start < 15  # no retries (they take 23 s)
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cifar_dist:")]
     assert len(notes) == 1
     assert notes[0].startswith(f"cifar_dist: warning: the Hugging Face Hub ({endpoint}) cannot be reached "

@@ -1,3 +1,5 @@
+import urllib.error
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -107,7 +109,12 @@ def test_imagenet_weights_load_from_torch_home(torch_home):
 
 def test_missing_imagenet_weights_say_where_to_put_them(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
-    # No network here: the download fails, and the error names the file and the folder it is read from.
+    # The download fails as it does without network (also where the network is up: nothing is fetched), and the
+    # error names the file and the folder it is read from.
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError(f"<urlopen error [Errno -3] Temporary failure in name resolution> ({url})")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(UserError) as info:
         build_model(ModelConfig(weights="IMAGENET1K_V2"), image_size=32)
     assert "resnet50-11ad3fa6.pth" in str(info.value) and str(tmp_path / "empty") in str(info.value)

