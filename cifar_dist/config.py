@@ -335,9 +335,10 @@ def make_config(**values) -> Config:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    """The run's settings as YAML that ``--config`` reads back; ``overwrite`` is an action, so never written."""
+    """The run's settings as YAML that ``--config`` reads back. ``overwrite`` (an action) and ``stop_marker`` (a
+    job's file, which a replay elsewhere must not write) belong to one launch, so are never written."""
     settings = cfg.to_dict()
-    del settings["train"]["overwrite"]
+    del settings["train"]["overwrite"], settings["train"]["stop_marker"]
     path.write_text(yaml.safe_dump(settings, sort_keys=False))
 
 

@@ -85,13 +85,14 @@ def test_written_config_reloads_to_the_same_config(tmp_path):
                                                                            "tracking", "speed"}
 
 
-def test_overwrite_is_an_action_never_saved(tmp_path, capsys):
-    cfg = parse_config(["--overwrite", "--num-epochs", "2"])
-    assert cfg.train.overwrite  # the flag still works for this start
+def test_overwrite_and_the_stop_marker_belong_to_one_launch_and_are_never_saved(tmp_path, capsys):
+    cfg = parse_config(["--overwrite", "--stop-marker", "/tmp/job-7-stopped", "--num-epochs", "2"])
+    assert cfg.train.overwrite and cfg.train.stop_marker  # the flags still work for this start
     save_config(cfg, tmp_path / "config.yaml")
-    assert "overwrite" not in (tmp_path / "config.yaml").read_text()
+    text = (tmp_path / "config.yaml").read_text()
+    assert "overwrite" not in text and "stop_marker" not in text and "job-7" not in text
     replayed = parse_config(["--config", str(tmp_path / "config.yaml")])
-    assert not replayed.train.overwrite and replayed.train.num_epochs == 2
+    assert not replayed.train.overwrite and replayed.train.stop_marker is None and replayed.train.num_epochs == 2
 
 
 @pytest.mark.parametrize("text", ["overwrite: false\n", "train: {overwrite: false, num_epochs: 2}\n"])

@@ -3,6 +3,7 @@ full filesystem. Every case checks the exit code, the one line the user sees, an
 that was there before are byte for byte what they were."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -100,7 +101,7 @@ def test_a_second_start_on_the_same_output_dir_is_refused(test_env, tmp_path):
         f"cifar_dist.train: error: --output-dir {out} is in use by another run (pid {first.pid} on ")
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=600) == 75  # the first run went on undisturbed, to its own stop and checkpoint
-    step = int(last_line((tmp_path / "stderr").read_text()).split("stopped by SIGTERM at step ")[1].split()[0])
+    step = int(re.search(r"stopped by SIGTERM at step (\d+)", (tmp_path / "stderr").read_text())[1])
     assert (out / "checkpoints" / f"step-{step:08d}" / "COMPLETE").exists()
 
 
