@@ -106,9 +106,12 @@ def check_compatible(path: Path, cfg: Config) -> None:
 
 
 def save_checkpoint(accelerator, output_dir: Path, state: dict, keep: int, writer: BackgroundWriter | None = None,
-                    on_complete: Callable[[], None] = lambda: None) -> Path:
+                    on_complete: Callable[[], None] = lambda: None,
+                    still_ours: Callable[[], bool] = lambda: True) -> Path:
     """Save model, optimizer, RNG and ``state`` as ``checkpoints/step-N``; keep the newest ``keep``; then call
-    ``on_complete`` (main process). Returns the checkpoint's path.
+    ``on_complete`` (main process). Returns the checkpoint's path. Where ``still_ours()`` is False once the
+    files are written (another start took the output dir over meanwhile), the checkpoint is dropped instead of
+    named: its name could replace, and its pruning remove, that run's checkpoints.
 
     Every process must call this (each writes its RNG state). The folder appears under its final name only
     once complete, so a crash mid-save leaves the previous checkpoint as the newest complete one; a failed
@@ -136,7 +139,8 @@ def save_checkpoint(accelerator, output_dir: Path, state: dict, keep: int, write
         raise _save_failed(exc, tmp, root, final) from None
     if accelerator.is_main_process:
         # The state as text now: what the trainer changes next cannot reach a write still to come.
-        complete = partial(_complete, tmp, final, large, json.dumps(state, indent=1), keep, on_complete)
+        complete = partial(_complete, tmp, final, large, json.dumps(state, indent=1), keep, on_complete,
+                           still_ours)
         if writer is None:
             complete()
         else:
@@ -186,7 +190,8 @@ def _host_copy(obj, buffers: dict, where: tuple):
     return obj
 
 
-def _complete(tmp: Path, final: Path, large: dict, state: str, keep: int, on_complete: Callable[[], None]) -> None:
+def _complete(tmp: Path, final: Path, large: dict, state: str, keep: int, on_complete: Callable[[], None],
+              still_ours: Callable[[], bool]) -> None:
     """Main process: the large files (if any), the trainer's state and the marker, then the folder under its
     final name; older checkpoints beyond ``keep`` go."""
     root = final.parent
@@ -197,6 +202,9 @@ def _complete(tmp: Path, final: Path, large: dict, state: str, keep: int, on_com
         atomic_write_text(tmp / COMPLETE, "")
     except (OSError, SafetensorError, RuntimeError) as exc:
         raise _save_failed(exc, tmp, root, final) from None
+    if not still_ours():  # (a write of seconds, done in the background, on a node that froze meanwhile)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     # An earlier save of the same step (a stop at an epoch's last step, then its epoch end) goes first: a folder
     # cannot be renamed onto a full one. A kill in between leaves tmp complete, which the next start names.
     shutil.rmtree(final, ignore_errors=True)

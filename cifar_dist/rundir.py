@@ -65,14 +65,23 @@ class Lock:
     def __post_init__(self):
         threading.Thread(target=self._refresh, name="cifar_dist-lock", daemon=True).start()
 
+    def held(self) -> bool:
+        """Whether the lock is still this run's, read from the file now; where another start has taken it over,
+        says so (once) and sets ``lost``."""
+        if self.lost.is_set():
+            return False
+        holder = _read_holder(self.path)
+        if holder and holder.get("token") != self.token:
+            self.lost.set()
+            print(f"cifar_dist: warning: another start took over the lock of {self.path.parent} (pid "
+                  f"{holder.get('pid', '?')} on {holder.get('host', '?')}) as if this run were gone; two runs "
+                  "now write there; this one stops at its next check", file=sys.stderr, flush=True)
+            return False
+        return True
+
     def _refresh(self):
         while not self._stop.wait(REFRESH_EVERY_S):
-            holder = _read_holder(self.path)
-            if holder and holder.get("token") != self.token:  # never refresh another run's lock
-                print(f"cifar_dist: warning: another start took over the lock of {self.path.parent} (pid "
-                      f"{holder.get('pid', '?')} on {holder.get('host', '?')}) as if this run were gone; two runs "
-                      "now write there; this one stops at its next check", file=sys.stderr, flush=True)
-                self.lost.set()
+            if not self.held():  # never refresh another run's lock
                 return
             try:
                 os.utime(self.path)
@@ -356,6 +365,10 @@ class Claim:
     def commit(self) -> None:
         if self.start is not None:
             self.start.commit()
+
+    def holds(self) -> bool:
+        """Whether this run may still name files in the output dir: not once another start took its lock."""
+        return self.lock is None or self.lock.held()
 
     def abandon(self) -> None:
         if self.start is not None:

@@ -516,7 +516,7 @@ def save(r: Run, epoch: int, steps_in_epoch: int, totals: Totals | None) -> Path
     # The first complete checkpoint makes a new run permanent (Claim.commit), whenever the writer completes it.
     start = time.perf_counter()
     path = save_checkpoint(r.accelerator, r.output_dir, state, r.cfg.train.keep_checkpoints, r.writer,
-                           on_complete=r.claim.commit)
+                           on_complete=r.claim.commit, still_ours=r.claim.holds)
     r.checkpoint_s += time.perf_counter() - start
     r.schedule.saved()
     return path

@@ -121,6 +121,31 @@ def test_the_checkpoint_is_the_state_when_saved_and_appears_only_once_complete(p
     assert json.loads((path / "trainer_state.json").read_text()) == state(2)
 
 
+def test_a_write_that_ends_after_another_start_took_the_output_dir_over_is_dropped(parts, tmp_path, monkeypatch,
+                                                                                    capsys):
+    # The node froze mid-write; another start took the lock (after 2 minutes) and resumed the run there, up to
+    # and past the same step. Named, this write would replace that run's step-2 and its pruning remove others.
+    from cifar_dist.rundir import LOCK, Claim, acquire_lock
+
+    lock, _ = acquire_lock(tmp_path)
+    claim, gate, writer, completed = Claim(tmp_path, lock=lock), Gate(monkeypatch), BackgroundWriter(), []
+    path = save_checkpoint(parts.accelerator, tmp_path, state(2), keep=1, writer=writer,
+                           on_complete=lambda: completed.append(path), still_ours=claim.holds)
+    theirs = {name: tmp_path / "checkpoints" / name for name in ("step-00000002", "step-00000003")}
+    for folder in theirs.values():
+        folder.mkdir(parents=True)
+        (folder / COMPLETE).write_text("theirs")
+    (tmp_path / LOCK).write_text(json.dumps({"host": "node7", "pid": 99, "since": "now", "token": "theirs"}))
+    gate.open()
+    writer.wait()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == sorted(theirs)  # no .tmp-, no pruning
+    assert all((folder / COMPLETE).read_text() == "theirs" for folder in theirs.values()) and not completed
+    assert f"warning: another start took over the lock of {tmp_path} (pid 99 on node7)" in capsys.readouterr().err
+    assert lock.lost.is_set()  # and the trainer stops at its next check
+    lock.release()
+    assert json.loads((tmp_path / LOCK).read_text())["token"] == "theirs"
+
+
 def test_the_next_save_waits_for_the_pending_one_and_keeps_the_newest(parts, tmp_path, monkeypatch):
     gate, writer = Gate(monkeypatch), BackgroundWriter()
     first = save_checkpoint(parts.accelerator, tmp_path, state(1), keep=1, writer=writer)

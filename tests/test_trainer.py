@@ -220,6 +220,8 @@ def test_a_run_whose_lock_was_taken_over_stops_without_saving_and_leaves_the_loc
     def save_then_taken_over(r, *args, **kwargs):
         path = saved(r, *args, **kwargs)
         if r.step == 2:
+            if r.writer is not None:
+                r.writer.wait()  # step 2 is written: the takeover comes after it (a write it overtakes is dropped)
             (out / rundir.LOCK).write_text(json.dumps({"host": "node7", "pid": 99, "since": "now", "token": "theirs"}))
             assert r.claim.lock.lost.wait(60)  # the lock's refresh thread finds it (before the check at step 4)
         return path
