@@ -291,9 +291,10 @@ class RunLog:
 
 
 def compares_to_seed(cfg: Config) -> bool:
-    """Whether the notebook's figures are a fair reference: real CIFAR-100 from ImageNet weights."""
+    """Whether the notebook's figures are a fair reference: all of real CIFAR-100, from ImageNet weights."""
     return (cfg.data.data_source != "synthetic" and cfg.model.weights.startswith("IMAGENET1K")
-            and cfg.model.num_classes == 100)
+            and cfg.model.num_classes == 100 and cfg.data.max_train_samples is None
+            and cfg.data.max_eval_samples is None)
 
 
 def plot_title(cfg: Config, output_dir: Path) -> str:
