@@ -73,6 +73,9 @@ def _flatten_yaml(data, path: str) -> dict:
             raise _unknown_key(key, path)
     if "overwrite" in flat:
         _drop_overwrite(flat.pop("overwrite"), path)
+    if flat.pop("stop_marker", None) is not None:  # older config.yaml files of SLURM jobs carry their job's
+        print(f"cifar_dist: warning: {path}: ignoring 'stop_marker' (a job script passes its own on the command "
+              "line)", file=sys.stderr)
     return {name: _coerce(name, value, path) for name, value in flat.items()}
 
 

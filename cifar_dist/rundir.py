@@ -61,6 +61,7 @@ class Lock:
     token: str
     lost: threading.Event = field(default_factory=threading.Event)  # another start took it over: stop (trainer)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _checking: threading.Lock = field(default_factory=threading.Lock)  # the refresher and a checkpoint's writer
 
     def __post_init__(self):
         threading.Thread(target=self._refresh, name="cifar_dist-lock", daemon=True).start()
@@ -68,16 +69,17 @@ class Lock:
     def held(self) -> bool:
         """Whether the lock is still this run's, read from the file now; where another start has taken it over,
         says so (once) and sets ``lost``."""
-        if self.lost.is_set():
-            return False
-        holder = _read_holder(self.path)
-        if holder and holder.get("token") != self.token:
-            self.lost.set()
-            print(f"cifar_dist: warning: another start took over the lock of {self.path.parent} (pid "
-                  f"{holder.get('pid', '?')} on {holder.get('host', '?')}) as if this run were gone; two runs "
-                  "now write there; this one stops at its next check", file=sys.stderr, flush=True)
-            return False
-        return True
+        with self._checking:  # (one warning, whichever thread finds it first)
+            if self.lost.is_set():
+                return False
+            holder = _read_holder(self.path)
+            if holder and holder.get("token") != self.token:
+                self.lost.set()
+                print(f"cifar_dist: warning: another start took over the lock of {self.path.parent} (pid "
+                      f"{holder.get('pid', '?')} on {holder.get('host', '?')}) as if this run were gone; two runs "
+                      "now write there; this one stops at its next check", file=sys.stderr, flush=True)
+                return False
+            return True
 
     def _refresh(self):
         while not self._stop.wait(REFRESH_EVERY_S):
@@ -363,7 +365,7 @@ class Claim:
             self.start.begin(overwrite)
 
     def commit(self) -> None:
-        if self.start is not None:
+        if self.start is not None and not self._lost():
             self.start.commit()
 
     def holds(self) -> bool:
@@ -371,8 +373,11 @@ class Claim:
         return self.lock is None or self.lock.held()
 
     def abandon(self) -> None:
-        if self.start is not None:
+        if self.start is not None and not self._lost():  # a taken-over dir's start files are the other run's
             self.start.rollback()
+
+    def _lost(self) -> bool:
+        return self.lock is not None and self.lock.lost.is_set()
 
     def release(self) -> None:
         if self.lock is not None:

@@ -73,8 +73,8 @@ class StopSignals:
     flag; a second Ctrl-C stops at once.
 
     The handler only sets the flag: saving from inside a signal handler can interleave with a half-done step.
-    A SIGINT the process was started to ignore (a script's background job, nohup) stays ignored, as Python
-    leaves it.
+    A SIGINT the process was started to ignore (a background job of a script) stays ignored, as Python leaves
+    it.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -223,6 +223,8 @@ class Run:
     step: int = 0
     per_class_acc: list = field(default_factory=list)
     checkpoint_s: float = 0.0  # this launch's pauses for checkpoints: every save, and the wait for the last one
+    trained_s: float = 0.0  # this launch's training and evaluation, for its closing line
+    evaluated_s: float = 0.0
 
     @property
     def output_dir(self) -> Path:
@@ -370,8 +372,9 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
     if position["step"] >= total_steps:  # a rerun of a finished run: only its report, if that is missing
+        limit = "--max-steps" if total_steps == cfg.train.max_steps else "--num-epochs"
         accelerator.print(f"nothing left to train: the run is at step {position['step']} and this one ends at step "
-                          f"{total_steps}; a larger --num-epochs or --max-steps trains on")
+                          f"{total_steps}; a larger {limit} trains on")
     return Run(cfg, plan, accelerator, claim, fast, model, parts.run_step, optimizer, splits,
                parts.train_loader, parts.eval_loader, parts.input_name, parts.eval_input_name, run_log,
                SaveSchedule(cfg.train.checkpoint_every_steps, cfg.train.checkpoint_every_minutes), position,
@@ -425,6 +428,7 @@ def train_one_epoch(r: Run, epoch: int, stop: StopSignals) -> None:
     stopping, _ = check_health(r, totals, stop)
     train_time = time.perf_counter() - epoch_start - saving_s
     record = end_of_epoch_record(r, epoch, totals, train_time, (done - first_done) * plan.global_batch_size)
+    r.trained_s, r.evaluated_s = r.trained_s + train_time, r.evaluated_s + record["eval_time_s"]
     record["epoch_time_s"] = round(time.perf_counter() - epoch_start, 3)
     record["checkpoint_time_s"] = round(saving_s, 3)  # the mid-epoch saves; the end-of-epoch one follows
     if r.claim.resume_from is not None:  # lets compare show the run as resumed
@@ -530,7 +534,7 @@ def finish(r: Run) -> None:
     if r.writer is not None:
         r.writer.wait()  # the last checkpoint is complete before the run reports itself done
     r.checkpoint_s += time.perf_counter() - waiting
-    accelerator.wait_for_everyone()
+    leave_if_taken_over(r)  # (then that checkpoint was dropped, and the report is not this run's to write)
     if accelerator.is_main_process:
         reporting = time.perf_counter()
         save_model(accelerator.unwrap_model(r.model), r.output_dir / "model.safetensors")
@@ -553,12 +557,10 @@ def finish(r: Run) -> None:
 
 
 def launch_times(r: Run) -> dict[str, float]:
-    """Seconds of this launch by what they went to: its start-up, its epochs' training and evaluation (a resumed
-    epoch's record counts this launch's part), and its pauses for checkpoints. This launch's records are those
-    past the step it started at: a rerun of a finished run trained nothing and counts none."""
-    mine = [record for record in r.run_log.records if record["step"] > r.position["step"]]
-    return {"startup": r.startup.total(), "training": sum(record["train_time_s"] for record in mine),
-            "evaluation": sum(record["eval_time_s"] for record in mine), "checkpoints": r.checkpoint_s}
+    """Seconds of this launch by what they went to: its start-up, its epochs' training and evaluation, and its
+    pauses for checkpoints."""
+    return {"startup": r.startup.total(), "training": r.trained_s, "evaluation": r.evaluated_s,
+            "checkpoints": r.checkpoint_s}
 
 
 def time_line(total: float, times: dict[str, float]) -> str:
@@ -585,6 +587,8 @@ def stopped(r: Run, stop: StopSignals, where: str, checkpoint: Path | None) -> T
     """The exception that ends a run stopped by a signal, once its checkpoint is complete; marks the stop."""
     if r.writer is not None:
         r.writer.wait()
+    if checkpoint is not None:  # (every process is here, after a check that agreed to stop)
+        leave_if_taken_over(r)  # then the stop's checkpoint was dropped: nothing to requeue on
     interrupted = stop.received == "SIGINT"
     if r.cfg.train.stop_marker and r.accelerator.is_main_process and not interrupted:
         Path(r.cfg.train.stop_marker).write_text(f"{checkpoint}\n")  # job scripts requeue on it; not on Ctrl-C
@@ -621,6 +625,24 @@ def finish_writing(writer: BackgroundWriter | None) -> None:
         print(f"cifar_dist.train: a checkpoint was not completed ({exc})", file=sys.stderr)
 
 
+def taken_over(r: Run) -> TrainingStopped:
+    """Another start judged this run gone and took the output dir over: the run leaves it to that run."""
+    return TrainingStopped(f"another start took over --output-dir {r.output_dir} as if this run were gone; stopped "
+                           f"at step {r.step} without saving, leaving the directory to it", EXIT_USER_ERROR)
+
+
+def leave_if_taken_over(r: Run) -> None:
+    """Raises ``taken_over`` where the lock file, read now by the main process, is another run's; every process
+    agrees (a collective). After a checkpoint's write: one that ended after a takeover was dropped
+    (checkpoint.save_checkpoint's ``still_ours``), and must be neither reported as saved nor followed by a
+    report written into the other run's directory."""
+    lost = not r.claim.holds()
+    if r.accelerator.num_processes > 1:
+        lost = bool(r.accelerator.reduce(torch.tensor(float(lost), device=r.accelerator.device), reduction="sum"))
+    if lost:
+        raise taken_over(r)
+
+
 def check_health(r: Run, totals: Totals, stop: StopSignals, wait: bool = True) -> tuple[bool, bool]:
     """All processes agree whether the loss went non-finite or the output dir's lock was taken over (each
     raises), whether to stop (a signal arrived somewhere) and whether a time-based checkpoint is due (any
@@ -638,10 +660,8 @@ def check_health(r: Run, totals: Totals, stop: StopSignals, wait: bool = True) -
         flags = r.accelerator.reduce(torch.stack([
             totals.sums[3].clamp(max=1), totals.sums.new_tensor(stop.received is not None),
             totals.sums.new_tensor(r.schedule.time_vote()), totals.sums.new_tensor(lost)]), reduction="sum").tolist()
-    if flags[3]:  # another start judged this run gone and took the output dir over: leave it to that run
-        raise TrainingStopped(f"another start took over --output-dir {r.output_dir} as if this run were gone; "
-                              f"stopped at step {r.step} without saving, leaving the directory to it",
-                              EXIT_USER_ERROR)
+    if flags[3]:
+        raise taken_over(r)
     if flags[0]:
         finish_writing(r.writer)  # written before the loss went bad: every save is preceded by a check that waits
         latest = find_latest(r.output_dir / CHECKPOINTS)

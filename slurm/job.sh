@@ -66,16 +66,17 @@ trap 'forward TERM' TERM
 export NNODES NUM_PROCESSES HEAD_ADDR PORT MIXED_PRECISION
 [ "$NUM_PROCESSES" -eq 1 ] && echo "cifar_dist job: one process, run as the task itself (no launcher)"
 # shellcheck disable=SC2016
+# MIXED_PRECISION goes to the trainer as its flag, before yours (a --mixed-precision of yours wins): as an
+# accelerate setting, "no" would leave the trainer's auto to pick bf16.
 srun --export=ALL --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c '
-    if [ "$NUM_PROCESSES" -eq 1 ]; then
-        [ -n "$MIXED_PRECISION" ] && export ACCELERATE_MIXED_PRECISION=$MIXED_PRECISION
-        exec "${PYTHON:-python}" -m cifar_dist.train "$@"
-    fi
     precision=()
-    [ -n "$MIXED_PRECISION" ] && precision=(--mixed_precision "$MIXED_PRECISION")
+    [ -n "$MIXED_PRECISION" ] && precision=(--mixed-precision "$MIXED_PRECISION")
+    if [ "$NUM_PROCESSES" -eq 1 ]; then
+        exec "${PYTHON:-python}" -m cifar_dist.train "${precision[@]}" "$@"
+    fi
     exec accelerate launch --multi_gpu --num_machines "$NNODES" --num_processes "$NUM_PROCESSES" \
         --machine_rank "$SLURM_NODEID" --main_process_ip "$HEAD_ADDR" --main_process_port "$PORT" \
-        --rdzv_backend static --same_network "${precision[@]}" -m cifar_dist.train "$@"
+        --rdzv_backend static --same_network -m cifar_dist.train "${precision[@]}" "$@"
 ' bash "$@" --stop-marker "$STOP_MARKER" &
 SRUN=$!
 # A trapped signal interrupts `wait`; keep waiting until srun itself has ended.

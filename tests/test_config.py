@@ -93,6 +93,14 @@ def test_overwrite_and_the_stop_marker_belong_to_one_launch_and_are_never_saved(
     assert "overwrite" not in text and "stop_marker" not in text and "job-7" not in text
     replayed = parse_config(["--config", str(tmp_path / "config.yaml")])
     assert not replayed.train.overwrite and replayed.train.stop_marker is None and replayed.train.num_epochs == 2
+    # An older SLURM job's config.yaml still carries its marker: replayed, it is dropped with a note.
+    older = tmp_path / "older.yaml"
+    older.write_text("train: {stop_marker: /tmp/cifar_dist-stopped-7, num_epochs: 2}\n")
+    capsys.readouterr()
+    assert parse_config(["--config", str(older)]).train.stop_marker is None
+    assert capsys.readouterr().err == (f"cifar_dist: warning: --config {older}: ignoring 'stop_marker' (a job "
+                                       "script passes its own on the command line)\n")
+    assert parse_config(["--config", str(older), "--stop-marker", "/tmp/m"]).train.stop_marker == "/tmp/m"
 
 
 @pytest.mark.parametrize("text", ["overwrite: false\n", "train: {overwrite: false, num_epochs: 2}\n"])

@@ -96,6 +96,9 @@ def test_a_second_start_on_the_same_output_dir_is_refused(test_env, tmp_path):
     first = start_train(test_env, [*LONG, "--output-dir", str(out)], tmp_path)
     wait_for(out / "config.yaml", first)
     second = run_train(test_env, [*LONG, "--output-dir", str(out)], check=False)
+    while "start-up: " not in (tmp_path / "stdout").read_text():  # training under way: the stop saves a step
+        assert first.poll() is None
+        time.sleep(0.05)
     assert second.returncode == 2
     assert last_line(second.stderr).startswith(
         f"cifar_dist.train: error: --output-dir {out} is in use by another run (pid {first.pid} on ")
@@ -267,8 +270,8 @@ def test_a_finished_run_killed_before_its_report_writes_it_when_started_again(te
     proc = run_train(test_env, [*RUN, "--max-steps", "3", "--checkpoint-every-steps", "2", "--output-dir",
                                 str(old_run)])
     assert "resuming from" in proc.stdout
-    assert "nothing left to train: the run is at step 3 and this one ends at step 3; a larger --num-epochs or " \
-           "--max-steps trains on" in proc.stdout
+    assert "nothing left to train: the run is at step 3 and this one ends at step 3; a larger --max-steps trains " \
+           "on" in proc.stdout
     assert (old_run / "model.safetensors").is_file() and (old_run / "curves.png").is_file()
     assert records(old_run) == before
     # Its closing line counts no training, which the run's earlier launch did.

@@ -116,23 +116,6 @@ def test_the_closing_line_says_where_all_of_the_time_went_and_the_benchmark_read
     assert trainer.time_line(1.0, {"training": 1.02}) == "time: 1.0 s from launch (training 1.0, other 0.0)"
 
 
-def test_the_closing_line_counts_only_what_this_launch_trained():
-    from types import SimpleNamespace
-
-    records = [{"epoch": 1, "step": 8, "train_time_s": 4.0, "eval_time_s": 1.0},
-               {"epoch": 2, "step": 16, "train_time_s": 2.0, "eval_time_s": 1.0}]  # epoch 2 resumed at step 12
-
-    def launch(step):
-        return SimpleNamespace(run_log=SimpleNamespace(records=records), position={"epoch": 2, "step": step},
-                               startup=SimpleNamespace(total=lambda: 3.0), checkpoint_s=0.5)
-
-    assert trainer.launch_times(launch(12)) == {"startup": 3.0, "training": 2.0, "evaluation": 1.0,
-                                                "checkpoints": 0.5}
-    # The same command once the run has finished trains nothing: its line must not count the last launch's epoch
-    # (it printed "other -2.2").
-    assert trainer.launch_times(launch(16)) == {"startup": 3.0, "training": 0, "evaluation": 0, "checkpoints": 0.5}
-
-
 def test_the_process_age_is_read_from_proc_and_left_out_where_there_is_none(monkeypatch):
     code = "import time; time.sleep(1); from cifar_dist.trainer import process_age_s; print(process_age_s())"
     age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
@@ -235,6 +218,53 @@ def test_a_run_whose_lock_was_taken_over_stops_without_saving_and_leaves_the_loc
                        "stopped at step 4 without saving, leaving the directory to it")
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000002"]  # nothing saved after it
     assert json.loads((out / rundir.LOCK).read_text())["token"] == "theirs"  # the other run's lock, left alone
+
+
+@pytest.mark.parametrize("at_save", [1, 2])
+def test_a_checkpoint_overtaken_by_another_start_is_dropped_and_the_run_leaves_the_dir_as_it_is(monkeypatch, tmp_path,
+                                                                                               capsys, at_save):
+    # The lock is taken over while a checkpoint is being written (in the background, as by default): the write is
+    # dropped. At the run's last save (2) it has no health check left, and must neither write its final weights
+    # and report into the other run's directory nor exit 0. At its first (1), it must not undo the new run's
+    # start either: the start files are the other run's now.
+    import json
+
+    from cifar_dist import rundir
+
+    monkeypatch.setattr(rundir, "REFRESH_EVERY_S", 3600)  # only the checks around the writes notice it
+    out, saved, calls = tmp_path / "run", trainer.save, []
+
+    def taken_over_while_saving(r, *args, **kwargs):
+        calls.append(r.step)
+        if len(calls) == at_save:  # step 2 twice: mid-epoch, then the epoch's end under --max-steps 2
+            r.writer.wait()  # (the save before is written by then)
+            (out / rundir.LOCK).write_text(json.dumps({"host": "node7", "pid": 99, "since": "now", "token": "x"}))
+        return saved(r, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "save", taken_over_while_saving)
+    info = stopped_in_process(out, max_steps=2)
+    assert info.value.code == 2 and calls == [2, 2]
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"cifar_dist.train: another start took over --output-dir {out} as if this run were gone; stopped at step 2 "
+        "without saving, leaving the directory to it")
+    assert not (out / "model.safetensors").exists() and not (out / "curves.png").exists()  # no final report
+    named = [p.name for p in (out / "checkpoints").iterdir()] if (out / "checkpoints").exists() else []
+    assert named == ["step-00000002"][:at_save - 1]  # the write before the takeover, named
+    assert (out / "config.yaml").exists()  # left as it is
+    assert json.loads((out / rundir.LOCK).read_text())["token"] == "x"
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    import signal
+
+    stop = trainer.StopSignals()
+    try:
+        stop._handle(signal.SIGINT, None)  # the first asks for a stop at a step boundary
+        assert stop.received == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            stop._handle(signal.SIGINT, None)
+    finally:
+        stop.restore()
 
 
 def test_a_sigint_the_run_was_started_to_ignore_stays_ignored():
