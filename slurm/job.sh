@@ -65,9 +65,9 @@ trap 'forward TERM' TERM
 # (--multi_gpu), which forwards the signals (PET_SIGNALS_TO_HANDLE) and waits for them to save.
 export NNODES NUM_PROCESSES HEAD_ADDR PORT MIXED_PRECISION
 [ "$NUM_PROCESSES" -eq 1 ] && echo "cifar_dist job: one process, run as the task itself (no launcher)"
-# shellcheck disable=SC2016
 # MIXED_PRECISION goes to the trainer as its flag, before yours (a --mixed-precision of yours wins): as an
 # accelerate setting, "no" would leave the trainer's auto to pick bf16.
+# shellcheck disable=SC2016
 srun --export=ALL --kill-on-bad-exit=1 --ntasks-per-node=1 bash -c '
     precision=()
     [ -n "$MIXED_PRECISION" ] && precision=(--mixed-precision "$MIXED_PRECISION")
