@@ -31,9 +31,6 @@ drives it through cifar_dist.train.train_step (eval: its evaluate). In one proce
   cache_build     the feature cache's build alone, twice as the trainer builds it (cuDNN's own choice of
                   algorithm), then (on CUDA) twice with cuDNN's autotuning: a first build's extra is one-off,
                   paid once per run; images/s of the trainer's second build
-  cache_build_fused  cache_build's first two builds with the trunk computed as fused_trunk does (BatchNorm
-                  folded into the convolutions; on CUDA the ReLU and residual add fused into cuDNN's), and how
-                  far its features are from the trainer's
   eval            the trainer's evaluate over --steps batches of --eval-batch-size (its default layout), from
                   images: the whole model
   eval_cached     the same from the test images' cached frozen-stage features, as the trainer evaluates by
@@ -86,8 +83,7 @@ from cifar_dist.step_profile import format_profile, profile_steps
 from cifar_dist.steps import evaluate
 
 VARIANTS = ("straight_port", "eager", "channels_last", "compiled", "compiled_heuristic", "graphed", "graphed_compiled",
-            "cached_trunk", "cached_compiled", "cached_graphed", "cached_graphed_eager", "cache_build",
-            "cache_build_fused", "eval",
+            "cached_trunk", "cached_compiled", "cached_graphed", "cached_graphed_eager", "cache_build", "eval",
             "eval_cached", "host", "ddp")
 EVALS = ("eval", "eval_cached")
 # The whole step as one CUDA graph (--whole-step-graph, cifar_dist/graphed_step.py): 'compile s' is its recording.
@@ -134,8 +130,6 @@ class Result:
     compile_s: float = 0.0
     # The feature cache's first build and a second one (cache_build: then two with cuDNN's autotuning).
     cache_builds_s: tuple[float, ...] | None = None
-    # cache_build_fused: the largest difference of its features from the trainer's, relative to their largest.
-    difference: float | None = None
 
 
 def synthetic_images(num_images: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,21 +247,15 @@ def bench_trainer_step(variant: str, splits, args, mixed_precision: str) -> Resu
     return Result(variant, 1.0 / per_image, compile_s, builds)
 
 
-def _cache_build_seconds(parts: trainer_parts.Parts, splits, args, autotune: bool = False,
-                         fused: bool = False) -> float:
+def _cache_build_seconds(parts: trainer_parts.Parts, splits, args, autotune: bool = False) -> float:
     """Seconds one build of the feature cache of ``splits`` takes on ``parts``' model (the slowest process's)."""
     device = parts.accelerator.device
     sync_device(device)
     start = time.perf_counter()
-    _cache(parts, splits, args, autotune, fused)
+    build_feature_cache(parts.accelerator.unwrap_model(parts.model), splits, parts.accelerator,
+                        args.eval_batch_size, "auto", layout=cache_layout(parts.fast), autotune=autotune)
     sync_device(device)
     return _slowest(time.perf_counter() - start, device)
-
-
-def _cache(parts: trainer_parts.Parts, splits, args, autotune: bool = False, fused: bool = False) -> dict:
-    return build_feature_cache(parts.accelerator.unwrap_model(parts.model), splits, parts.accelerator,
-                               args.eval_batch_size, "auto", layout=cache_layout(parts.fast), autotune=autotune,
-                               fused=fused)
 
 
 def bench_cache_build(splits, args, mixed_precision: str) -> Result:
@@ -279,18 +267,6 @@ def bench_cache_build(splits, args, mixed_precision: str) -> Result:
     autotuned = (True, True) if parts.accelerator.device.type == "cuda" else ()  # no cuDNN elsewhere
     builds = tuple(_cache_build_seconds(parts, splits, args, autotune) for autotune in (False, False, *autotuned))
     return Result("cache_build", (len(splits.train) + len(splits.test)) / builds[1], 0.0, builds)
-
-
-def bench_cache_build_fused(splits, args, mixed_precision: str) -> Result:
-    """cache_build's first two builds with the frozen trunk as ``fused_trunk`` computes it (BatchNorm folded, on
-    CUDA the ReLU and residual add fused into cuDNN's convolutions), and how far its features are from the
-    trainer's trunk's."""
-    parts = _build(splits, args, mixed_precision, SpeedConfig(**STEP_SPEED["channels_last"]))
-    builds = tuple(_cache_build_seconds(parts, splits, args, fused=True) for _ in range(2))
-    plain, fused = _cache(parts, splits, args), _cache(parts, splits, args, fused=True)
-    difference = max(float((plain[name].features.float() - fused[name].features.float()).abs().max()
-                           / plain[name].features.float().abs().max()) for name in plain)
-    return Result("cache_build_fused", (len(splits.train) + len(splits.test)) / builds[1], 0.0, builds, difference)
 
 
 def bench_eval(variant: str, splits, args, mixed_precision: str) -> Result:
@@ -490,8 +466,6 @@ def run(args) -> dict:
             found = [bench_eval(variant, splits, args, mixed_precision)]
         elif variant == "cache_build":
             found = [bench_cache_build(train_splits, args, mixed_precision)]
-        elif variant == "cache_build_fused":
-            found = [bench_cache_build_fused(train_splits, args, mixed_precision)]
         elif variant == "ddp":
             found = bench_ddp(train_splits, args, mixed_precision)
         else:
@@ -508,8 +482,7 @@ def run(args) -> dict:
         "results": [{"variant": r.variant, "images_per_s": round(r.images_per_s, 1),
                      "vs_straight_port": round(r.images_per_s / base, 2) if base else None,
                      "compile_s": round(r.compile_s, 1),
-                     **({"cache_builds_s": [round(t, 3) for t in r.cache_builds_s]} if r.cache_builds_s else {}),
-                     **({"difference": float(f"{r.difference:.2e}")} if r.difference is not None else {})}
+                     **({"cache_builds_s": [round(t, 3) for t in r.cache_builds_s]} if r.cache_builds_s else {})}
                     for r in results],
         "cached_images": len(train_splits.train) + len(train_splits.test),
     }
@@ -545,9 +518,7 @@ def format_table(report: dict) -> str:
             autotuned = (f"; with cuDNN's autotuning in {builds[2]} s, again in {builds[3]} s" if len(builds) == 4
                          else "")
             lines.append(f"{r['variant']}: the feature cache of {report['cached_images']:,} images built in "
-                         f"{builds[0]} s, again in {builds[1]} s{autotuned} (the images/s above count the second)"
-                         + (f"; its features differ from the trainer's by at most {r['difference']:.2e} of their "
-                            f"largest" if "difference" in r else ""))
+                         f"{builds[0]} s, again in {builds[1]} s{autotuned} (the images/s above count the second)")
     if "communication_share" in report:
         lines.append(f"communication share of a step with {report['world_size']} processes: "
                      f"{100 * report['communication_share']:.0f}%")

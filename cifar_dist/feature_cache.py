@@ -23,7 +23,6 @@ import os
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from cifar_dist.config import SpeedConfig, UserError
@@ -143,7 +142,7 @@ def cache_for_run(model, splits: CifarSplits, accelerator, batch_size: int, spee
 @torch.no_grad()
 def build_feature_cache(model, splits, accelerator, batch_size: int, location_choice: str,
                         which: tuple[str, ...] = ("train", "test"), layout=torch.contiguous_format,
-                        autotune: bool = False, fused: bool = False) -> dict[str, FeatureDataset]:
+                        autotune: bool = False) -> dict[str, FeatureDataset]:
     """{split name: FeatureDataset} holding ``model.trunk``'s output for every image of the splits named in
     ``which``, kept in the memory format ``layout`` (``cache_layout(fast)``); {} when ``location_choice`` is
     DEVICE_IF_FITS and device memory is too small.
@@ -152,16 +151,15 @@ def build_feature_cache(model, splits, accelerator, batch_size: int, location_ch
     it: it times every algorithm of every convolution on the first call of each input shape, and the trunk's
     shapes at this batch size run in this one pass only, never again in the run. The autotuned step gained 5.6%
     on an H100, so a pass of a few seconds might gain some tenths of a second, against timing about twenty
-    convolution shapes at 224 px (the benchmark's cache_build times both ways). ``fused`` computes the trunk as
-    ``fused_trunk`` does (the benchmark's cache_build_fused times it beside the trainer's)."""
+    convolution shapes at 224 px (the benchmark's cache_build times both ways)."""
     model.train()  # the configuration training runs in (frozen stages in eval mode), which the cache must match
     check_cacheable(model)
     with cudnn_autotuning(autotune and torch.backends.cudnn.benchmark):
-        return _build(model, splits, accelerator, batch_size, location_choice, which, layout, fused)
+        return _build(model, splits, accelerator, batch_size, location_choice, which, layout)
 
 
 def _build(model, splits, accelerator, batch_size: int, location_choice: str, which: tuple[str, ...],
-           layout, fused: bool = False) -> dict[str, FeatureDataset]:
+           layout) -> dict[str, FeatureDataset]:
     device = accelerator.device
     with accelerator.autocast(), cudnn_autotuning(False):  # one image, for the features' shape and dtype
         probe = model.trunk(splits.train.images[:1].to(device))
@@ -178,8 +176,7 @@ def _build(model, splits, accelerator, batch_size: int, location_choice: str, wh
         return {}
     start = time.perf_counter()
     store = device if location == "device" else torch.device("cpu")
-    trunk = fused_trunk(model, probe.dtype, layout) if fused else model.trunk
-    cached = {name: FeatureDataset(_features(trunk, getattr(splits, name).images, accelerator, batch_size, probe,
+    cached = {name: FeatureDataset(_features(model, getattr(splits, name).images, accelerator, batch_size, probe,
                                              store, layout), getattr(splits, name).labels) for name in which}
     counts = " + ".join(f"{len(getattr(splits, name))} {name}" for name in which)
     accelerator.print(f"feature cache: {counts} images -> {'x'.join(map(str, probe.shape[1:]))} "
@@ -197,14 +194,13 @@ def cache_layout(fast: FastPath) -> torch.memory_format:
     return torch.channels_last if fast.channels_last else torch.contiguous_format
 
 
-def _features(trunk, images: torch.Tensor, accelerator, batch_size: int, probe: torch.Tensor,
+def _features(model, images: torch.Tensor, accelerator, batch_size: int, probe: torch.Tensor,
               store: torch.device, layout=torch.contiguous_format) -> torch.Tensor:
-    """trunk(images) for all images (the model's trunk, or ``fused_trunk``'s): each process computes a
-    contiguous shard; all-gather completes each copy. Batches are slices and land in slices, so the loop never
-    waits for the device (an index mask would, twice a batch) and the host queues the next batch's kernels while
-    the device runs this one's. Every batch is whole, the last ones padded with repeats of the last image and
-    their rows dropped: one input shape, which the all-gather needs (and cuDNN's autotuning, where asked for,
-    times once, not again for each remainder)."""
+    """trunk(images) for all images: each process computes a contiguous shard; all-gather completes each copy.
+    Batches are slices and land in slices, so the loop never waits for the device (an index mask would, twice a
+    batch) and the host queues the next batch's kernels while the device runs this one's. Every batch is whole,
+    the last ones padded with repeats of the last image and their rows dropped: one input shape, which the
+    all-gather needs (and cuDNN's autotuning, where asked for, times once, not again for each remainder)."""
     n, world, rank = len(images), accelerator.num_processes, accelerator.process_index
     shard = -(-n // world)
     out = torch.empty((n, *probe.shape[1:]), dtype=probe.dtype, device=store, memory_format=layout)
@@ -214,7 +210,7 @@ def _features(trunk, images: torch.Tensor, accelerator, batch_size: int, probe: 
         if len(batch) < batch_size:
             batch = torch.cat([batch, images[n - 1:].expand(batch_size - len(batch), *images.shape[1:])])
         with accelerator.autocast():
-            features = trunk(batch.to(accelerator.device, non_blocking=True))
+            features = model.trunk(batch.to(accelerator.device, non_blocking=True))
         if world > 1:
             features = accelerator.gather(features.contiguous())  # every process's batch, in rank order
         for r, part in enumerate(features.split(batch_size)):
@@ -223,52 +219,3 @@ def _features(trunk, images: torch.Tensor, accelerator, batch_size: int, probe: 
             if rows > 0:
                 out[lo:lo + rows] = part[:rows].to(store)
     return out
-
-
-@torch.no_grad()
-def fused_trunk(model, dtype: torch.dtype, layout=torch.contiguous_format):
-    """``model.trunk`` for inference, in fewer passes over memory: each frozen BatchNorm (eval mode, so a fixed
-    affine map per channel) folded into the convolution before it, and on CUDA the ReLU after it, and a
-    bottleneck's residual add, fused into cuDNN's convolution. A bottleneck then runs three kernels (four with a
-    downsampling branch) where eager runs ten, each of which reads and writes its whole activation: the trunk at
-    224 px is bound by memory traffic more than by arithmetic. Weights are folded in float32, then kept in
-    ``dtype`` and ``layout`` (the features' own), so the result differs from ``model.trunk`` by rounding only.
-    The 7x7 stem stays an ordinary convolution: cuDNN's fused kernel was reported many times slower there
-    (pytorch/pytorch#68506)."""
-    def fold(conv, bn):
-        scale = bn.weight.float() / torch.sqrt(bn.running_var.float() + bn.eps)
-        weight = (conv.weight.float() * scale[:, None, None, None]).to(dtype).contiguous(memory_format=layout)
-        bias = (bn.bias.float() - bn.running_mean.float() * scale).to(dtype)
-        return weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups
-
-    def conv_relu(x, folded, add=None):
-        weight, bias, *geometry = folded
-        if x.is_cuda:
-            return (torch.cudnn_convolution_relu(x, weight, bias, *geometry) if add is None
-                    else torch.cudnn_convolution_add_relu(x, weight, add, 1, bias, *geometry))
-        y = F.conv2d(x, weight, bias, *geometry)
-        return (y if add is None else y.add_(add)).relu_()
-
-    def bottleneck(block):
-        one, two, three = fold(block.conv1, block.bn1), fold(block.conv2, block.bn2), fold(block.conv3, block.bn3)
-        down = fold(*block.downsample) if block.downsample is not None else None
-
-        def run(x):
-            identity = x if down is None else F.conv2d(x, down[0], down[1], *down[2:])
-            return conv_relu(conv_relu(conv_relu(x, one), two), three, add=identity)
-        return run
-
-    layers = []
-    for stage in model.frozen_stages:
-        if stage == "conv1":
-            stem = fold(model.conv1, model.bn1)
-            layers.append(lambda x, stem=stem: model.maxpool(F.conv2d(x, stem[0], stem[1], *stem[2:]).relu_()))
-        else:
-            layers += [bottleneck(block) for block in getattr(model, stage)]
-
-    def trunk(images: torch.Tensor) -> torch.Tensor:
-        x = model.preprocess(images).to(dtype).contiguous(memory_format=layout)
-        for layer in layers:
-            x = layer(x)
-        return x
-    return trunk

@@ -657,7 +657,7 @@ def test_the_feature_cache_is_built_in_slices_that_never_wait_for_the_device():
     accelerator = Accelerator(cpu=True)
     probe = model.trunk(images[:1])
     with torch.no_grad(), HostWaits() as waits:
-        cached = _features(model.trunk, images, accelerator, 16, probe, torch.device("cpu"))
+        cached = _features(model, images, accelerator, 16, probe, torch.device("cpu"))
     assert waits.found == []
     with torch.no_grad():
         expected = torch.cat([model.trunk(images[k:k + 16]) for k in range(0, 37, 16)])
@@ -686,42 +686,6 @@ def test_the_feature_cache_is_built_without_cudnn_autotuning_unless_asked(monkey
     assert seen == [(1, False), *[(16, expected)] * 4]  # 40 = 16 + 16 + 8 padded; 8 padded
     assert torch.backends.cudnn.benchmark == run_setting  # the run's setting is back for training
     assert len(cached["train"]) == 40 and len(cached["test"]) == 8
-
-
-@pytest.mark.parametrize("freeze_until, channels_last", [("layer4", False), ("layer4", True), ("layer2", False)],
-                         ids=["contiguous", "channels_last", "stem_and_layer1"])
-def test_the_fused_trunk_computes_the_trunk(freeze_until, channels_last):
-    # BatchNorm folded into the convolutions (on the CPU not fused further: cuDNN's fused kernels are CUDA's):
-    # with statistics and affine parameters far from 0/1, float32 rounding apart, in the layout asked for.
-    torch.manual_seed(0)
-    model = _model(freeze_until).eval()
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            for tensor in (module.running_mean, module.weight, module.bias):
-                tensor.data.normal_(0, 0.5)
-            module.running_var.data.uniform_(0.5, 2.0)
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    images = trainer_parts.synthetic_splits(6, 1).train.images
-    with torch.no_grad():
-        expected = model.trunk(images)
-        fused = feature_cache.fused_trunk(model, torch.float32, layout)(images)
-    assert fused.is_contiguous(memory_format=layout) and fused.shape == expected.shape
-    assert expected.abs().max() > 1  # far from the all-zero output a wrong fold could also give
-    torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
-
-
-def test_the_feature_cache_is_built_with_the_fused_trunk_where_asked(monkeypatch):
-    model = _model()
-    splits = trainer_parts.synthetic_splits(10, 3)
-    built = []
-    fused_trunk = feature_cache.fused_trunk
-    monkeypatch.setattr(feature_cache, "fused_trunk", lambda *a: built.append(a[1:]) or fused_trunk(*a))
-    plain = build_feature_cache(model, splits, Accelerator(cpu=True), 4, "host")
-    assert built == []
-    fused = build_feature_cache(model, splits, Accelerator(cpu=True), 4, "host", fused=True)
-    assert built == [(torch.float32, torch.contiguous_format)]
-    for name in ("train", "test"):
-        torch.testing.assert_close(fused[name].features, plain[name].features, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
@@ -766,7 +730,7 @@ model = ResNet50Classifier(ModelConfig(weights="none"), 32).train()
 images = trainer_parts.synthetic_splits(37, 1).train.images
 accelerator = Accelerator(cpu=True)
 with torch.no_grad():
-    cached = _features(model.trunk, images, accelerator, 8, model.trunk(images[:1]), torch.device("cpu"))
+    cached = _features(model, images, accelerator, 8, model.trunk(images[:1]), torch.device("cpu"))
     alone = torch.cat([model.trunk(images[k:k + 8]) for k in range(0, 37, 8)])
 torch.save(cached, f"{sys.argv[1]}/rank{accelerator.process_index}.pt")
 torch.save(alone, f"{sys.argv[1]}/alone.pt")
