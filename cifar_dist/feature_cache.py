@@ -151,7 +151,8 @@ def build_feature_cache(model, splits, accelerator, batch_size: int, location_ch
     it: it times every algorithm of every convolution on the first call of each input shape, and the trunk's
     shapes at this batch size run in this one pass only, never again in the run. The autotuned step gained 5.6%
     on an H100, so a pass of a few seconds might gain some tenths of a second, against timing about twenty
-    convolution shapes at 224 px (the benchmark's cache_build times both ways)."""
+    convolution shapes at 224 px. The benchmark's cache_build times both ways: on an H200, 0.42 s for 6,656
+    images with autotuning and without."""
     model.train()  # the configuration training runs in (frozen stages in eval mode), which the cache must match
     check_cacheable(model)
     with cudnn_autotuning(autotune and torch.backends.cudnn.benchmark):
