@@ -62,6 +62,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -364,12 +365,15 @@ def checkpoint_cost(args, mixed_precision: str, saves: int = 3) -> dict:
     atomically) of the trainer's parts after one step, so that Adam's moments exist; the median of ``saves``:
     written in the foreground (``seconds``, --no-async-checkpoints), and what training pauses for when a
     background writer writes it (``background_pause_s``, the default: the copy to host memory and the small
-    files), with the write's whole time (``background_total_s``)."""
+    files), with the write's whole time (``background_total_s``) and the rate that host work keeps meanwhile
+    (``background_host_rate``, a share of its rate without the write; see _host_work_rate)."""
     parts = trainer_parts.build(trainer_parts.synthetic_splits(2, 1), args.image_size, global_batch_size=2,
                                 speed=SpeedConfig(compile_step="no", cache_frozen_features="no"),
                                 mixed_precision=mixed_precision)
     trainer_parts.train(parts, 1)  # batch 2: training BatchNorm needs more than one value per channel
-    figures, writer = {"seconds": [], "background_pause_s": [], "background_total_s": []}, BackgroundWriter()
+    figures = {"seconds": [], "background_pause_s": [], "background_total_s": [], "background_host_rate": []}
+    writer, end = BackgroundWriter(), time.perf_counter() + 0.3
+    alone = _host_work_rate(lambda: time.perf_counter() > end)
     with tempfile.TemporaryDirectory(prefix="cifar-dist-bench-checkpoint-", dir=args.checkpoint_dir) as tmp:
         for step in range(1, 2 * saves + 1):
             background = step > saves
@@ -378,6 +382,8 @@ def checkpoint_cost(args, mixed_precision: str, saves: int = 3) -> dict:
             path = save_checkpoint(parts.accelerator, Path(tmp), {"step": step}, keep=2,
                                    writer=writer if background else None)
             paused = time.perf_counter() - start
+            if background:
+                figures["background_host_rate"].append(_host_work_rate(lambda: not writer.writing) / alone)
             writer.wait()
             total = time.perf_counter() - start
             figures["background_pause_s" if background else "seconds"].append(paused)
@@ -386,6 +392,20 @@ def checkpoint_cost(args, mixed_precision: str, saves: int = 3) -> dict:
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return {**{k: round(sorted(v)[len(v) // 2], 3) for k, v in figures.items()}, "megabytes": round(size / 1e6, 1),
             "directory": args.checkpoint_dir or tempfile.gettempdir()}
+
+
+def _host_work_rate(done: Callable[[], bool]) -> float:
+    """Rounds per second of a loop of small tensor operations, run until ``done()`` (one round at least): a
+    training step's host work in miniature, each operation going through Python and torch's dispatcher, which
+    need the GIL. Beside a background checkpoint it runs slower where the write holds the GIL (or, on a machine
+    of few cores, takes the core)."""
+    x, rounds, start = torch.zeros(64), 0, time.perf_counter()
+    while True:
+        for _ in range(50):
+            x = x * 0.5 + 1.0
+        rounds += 1
+        if done():
+            return rounds / (time.perf_counter() - start)
 
 
 def end_to_end_runs(args) -> list[dict]:
@@ -534,7 +554,8 @@ def format_table(report: dict) -> str:
         lines.append(f"checkpoint (the trainer's save_checkpoint: model + Adam state, {checkpoint['megabytes']:,} MB): "
                      f"{checkpoint['seconds']} s per save into {checkpoint['directory']}; written in the background "
                      f"(--async-checkpoints, the default) training pauses {checkpoint['background_pause_s']} s of "
-                     f"{checkpoint['background_total_s']} s")
+                     f"{checkpoint['background_total_s']} s, and host work beside the write keeps "
+                     f"{checkpoint['background_host_rate']:.0%} of its rate")
     if "profile" in report:
         lines.append(format_profile(report["profile"]["variant"], report["profile"]))
     for e2e in report.get("end_to_end", []):

@@ -250,6 +250,11 @@ class BackgroundWriter:
     def pending(self) -> bool:
         return self._thread is not None
 
+    @property
+    def writing(self) -> bool:
+        """The pending write is still under way (``pending`` stays true until ``wait`` collects it)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def wait(self) -> None:
         if self._thread is not None:
             self._thread.join()

@@ -228,7 +228,7 @@ for name in ("torch", "torchvision", "accelerate", "datasets", "cifar_dist.train
             raise
         missing[name] = f"missing: {type(exc).__name__}: {exc}"
     import_s[name] = round(time.perf_counter() - start, 2)
-import torch, torchvision, accelerate
+import torch, torchvision, accelerate, safetensors
 datasets_version = missing.get("datasets") or importlib.import_module("datasets").__version__
 start = time.perf_counter()
 cuda = torch.cuda.is_available()
@@ -243,6 +243,7 @@ print(json.dumps({"host_cpu": host_cpu, "host_cores": os.cpu_count(),
                   "card": torch.cuda.get_device_name() if cuda else (platform.processor() or "cpu"),
                   "cuda": torch.version.cuda if cuda else None, "torch": torch.__version__,
                   "torchvision": torchvision.__version__, "accelerate": accelerate.__version__,
+                  "safetensors": safetensors.__version__,
                   "datasets": datasets_version, "python": platform.python_version(),
                   "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda
                   else None, "import_s": import_s}))
@@ -332,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         header = {"started": started, "host": platform.node(), "skipped_steps": args.skip,
                   "command": os.environ.get(COMMAND_ENV) or shlex.join(["python", "-m", "cifar_dist.gpu_check", *argv]),
                   **{k: env.get(k) for k in ("card", "host_cpu", "host_cores", "cuda", "torch", "torchvision",
-                                             "accelerate", "datasets", "python", "gpu_memory_gib", "import_s")},
+                                             "accelerate", "safetensors", "datasets", "python", "gpu_memory_gib",
+                                             "import_s")},
                   "sizes": {"image_size": args.image_size, "train_images": args.train_images,
                             "eval_images": args.eval_images, "max_steps": args.max_steps,
                             "checkpoint_every_steps": args.checkpoint_every_steps, "bench_args": args.bench_args}}
@@ -463,7 +465,8 @@ def _render_header(report: dict) -> list[str]:
               f"{_fmt(report.get('cuda'))}; host: {_fmt(report.get('host_cpu'))}, {_fmt(report.get('host_cores'))} "
               "cores"),
              (f"- torch {report.get('torch')}, torchvision {report.get('torchvision')}, accelerate "
-              f"{report.get('accelerate')}, datasets {report.get('datasets')}, Python {report.get('python')}"),
+              f"{report.get('accelerate')}, safetensors {report.get('safetensors')}, datasets "
+              f"{report.get('datasets')}, Python {report.get('python')}"),
              *([f"- imports and CUDA's start, s: {', '.join(f'{k} {v}' for k, v in report['import_s'].items())}"]
                if report.get("import_s") else []),
              f"- command: `{report['command']}` ({report['started']})",

@@ -53,6 +53,10 @@ def test_bench_reports_every_cpu_variant_the_floor_and_the_end_to_end_runs(tmp_p
     assert report["checkpoint"]["seconds"] > 0 and 200 < report["checkpoint"]["megabytes"] < 300
     # In the background the pause is the copy to host memory: part of the write, which still happens whole.
     assert 0 < report["checkpoint"]["background_pause_s"] < report["checkpoint"]["background_total_s"]
+    # And what the write leaves of host work's rate meanwhile (the figure itself is the benchmark's to report).
+    assert report["checkpoint"]["background_host_rate"] > 0
+    assert f"host work beside the write keeps {report['checkpoint']['background_host_rate']:.0%} of its rate" \
+        in proc.stdout
     assert "checkpoint (the trainer's save_checkpoint: model + Adam state" in proc.stdout
 
     e2e = {r["variant"]: r for r in report["end_to_end"]}

@@ -40,6 +40,8 @@ def test_the_whole_check_on_the_cpu_reports_every_step_and_fails_for_want_of_a_g
     assert steps["gpu_tests"]["error"].startswith("could not read its results: AssertionError: no GPU test ran (")
     assert steps["gpu_tests"]["skipped"] > 0 and steps["gpu_tests"]["passed"] == steps["gpu_tests"]["errors"] == 0
     assert report["torch"] and report["datasets"] and report["card"] and report["cuda"] is None
+    # The checkpoint figures depend on it: before 0.8 safetensors held the GIL through the weights' write.
+    assert report["safetensors"] and f", safetensors {report['safetensors']}, " in (out / "gpu_check.md").read_text()
     assert report["host_cpu"] and report["host_cores"] >= 1
     imports = report["import_s"]  # the trainer's "launch" phase, taken apart
     assert list(imports) == ["torch", "torchvision", "accelerate", "datasets", "cifar_dist.trainer", "cuda_init"]
