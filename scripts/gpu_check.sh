@@ -26,10 +26,11 @@
 #
 # Run it from anywhere inside the checkout: it runs the package from the checkout (PYTHONPATH), not an install.
 # It needs torch with CUDA, torchvision and accelerate (preinstalled on the lent GPU machines; their torch, 2.11,
-# is older than pyproject.toml's pin, which is why nothing is pip-installed) and `datasets`, which is not there
-# and has no network to come from. Bring it as wheels in .whl/ at the repository root, made where pip works:
+# is older than pyproject.toml's pin, which is why nothing is pip-installed), `datasets`, which is not there
+# and has no network to come from, and safetensors 0.8 (an older one holds the GIL through each background
+# checkpoint's write of the weights). Bring them as wheels in .whl/ at the repository root, made where pip works:
 #
-#     scripts/gpu_wheels.sh       # datasets, dill, multiprocess, fsspec, pyarrow for CPython 3.12 (.gitignore'd)
+#     scripts/gpu_wheels.sh       # datasets and what it pins, safetensors; CPython 3.12 (.gitignore'd)
 #
 # and carry .whl with the checkout (57 MB, 55 of them pyarrow; --without-pyarrow where the machine's is 24+).
 # This script installs them with `pip --no-index --no-deps` into a private folder ahead of the system's
