@@ -190,12 +190,30 @@ def _free_port() -> int:
 
 
 def pytest_collection_modifyitems(items):
-    """Tests that launch several processes or a SLURM cluster are slow by definition."""
+    """Tests that launch several processes or a SLURM cluster are slow by definition. The SLURM tests live in
+    test_slurm*.py files, which pytest-xdist runs in one worker (pytest_xdist_make_scheduler)."""
     for item in items:
         if "slurm_cluster" in getattr(item, "fixturenames", ()):
+            if not item.path.name.startswith("test_slurm"):
+                raise pytest.UsageError(f"{item.nodeid} uses the SLURM cluster: move it into a test_slurm*.py file")
             item.add_marker(pytest.mark.slurm)
         if item.get_closest_marker("multiprocess") or item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist (``-n 2``), each file's tests run in one worker, so that its module fixtures (reference
+    runs, some of them minutes long) are built once, and all the test_slurm*.py files' tests in one worker, as
+    they share the session's cluster. (By file name: pytest 9.2 ignores xdist_group marks, pytest-xdist #1386.)"""
+    from xdist.scheduler import LoadFileScheduling
+
+    class OneWorkerPerFile(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = super()._split_scope(nodeid)
+            return "slurm" if Path(file).name.startswith("test_slurm") else file
+
+    return OneWorkerPerFile(config, log)
 
 
 _RUNNING: dict = {}
