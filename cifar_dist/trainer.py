@@ -24,9 +24,17 @@ from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_se
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from cifar_dist.checkpoint import BackgroundWriter, SaveSchedule, find_latest, read_state, save_checkpoint, save_model
+from cifar_dist.checkpoint import (
+    STATE_FILE,
+    BackgroundWriter,
+    SaveSchedule,
+    find_latest,
+    read_state,
+    save_checkpoint,
+    save_model,
+)
 from cifar_dist.cli import TrainingStopped
-from cifar_dist.config import BatchPlan, Config, UserError, plan_batches, save_config
+from cifar_dist.config import BatchPlan, Config, TrainConfig, UserError, plan_batches, save_config
 from cifar_dist.data import CifarSplits, build_splits, loader_config
 from cifar_dist.model import build_model, count_parameters
 from cifar_dist.preflight import main_first, preflight
@@ -196,6 +204,15 @@ def process_age_s() -> float | None:
     return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))  # field 22, starttime, in clock ticks
 
 
+class AlreadyFinished(Exception):
+    """A finished run started again with its report complete: the same command ends at once, having built and
+    changed nothing. ``records``: the run's epochs, as ``run`` returns them."""
+
+    def __init__(self, message: str, records: list[dict]):
+        super().__init__(message)
+        self.records = records
+
+
 @dataclass
 class Run:
     """Everything a run needs once set up; built by ``setup``."""
@@ -260,6 +277,9 @@ def run(cfg: Config, dtype: torch.dtype = torch.float32, imports_s: float = 0.0)
                 break
             train_one_epoch(r, epoch, stop)
         finish(r)
+    except AlreadyFinished as done:
+        state.print(done)
+        return done.records
     except BaseException:
         finish_writing(writer)  # a checkpoint still being written completes first, and with it maybe the start
         claim.abandon()  # a new run that never reached its first checkpoint leaves the dir as it found it
@@ -276,6 +296,37 @@ def check_head_size(num_classes: int, splits: CifarSplits) -> None:
     if num_classes < len(splits.class_names):
         raise UserError(f"--num-classes {num_classes}: the training data has {len(splits.class_names)} classes "
                         f"(labels 0 to {len(splits.class_names) - 1}); give at least that many")
+
+
+def run_length(train: TrainConfig, steps_per_epoch: int) -> int:
+    """The optimizer step the run ends at: --num-epochs epochs, or --max-steps if that comes first."""
+    total = steps_per_epoch * train.num_epochs
+    return total if train.max_steps is None else min(total, train.max_steps)
+
+
+def nothing_left(step: int, total_steps: int, train: TrainConfig) -> str:
+    limit = "--max-steps" if total_steps == train.max_steps else "--num-epochs"
+    return (f"nothing left to train: the run is at step {step} and this one ends at step {total_steps}; a larger "
+            f"{limit} trains on")
+
+
+def report_complete(output_dir: Path, checkpoint: Path) -> bool:
+    """Whether the run's report was written after ``checkpoint``, its newest: curves.png is the report's last
+    file, and a run that trained on from an earlier report and stopped before its own leaves that one behind."""
+    curves = output_dir / "curves.png"
+    return curves.exists() and curves.stat().st_mtime_ns >= (checkpoint / STATE_FILE).stat().st_mtime_ns
+
+
+def leave_if_finished(train: TrainConfig, claim: Claim, steps_per_epoch: int) -> None:
+    """Raises AlreadyFinished for a finished run started again whose report is complete, before the feature
+    cache, the compile, the tracker or a write: the same command again ends at once and changes nothing."""
+    if claim.resume_from is None or not report_complete(claim.output_dir, claim.resume_from):
+        return
+    state = read_state(claim.resume_from)
+    total_steps = run_length(train, steps_per_epoch)
+    if state["step"] >= total_steps:
+        raise AlreadyFinished(f"{nothing_left(state['step'], total_steps, train)}; its results: "
+                              f"{claim.output_dir / 'results.md'}", state["records"])
 
 
 def claim_on_main(state: PartialState, cfg: Config) -> Claim:
@@ -330,6 +381,7 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
 
     splits, model = main_first(accelerator, data_and_model)
     startup.lap("model")
+    leave_if_finished(cfg.train, claim, len(splits.train) // plan.global_batch_size)  # before the costly parts
     counts = count_parameters(model)
     parts = assemble(accelerator, model, splits, plan, fast, cfg.optim, cfg.speed, cfg.train.eval_batch_size,
                      cfg.train.seed)
@@ -368,13 +420,10 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
     accelerator.print(startup.line())
 
     steps_per_epoch = len(parts.train_loader) // plan.grad_accum_steps
-    total_steps = steps_per_epoch * cfg.train.num_epochs
-    if cfg.train.max_steps is not None:
-        total_steps = min(total_steps, cfg.train.max_steps)
-    if position["step"] >= total_steps:  # a rerun of a finished run: only its report, if that is missing
-        limit = "--max-steps" if total_steps == cfg.train.max_steps else "--num-epochs"
-        accelerator.print(f"nothing left to train: the run is at step {position['step']} and this one ends at step "
-                          f"{total_steps}; a larger {limit} trains on")
+    assert steps_per_epoch == len(splits.train) // plan.global_batch_size  # what leave_if_finished assumed
+    total_steps = run_length(cfg.train, steps_per_epoch)
+    if position["step"] >= total_steps:  # a rerun of a finished run whose report is missing: only the report
+        accelerator.print(nothing_left(position["step"], total_steps, cfg.train))
     return Run(cfg, plan, accelerator, claim, fast, model, parts.run_step, optimizer, splits,
                parts.train_loader, parts.eval_loader, parts.input_name, parts.eval_input_name, run_log,
                SaveSchedule(cfg.train.checkpoint_every_steps, cfg.train.checkpoint_every_minutes), position,
@@ -546,9 +595,9 @@ def finish(r: Run) -> None:
                    "total_time_s": round(r.startup.since_launch(), 1),
                    "time_s": {k: round(v, 2) for k, v in launch_times(r).items()},
                    **compile_summary(r.fast)}
-        # A finished run started again has nothing new to report, unless it was stopped before its report was
-        # complete (curves.png is the report's last file).
-        if r.step > r.position["step"] or not (r.output_dir / "curves.png").exists():
+        # A launch that trained nothing has nothing new to report, unless the report is missing or older than
+        # the checkpoint it resumed from.
+        if r.step > r.position["step"] or not report_complete(r.output_dir, r.claim.resume_from):
             r.run_log.finish(summary, r.per_class_acc, lambda: sample_predictions(r.model, r.splits, accelerator),
                              r.output_dir / "model.safetensors" if r.cfg.tracking.log_model else None)
         accelerator.print(time_line(r.startup.since_launch(),

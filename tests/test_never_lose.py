@@ -279,6 +279,33 @@ def test_a_finished_run_killed_before_its_report_writes_it_when_started_again(te
     assert times["training"] == 0 and times["evaluation"] == 0 and times["other"] >= 0
 
 
+def test_a_finished_run_started_again_ends_at_once_and_changes_nothing(test_env, old_run):
+    # Its report is complete: the same command builds nothing (no step, no feature cache, no tracker) and
+    # writes nothing, where before it built all of that to find there was nothing to train.
+    before = tree_digest(old_run)
+    proc = run_train(test_env, [*RUN, "--max-steps", "3", "--checkpoint-every-steps", "2", "--output-dir",
+                                str(old_run)])
+    assert last_line(proc.stdout) == ("nothing left to train: the run is at step 3 and this one ends at step 3; a "
+                                      f"larger --max-steps trains on; its results: {old_run / 'results.md'}")
+    assert "- step: " not in proc.stdout and "start-up: " not in proc.stdout and not proc.stderr.strip()
+    assert tree_digest(old_run) == before
+
+
+def test_a_report_older_than_the_newest_checkpoint_is_written_again(test_env, old_run):
+    # As a run leaves it that trained on past its report (a larger --max-steps) and was stopped after its last
+    # checkpoint, before its own report: the report is older than the newest checkpoint. The same command
+    # writes it again, over the run's epochs as they now stand.
+    curves = old_run / "curves.png"
+    state = next((old_run / "checkpoints").glob("step-*/trainer_state.json"))
+    os.utime(curves, ns=(state.stat().st_mtime_ns - 10**9,) * 2)
+    stale = curves.stat().st_mtime_ns
+    proc = run_train(test_env, [*RUN, "--max-steps", "3", "--checkpoint-every-steps", "2", "--output-dir",
+                                str(old_run)])
+    assert "nothing left to train: the run is at step 3 and this one ends at step 3; a larger --max-steps trains " \
+           "on\n" in proc.stdout
+    assert curves.stat().st_mtime_ns > stale and "Best validation accuracy" in (old_run / "results.md").read_text()
+
+
 def test_resume_path_starts_a_run_that_the_same_command_then_continues(test_env, finished_run, tmp_path):
     # --resume PATH is where a run starts, not where every launch of it starts: the same command again (a rerun
     # after a stop, a SLURM requeue) continues from the run's own newest checkpoint instead of throwing it away.
@@ -291,7 +318,7 @@ def test_resume_path_starts_a_run_that_the_same_command_then_continues(test_env,
     weights = (out / "model.safetensors").read_bytes()
     again = run_train(test_env, args)
     assert f"--resume {source}: this run went on from it; resuming from its newest checkpoint" in again.stdout
-    assert f"resuming from {out / 'checkpoints' / 'step-00000006'} (epoch 1, step 6)" in again.stdout
+    assert "nothing left to train: the run is at step 6 and this one ends at step 6" in again.stdout
     assert (out / "model.safetensors").read_bytes() == weights and [r["step"] for r in records(out)] == [6]
     # Going back to an older checkpoint in the same dir would overwrite the newer one: refused, nothing changed.
     kept = tree_digest(out)
