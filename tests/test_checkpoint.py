@@ -222,13 +222,3 @@ def test_overwrite_starts_fresh(test_env, tmp_path):
     run_train(test_env, [*TINY, "--max-steps", "1", "--output-dir", str(out), "--overwrite"])
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001"]
     assert [r["step"] for r in records(out)] == [1]
-
-
-def test_finished_run_resumed_does_nothing_more(test_env, finished):
-    weights = (finished / "model.safetensors").read_bytes()
-    report = (finished / "results.md").read_text()
-    proc = run_train(test_env, [*TINY, "--max-steps", "3", "--checkpoint-every-steps", "2",
-                                "--output-dir", str(finished)])
-    assert "resuming from" in proc.stdout and "epoch 1: train loss" not in proc.stdout
-    assert (finished / "model.safetensors").read_bytes() == weights
-    assert (finished / "results.md").read_text() == report  # the same report, summary included
