@@ -381,7 +381,8 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
 
     splits, model = main_first(accelerator, data_and_model)
     startup.lap("model")
-    leave_if_finished(cfg.train, claim, len(splits.train) // plan.global_batch_size)  # before the costly parts
+    steps_per_epoch = len(splits.train) // plan.global_batch_size  # the sampler cuts to whole global batches
+    leave_if_finished(cfg.train, claim, steps_per_epoch)  # before the costly parts
     counts = count_parameters(model)
     parts = assemble(accelerator, model, splits, plan, fast, cfg.optim, cfg.speed, cfg.train.eval_batch_size,
                      cfg.train.seed)
@@ -419,8 +420,7 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
     startup.lap("tracker")  # with the header and config.yaml
     accelerator.print(startup.line())
 
-    steps_per_epoch = len(parts.train_loader) // plan.grad_accum_steps
-    assert steps_per_epoch == len(splits.train) // plan.global_batch_size  # what leave_if_finished assumed
+    assert len(parts.train_loader) // plan.grad_accum_steps == steps_per_epoch  # what the loop will iterate
     total_steps = run_length(cfg.train, steps_per_epoch)
     if position["step"] >= total_steps:  # a rerun of a finished run whose report is missing: only the report
         accelerator.print(nothing_left(position["step"], total_steps, cfg.train))
