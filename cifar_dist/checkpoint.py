@@ -33,7 +33,7 @@ from accelerate.checkpointing import save_accelerator_state
 from accelerate.utils import OPTIMIZER_NAME, SAFE_WEIGHTS_NAME
 from accelerate.utils import save as accelerate_save
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
+from safetensors.torch import load_file, save
 
 from cifar_dist.atomic import atomic_write_bytes, atomic_write_text
 from cifar_dist.config import Config, UserError, flat_settings, meaning_keys
@@ -89,6 +89,11 @@ def find_latest(root: Path) -> Path | None:
             return path
         warnings.warn(f"skipping checkpoint {path}: {problem}", stacklevel=2)
     return None
+
+
+def checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Every weight and BatchNorm statistic of the model in checkpoint ``path``."""
+    return load_file(str(path / SAFE_WEIGHTS_NAME))
 
 
 def read_state(path: Path) -> dict:

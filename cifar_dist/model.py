@@ -114,11 +114,15 @@ def frozen_stages(freeze_until: str) -> tuple[str, ...]:
     return STAGES[: STAGES.index(freeze_until)]
 
 
-def build_model(cfg: ModelConfig, image_size: int) -> ResNet50Classifier:
-    """The classifier with its backbone weights loaded (head freshly initialised unless the file has one)."""
+def build_model(cfg: ModelConfig, image_size: int, saved: dict[str, torch.Tensor] | None = None
+                ) -> ResNet50Classifier:
+    """The classifier with its backbone weights loaded (head freshly initialised unless the file has one), or
+    with every weight from ``saved``, a checkpoint's state dict: a resumed run needs neither the --weights file
+    nor the network."""
     model = ResNet50Classifier(cfg, image_size)
-    state = load_weights(cfg.weights)
-    if state is not None:
+    if saved is not None:
+        model.load_state_dict(saved)
+    elif (state := load_weights(cfg.weights)) is not None:
         _load_backbone(model, state, cfg.weights)
     return model
 

@@ -28,6 +28,7 @@ from cifar_dist.checkpoint import (
     STATE_FILE,
     BackgroundWriter,
     SaveSchedule,
+    checkpoint_weights,
     find_latest,
     read_state,
     save_checkpoint,
@@ -371,16 +372,20 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
     set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)
     startup.lap("accelerator")
 
-    # Rank 0 decodes the dataset into datasets' cache and fetches the weights; the others then reuse both.
-    # A bad input found here stops every process, with the main process's one line (main_first).
-    def data_and_model():
+    # Rank 0 fetches the weights and decodes the dataset into datasets' cache; the others then reuse both.
+    # A bad input found here stops every process, with the main process's one line (main_first). The model
+    # comes first: a wrong --weights file fails in seconds, not after the dataset's download. A resumed run takes
+    # every weight from its checkpoint (load_state sets them again, but the feature cache is built before that).
+    def model_and_data():
+        saved = checkpoint_weights(claim.resume_from) if claim.resume_from is not None else None
+        model = build_model(cfg.model, cfg.data.image_size, saved).to(dtype)
+        startup.lap("model")
         splits = build_splits(cfg.data, seed=cfg.train.seed)
-        startup.lap("data")
         check_head_size(cfg.model.num_classes, splits)
-        return splits, build_model(cfg.model, cfg.data.image_size).to(dtype)
+        return model, splits
 
-    splits, model = main_first(accelerator, data_and_model)
-    startup.lap("model")
+    model, splits = main_first(accelerator, model_and_data)
+    startup.lap("data")
     steps_per_epoch = len(splits.train) // plan.global_batch_size  # the sampler cuts to whole global batches
     leave_if_finished(cfg.train, claim, steps_per_epoch)  # before the costly parts
     counts = count_parameters(model)

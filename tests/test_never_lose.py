@@ -193,6 +193,24 @@ def test_resume_on_another_layout_trains_exactly_the_remaining_images(test_env, 
         assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-9)
 
 
+def test_a_resumed_run_needs_neither_its_starting_weights_nor_the_network(test_env, uninterrupted, initial_weights,
+                                                                        tmp_path):
+    """A job requeued onto a node whose torch cache lacks the ImageNet weights, without network, resumes from its
+    checkpoint alone, to the weights the uninterrupted run reaches."""
+    out = tmp_path / "out"
+    args = [*LAYOUT_RUN, "--output-dir", str(out)]
+    run_train(test_env, [*args, "--max-steps", "5"], script=FLOAT64)
+    # An empty torch cache, and every download refused at once.
+    bare = {**test_env, "TORCH_HOME": str(tmp_path / "empty"), "https_proxy": "http://127.0.0.1:9",
+            "HTTPS_PROXY": "http://127.0.0.1:9"}
+    fresh = run_train(bare, [*LAYOUT_RUN, "--output-dir", str(tmp_path / "fresh")], check=False)
+    assert fresh.returncode == 2 and "could not load ResNet50 weights IMAGENET1K_V1" in last_line(fresh.stderr)
+    resumed = run_train(bare, args, script=FLOAT64)
+    assert "(epoch 1, step 5)" in resumed.stdout
+    assert [(r["epoch"], r["step"]) for r in records(out)] == [(1, 8), (2, 16)]
+    assert conftest.update_difference(uninterrupted / "layer4", out, initial_weights, ("layer4.", "fc.")) < 1e-9
+
+
 def test_time_based_checkpoints_land_on_a_health_check(test_env, tmp_path):
     out = tmp_path / "out"
     proc = run_train(test_env, [*TINY, "--num-epochs", "2", "--checkpoint-every-minutes", "0.0001",

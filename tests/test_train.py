@@ -91,6 +91,8 @@ def assert_refused(proc, message: str):
     (["--per-device-batch-size", "12"], "global batch 32 is not divisible by 1 processes x per-device batch 12"),
     (["--per-device-batch-size", "64"], "--per-device-batch-size 64 is larger than global batch 32"),
     (["--weights", "missing.pth"], "--weights missing.pth: no such file"),
+    # The weights are read before the data: a typo in the file fails in seconds, not after a download.
+    (["--weights", "missing.pth", "--data-source", "/nonexistent/cifar"], "--weights missing.pth: no such file"),
     (["--data-source", "/nonexistent/cifar"], "/nonexistent/cifar"),
     (["--num-classes", "10"], "--num-classes 10: the training data has 100 classes (labels 0 to 99)"),
 ])
