@@ -60,7 +60,7 @@ from cifar_dist.tracking import (
     tracker_backend,
 )
 from cifar_dist.train import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OUT_OF_MEMORY, EXIT_STOPPED, EXIT_USER_ERROR
-from cifar_dist.trainer_parts import assemble, record_step
+from cifar_dist.trainer_parts import Assembled, assemble, record_step
 
 # What to change when the GPU runs out of memory, by what was running then. None of these settings changes what
 # the run computes, so a checkpoint resumes under the new value.
@@ -354,6 +354,40 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
           startup: StartUp, writer: BackgroundWriter | None) -> Run:
     """Data, model, optimizer and loaders on the accelerator, restored from the checkpoint if resuming; the
     output dir is written to only once all of them have loaded. ``startup`` times each phase."""
+    accelerator, fast = make_accelerator(cfg, plan, claim, log_with)
+    startup.lap("accelerator")
+    model, splits = main_first(accelerator, lambda: model_and_data(cfg, claim, dtype, startup))
+    startup.lap("data")
+    steps_per_epoch = len(splits.train) // plan.global_batch_size  # the sampler cuts to whole global batches
+    leave_if_finished(cfg.train, claim, steps_per_epoch)  # before the costly parts
+    counts = count_parameters(model)
+    parts = assemble(accelerator, model, splits, plan, fast, cfg.optim, cfg.speed, cfg.train.eval_batch_size,
+                     cfg.train.seed)
+    startup.lap("device")  # placement, prepare and loaders, and inside them:
+    startup.carve("device", "feature_cache", parts.feature_cache_s)
+    startup.carve("device", "compile", parts.fast.compiled.warmup_s if parts.fast.compiled else 0.0)
+    position = restore_position(accelerator, parts.optimizer, claim, startup)
+    parts = record_step(parts)  # --whole-step-graph: after the resume, as the graph keeps what it loaded
+    if parts.fast.whole_step_graph:
+        startup.lap("graph")
+    accelerator.wait_for_everyone()
+    run_log = announce(cfg, plan, accelerator, claim, counts, splits, parts, position)
+    startup.lap("tracker")  # with the header and config.yaml
+    accelerator.print(startup.line())
+
+    assert len(parts.train_loader) // plan.grad_accum_steps == steps_per_epoch  # what the loop will iterate
+    total_steps = run_length(cfg.train, steps_per_epoch)
+    if position["step"] >= total_steps:  # a rerun of a finished run whose report is missing: only the report
+        accelerator.print(nothing_left(position["step"], total_steps, cfg.train))
+    return Run(cfg, plan, accelerator, claim, parts.fast, parts.model, parts.run_step, parts.optimizer, splits,
+               parts.train_loader, parts.eval_loader, parts.input_name, parts.eval_input_name, run_log,
+               SaveSchedule(cfg.train.checkpoint_every_steps, cfg.train.checkpoint_every_minutes), position,
+               steps_per_epoch, total_steps, startup, writer, step=position["step"])
+
+
+def make_accelerator(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None
+                     ) -> tuple[Accelerator, FastPath]:
+    """The accelerator, seeded, and the fast path it is built for."""
     mixed_precision = resolve_mixed_precision(cfg.train.mixed_precision)
     fast = resolve_fast_path(cfg.speed, PartialState().device, mixed_precision, plan.num_processes,
                              plan.grad_accum_steps, cfg.train.deterministic)
@@ -370,69 +404,57 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
         dataloader_config=loader_config(),
     )
     set_seed(cfg.train.seed, deterministic=cfg.train.deterministic)
-    startup.lap("accelerator")
+    return accelerator, fast
 
-    # Rank 0 fetches the weights and decodes the dataset into datasets' cache; the others then reuse both.
-    # A bad input found here stops every process, with the main process's one line (main_first). The model
-    # comes first: a wrong --weights file fails in seconds, not after the dataset's download. A resumed run takes
-    # every weight from its checkpoint (load_state sets them again, but the feature cache is built before that).
-    def model_and_data():
-        saved = checkpoint_weights(claim.resume_from) if claim.resume_from is not None else None
-        model = build_model(cfg.model, cfg.data.image_size, saved).to(dtype)
-        startup.lap("model")
-        splits = build_splits(cfg.data, seed=cfg.train.seed)
-        check_head_size(cfg.model.num_classes, splits)
-        return model, splits
 
-    model, splits = main_first(accelerator, model_and_data)
-    startup.lap("data")
-    steps_per_epoch = len(splits.train) // plan.global_batch_size  # the sampler cuts to whole global batches
-    leave_if_finished(cfg.train, claim, steps_per_epoch)  # before the costly parts
-    counts = count_parameters(model)
-    parts = assemble(accelerator, model, splits, plan, fast, cfg.optim, cfg.speed, cfg.train.eval_batch_size,
-                     cfg.train.seed)
-    model, optimizer, fast = parts.model, parts.optimizer, parts.fast
-    startup.lap("device")  # placement, prepare and loaders, and inside them:
-    startup.carve("device", "feature_cache", parts.feature_cache_s)
-    startup.carve("device", "compile", fast.compiled.warmup_s if fast.compiled else 0.0)
+def model_and_data(cfg: Config, claim: Claim, dtype: torch.dtype, startup: StartUp
+                   ) -> tuple[torch.nn.Module, CifarSplits]:
+    """The model, then the data: a wrong --weights file fails in seconds, not after the dataset's download.
 
-    # Where to start: a checkpoint's position (the data order depends only on seed and epoch, so a position
-    # in optimizer steps means the same images whatever the number of processes), or the beginning.
+    Under main_first: rank 0 fetches the weights and decodes the dataset into datasets' cache, the others then
+    reuse both. A resumed run takes every weight from its checkpoint (load_state sets them again, but the
+    feature cache is built before that), so it needs neither the --weights file nor the network."""
+    saved = checkpoint_weights(claim.resume_from) if claim.resume_from is not None else None
+    model = build_model(cfg.model, cfg.data.image_size, saved).to(dtype)
+    startup.lap("model")
+    splits = build_splits(cfg.data, seed=cfg.train.seed)
+    check_head_size(cfg.model.num_classes, splits)
+    return model, splits
+
+
+def restore_position(accelerator: Accelerator, optimizer, claim: Claim, startup: StartUp) -> dict:
+    """Where training starts: a checkpoint's position, loaded into the prepared model and optimizer, or the
+    beginning. The data order depends only on seed and epoch, so a position in optimizer steps means the same
+    images whatever the number of processes."""
     position = {"epoch": 1, "steps_in_epoch": 0, "step": 0, "train_sums": [0.0, 0.0, 0.0], "records": []}
-    if claim.resume_from is not None:
-        accelerator.load_state(str(claim.resume_from))
-        # Checkpoints are taken between optimizer steps, but load_state restores the saved micro-batch counter,
-        # which is wrong under another accumulation layout and missing on ranks the checkpoint did not have.
-        accelerator.step = 0
-        match_optimizer_to_run(optimizer)  # this run's Adam implementation and layouts, whatever the checkpoint's
-        position.update({k: v for k, v in read_state(claim.resume_from).items() if k in position})
-        startup.lap("resume")
-    parts = record_step(parts)  # --whole-step-graph: after the resume, as the graph keeps what it loaded
-    fast = parts.fast
-    if fast.whole_step_graph:
-        startup.lap("graph")
-    accelerator.wait_for_everyone()
+    if claim.resume_from is None:
+        return position
+    accelerator.load_state(str(claim.resume_from))
+    # Checkpoints are taken between optimizer steps, but load_state restores the saved micro-batch counter,
+    # which is wrong under another accumulation layout and missing on ranks the checkpoint did not have.
+    accelerator.step = 0
+    match_optimizer_to_run(optimizer)  # this run's Adam implementation and layouts, whatever the checkpoint's
+    position.update({k: v for k, v in read_state(claim.resume_from).items() if k in position})
+    startup.lap("resume")
+    return position
+
+
+def announce(cfg: Config, plan: BatchPlan, accelerator: Accelerator, claim: Claim, counts: dict,
+             splits: CifarSplits, parts: Assembled, position: dict) -> RunLog:
+    """Every input has loaded: only now is the output dir changed (config.yaml), the run's header printed and
+    the tracker started."""
     if accelerator.is_main_process:
-        claim.begin(cfg.train.overwrite)  # every input has loaded: only now is the output dir changed
+        claim.begin(cfg.train.overwrite)
         save_config(cfg, claim.output_dir / "config.yaml")
-    header = describe_run(cfg, plan, accelerator, counts, len(splits.train), len(splits.test), fast)
+    header = describe_run(cfg, plan, accelerator, counts, len(splits.train), len(splits.test), parts.fast)
     accelerator.print(header)
     if claim.resume_from is not None:
         accelerator.print(f"resuming from {claim.resume_from} (epoch {position['epoch']}, step {position['step']})")
     run_log = RunLog(accelerator, claim.output_dir, header, position["records"], plot_title(cfg, claim.output_dir),
                      compares_to_seed(cfg))
-    run_log.start(cfg.tracking, {**cfg.to_dict(), "run": run_facts(plan, accelerator, counts, fast, optimizer)})
-    startup.lap("tracker")  # with the header and config.yaml
-    accelerator.print(startup.line())
-
-    assert len(parts.train_loader) // plan.grad_accum_steps == steps_per_epoch  # what the loop will iterate
-    total_steps = run_length(cfg.train, steps_per_epoch)
-    if position["step"] >= total_steps:  # a rerun of a finished run whose report is missing: only the report
-        accelerator.print(nothing_left(position["step"], total_steps, cfg.train))
-    return Run(cfg, plan, accelerator, claim, fast, model, parts.run_step, optimizer, splits,
-               parts.train_loader, parts.eval_loader, parts.input_name, parts.eval_input_name, run_log,
-               SaveSchedule(cfg.train.checkpoint_every_steps, cfg.train.checkpoint_every_minutes), position,
-               steps_per_epoch, total_steps, startup, writer, step=position["step"])
+    run_log.start(cfg.tracking, {**cfg.to_dict(),
+                                 "run": run_facts(plan, accelerator, counts, parts.fast, parts.optimizer)})
+    return run_log
 
 
 def train_one_epoch(r: Run, epoch: int, stop: StopSignals) -> None:
@@ -461,44 +483,57 @@ def train_one_epoch(r: Run, epoch: int, stop: StopSignals) -> None:
             progress.update(1)
             if r.step % cfg.train.log_every_steps == 0:
                 log_step(r, totals, meter, progress, epoch - 1 + done / r.steps_per_epoch)
-            mid_epoch = done < r.steps_per_epoch
-            save_due, stopping = mid_epoch and r.schedule.due_at(r.step), False
-            if save_due or r.step % CHECK_EVERY_STEPS == 0:
-                stopping, time_due = check_health(r, totals, stop, wait=False)
-                save_due = save_due or (mid_epoch and time_due)
-            if save_due or stopping:
-                # Waits, so the GPU's queued steps count as training, not as the save; and no checkpoint follows
-                # a non-finite loss.
-                stopping = check_health(r, totals, stop)[0] or stopping
-                save_start = time.perf_counter()  # timed apart: images/s and the data wait measure training alone
-                path = save(r, epoch, done, totals)
-                save_s = time.perf_counter() - save_start
-                meter.leave_out(save_s)
-                saving_s += save_s
+            stopping, path, save_s = save_when_due(r, totals, stop, epoch, done)
+            meter.leave_out(save_s)  # timed apart: images/s and the data wait measure training alone
+            saving_s += save_s
             if stopping and r.step < r.total_steps:  # at the last step, the epoch's end below decides
                 raise stopped(r, stop, f"at step {r.step}", path)
             if r.step >= r.total_steps:
                 break
-    stopping, _ = check_health(r, totals, stop)
+    stopping, _ = check_health(r, totals, stop)  # waits: the GPU's queued steps count as training
     train_time = time.perf_counter() - epoch_start - saving_s
     record = end_of_epoch_record(r, epoch, totals, train_time, (done - first_done) * plan.global_batch_size)
-    r.trained_s, r.evaluated_s = r.trained_s + train_time, r.evaluated_s + record["eval_time_s"]
     record["epoch_time_s"] = round(time.perf_counter() - epoch_start, 3)
     record["checkpoint_time_s"] = round(saving_s, 3)  # the mid-epoch saves; the end-of-epoch one follows
-    if r.claim.resume_from is not None:  # lets compare show the run as resumed
-        record["resumed_from_step"] = r.position["step"]
-    if epoch == r.position["epoch"]:  # the first epoch of this launch paid for its start-up
-        record["startup_s"] = r.startup.figures()
-    r.run_log.log_epoch(record, step=r.step)
-    accelerator.print(
-        f"epoch {epoch}: train loss {record['train_loss']:.4f} acc {100 * record['train_acc']:.2f}% | "
-        f"val loss {record['val_loss']:.4f} acc {100 * record['val_acc']:.2f}% top5 "
-        f"{100 * record['val_top5']:.2f}% | {record['train_images_per_s']:.0f} img/s"
-        + eta(r, (train_time + saving_s) / max(done - first_done, 1), record["eval_time_s"]))
-    finished = done == r.steps_per_epoch
-    path = save(r, epoch + 1, 0, None) if finished else save(r, epoch, done, totals)
+    log_epoch(r, record, (train_time + saving_s) / max(done - first_done, 1))
+    path = save(r, epoch + 1, 0, None) if done == r.steps_per_epoch else save(r, epoch, done, totals)
     if stopping:
         stop_unless_done(r, stop, f"at the end of epoch {epoch}", path)
+
+
+def save_when_due(r: Run, totals: Totals, stop: StopSignals, epoch: int, done: int
+                  ) -> tuple[bool, Path | None, float]:
+    """After an optimizer step: the health check every CHECK_EVERY_STEPS steps, and a mid-epoch checkpoint when
+    the schedule (steps or minutes) says so or a stop was asked for. Returns whether to stop, the checkpoint
+    and the seconds its save held training up."""
+    mid_epoch = done < r.steps_per_epoch
+    save_due, stopping = mid_epoch and r.schedule.due_at(r.step), False
+    if save_due or r.step % CHECK_EVERY_STEPS == 0:
+        stopping, time_due = check_health(r, totals, stop, wait=False)
+        save_due = save_due or (mid_epoch and time_due)
+    if not (save_due or stopping):
+        return False, None, 0.0
+    # Waits, so the GPU's queued steps count as training, not as the save; and no checkpoint follows a
+    # non-finite loss.
+    stopping = check_health(r, totals, stop)[0] or stopping
+    save_start = time.perf_counter()
+    path = save(r, epoch, done, totals)
+    return stopping, path, time.perf_counter() - save_start
+
+
+def log_epoch(r: Run, record: dict, seconds_per_step: float) -> None:
+    """The epoch's record to metrics.jsonl and the tracker, and its line on the console."""
+    r.trained_s, r.evaluated_s = r.trained_s + record["train_time_s"], r.evaluated_s + record["eval_time_s"]
+    if r.claim.resume_from is not None:  # lets compare show the run as resumed
+        record["resumed_from_step"] = r.position["step"]
+    if record["epoch"] == r.position["epoch"]:  # the first epoch of this launch paid for its start-up
+        record["startup_s"] = r.startup.figures()
+    r.run_log.log_epoch(record, step=r.step)
+    r.accelerator.print(
+        f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} acc {100 * record['train_acc']:.2f}% | "
+        f"val loss {record['val_loss']:.4f} acc {100 * record['val_acc']:.2f}% top5 "
+        f"{100 * record['val_top5']:.2f}% | {record['train_images_per_s']:.0f} img/s"
+        + eta(r, seconds_per_step, record["eval_time_s"]))
 
 
 def eta(r: Run, seconds_per_step: float, eval_seconds: float) -> str:
