@@ -102,12 +102,26 @@ def read_state(path: Path) -> dict:
 
 def check_compatible(path: Path, cfg: Config) -> None:
     """Refuse a checkpoint whose run computed something else (image size, freeze point, global batch...)."""
-    saved, current = flat_settings(read_state(path)["config"]), cfg.flat()
+    state = read_state(path)
+    saved, current = flat_settings(state["config"]), cfg.flat()
     for key in meaning_keys():
+        if key == "data_source" and "data_fingerprint" in state:
+            continue  # compared by content once the data has loaded (check_same_data): the data may have moved
         was = saved.get(key, LEGACY_VALUES.get(key))
         if was != current[key]:
             raise UserError(f"checkpoint {path} was made with --{key.replace('_', '-')} {was}, this run has "
                             f"{current[key]}; resume with the same value or use another --output-dir")
+
+
+def check_same_data(path: Path, data_source: str, data_fingerprint: str) -> None:
+    """Refuse a checkpoint trained on other data than ``data_source`` loaded (data.fingerprint). The same data
+    from another path or format passes: a moved folder does not strand a run. Checkpoints from before
+    fingerprints were recorded kept their source's name instead (check_compatible)."""
+    state = read_state(path)
+    if state.get("data_fingerprint", data_fingerprint) != data_fingerprint:
+        was = flat_settings(state["config"])["data_source"]
+        raise UserError(f"checkpoint {path} was trained on other data (--data-source {was}) than --data-source "
+                        f"{data_source} holds; resume with that data or use another --output-dir")
 
 
 def save_checkpoint(accelerator, output_dir: Path, state: dict, keep: int, writer: BackgroundWriter | None = None,

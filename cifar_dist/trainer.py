@@ -28,6 +28,7 @@ from cifar_dist.checkpoint import (
     STATE_FILE,
     BackgroundWriter,
     SaveSchedule,
+    check_same_data,
     checkpoint_weights,
     find_latest,
     read_state,
@@ -35,8 +36,8 @@ from cifar_dist.checkpoint import (
     save_model,
 )
 from cifar_dist.cli import TrainingStopped
-from cifar_dist.config import BatchPlan, Config, TrainConfig, UserError, plan_batches, save_config
-from cifar_dist.data import CifarSplits, build_splits, loader_config
+from cifar_dist.config import BatchPlan, Config, TrainConfig, UserError, flat_settings, plan_batches, save_config
+from cifar_dist.data import CifarSplits, build_splits, fingerprint, loader_config
 from cifar_dist.model import build_model, count_parameters
 from cifar_dist.preflight import main_first, preflight
 from cifar_dist.rundir import CHECKPOINTS, Claim, claim_output_dir
@@ -238,6 +239,7 @@ class Run:
     total_steps: int
     startup: StartUp
     writer: BackgroundWriter | None  # --async-checkpoints: writes the checkpoints while training goes on
+    data_fingerprint: str  # of the training set (data.fingerprint), recorded in each checkpoint
     step: int = 0
     per_class_acc: list = field(default_factory=list)
     checkpoint_s: float = 0.0  # this launch's pauses for checkpoints: every save, and the wait for the last one
@@ -356,7 +358,7 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
     output dir is written to only once all of them have loaded. ``startup`` times each phase."""
     accelerator, fast = make_accelerator(cfg, plan, claim, log_with)
     startup.lap("accelerator")
-    model, splits = main_first(accelerator, lambda: model_and_data(cfg, claim, dtype, startup))
+    model, splits, data_fingerprint = main_first(accelerator, lambda: model_and_data(cfg, claim, dtype, startup))
     startup.lap("data")
     steps_per_epoch = len(splits.train) // plan.global_batch_size  # the sampler cuts to whole global batches
     leave_if_finished(cfg.train, claim, steps_per_epoch)  # before the costly parts
@@ -382,7 +384,7 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
     return Run(cfg, plan, accelerator, claim, parts.fast, parts.model, parts.run_step, parts.optimizer, splits,
                parts.train_loader, parts.eval_loader, parts.input_name, parts.eval_input_name, run_log,
                SaveSchedule(cfg.train.checkpoint_every_steps, cfg.train.checkpoint_every_minutes), position,
-               steps_per_epoch, total_steps, startup, writer, step=position["step"])
+               steps_per_epoch, total_steps, startup, writer, data_fingerprint, step=position["step"])
 
 
 def make_accelerator(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None
@@ -408,8 +410,9 @@ def make_accelerator(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str |
 
 
 def model_and_data(cfg: Config, claim: Claim, dtype: torch.dtype, startup: StartUp
-                   ) -> tuple[torch.nn.Module, CifarSplits]:
-    """The model, then the data: a wrong --weights file fails in seconds, not after the dataset's download.
+                   ) -> tuple[torch.nn.Module, CifarSplits, str]:
+    """The model, then the data and its fingerprint: a wrong --weights file fails in seconds, not after the
+    dataset's download; a resume from a checkpoint trained on other data fails before anything is built.
 
     Under main_first: rank 0 fetches the weights and decodes the dataset into datasets' cache, the others then
     reuse both. A resumed run takes every weight from its checkpoint (load_state sets them again, but the
@@ -419,7 +422,10 @@ def model_and_data(cfg: Config, claim: Claim, dtype: torch.dtype, startup: Start
     startup.lap("model")
     splits = build_splits(cfg.data, seed=cfg.train.seed)
     check_head_size(cfg.model.num_classes, splits)
-    return model, splits
+    data_fingerprint = fingerprint(splits.train)
+    if claim.resume_from is not None:
+        check_same_data(claim.resume_from, cfg.data.data_source, data_fingerprint)
+    return model, splits, data_fingerprint
 
 
 def restore_position(accelerator: Accelerator, optimizer, claim: Claim, startup: StartUp) -> dict:
@@ -449,7 +455,11 @@ def announce(cfg: Config, plan: BatchPlan, accelerator: Accelerator, claim: Clai
     header = describe_run(cfg, plan, accelerator, counts, len(splits.train), len(splits.test), parts.fast)
     accelerator.print(header)
     if claim.resume_from is not None:
-        accelerator.print(f"resuming from {claim.resume_from} (epoch {position['epoch']}, step {position['step']})")
+        was = flat_settings(read_state(claim.resume_from)["config"])["data_source"]
+        moved = (f"; its data (--data-source {was}) comes from {cfg.data.data_source} now: the same images and "
+                 "labels" if was != cfg.data.data_source else "")  # check_same_data compared them
+        accelerator.print(f"resuming from {claim.resume_from} (epoch {position['epoch']}, step {position['step']})"
+                          + moved)
     run_log = RunLog(accelerator, claim.output_dir, header, position["records"], plot_title(cfg, claim.output_dir),
                      compares_to_seed(cfg))
     run_log.start(cfg.tracking, {**cfg.to_dict(),
@@ -605,7 +615,8 @@ def save(r: Run, epoch: int, steps_in_epoch: int, totals: Totals | None) -> Path
         train_sums = [sums["loss_sum"], sums["correct"], sums["count"]]
     state = {"epoch": epoch, "steps_in_epoch": steps_in_epoch, "step": r.step, "train_sums": train_sums,
              "records": r.run_log.records, "config": r.cfg.to_dict(),
-             "num_processes": r.accelerator.num_processes, "started_from": r.claim.started_from}
+             "num_processes": r.accelerator.num_processes, "started_from": r.claim.started_from,
+             "data_fingerprint": r.data_fingerprint}
     # The first complete checkpoint makes a new run permanent (Claim.commit), whenever the writer completes it.
     start = time.perf_counter()
     path = save_checkpoint(r.accelerator, r.output_dir, state, r.cfg.train.keep_checkpoints, r.writer,

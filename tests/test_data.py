@@ -26,6 +26,7 @@ from cifar_dist.data import (
     ImageTensorDataset,
     build_dataloaders,
     build_splits,
+    fingerprint,
     load_cifar100,
 )
 from cifar_files import (
@@ -100,6 +101,19 @@ def test_local_formats_load_identically(fmt, arrays, tmp_path):
         {"image": datasets.Array3D((32, 32, 3), "uint8"), "label": datasets.ClassLabel(names=arrays.class_names)}
     )
     assert_matches(load(source), arrays)
+
+
+def test_the_same_data_has_one_fingerprint_in_every_format_and_other_data_another(arrays, tmp_path):
+    prints = {fingerprint(load(write(tmp_path / fmt, arrays)).train) for fmt, write in WRITERS.items()}
+    assert len(prints) == 1
+    relabelled = dataclasses.replace(arrays, labels={**arrays.labels, "train": arrays.labels["train"].copy()})
+    relabelled.labels["train"][5] = (relabelled.labels["train"][5] + 1) % 100
+    repainted = dataclasses.replace(arrays, images={**arrays.images, "train": arrays.images["train"].copy()})
+    repainted.images["train"][-1, 0, 0, 0] ^= 1  # the last image is always among those read
+    others = {fingerprint(load(write_parquet_folder(tmp_path / name, changed)).train)
+              for name, changed in (("relabelled", relabelled), ("repainted", repainted))}
+    others.add(fingerprint(load(write_parquet_folder(tmp_path / "again", arrays), max_train_samples=39).train))
+    assert len(others) == 3 and not others & prints
 
 
 @pytest.mark.parametrize("fmt", ["python_folder", "python_tarball"])

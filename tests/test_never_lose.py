@@ -211,6 +211,31 @@ def test_a_resumed_run_needs_neither_its_starting_weights_nor_the_network(test_e
     assert conftest.update_difference(uninterrupted / "layer4", out, initial_weights, ("layer4.", "fc.")) < 1e-9
 
 
+def test_data_moved_elsewhere_resumes_and_other_data_is_refused(test_env, tmp_path):
+    """The data source is compared by content: a moved folder does not strand the run, other data in its place
+    does not mix into it."""
+    from cifar_files import make_cifar_arrays, write_parquet_folder, write_python_tarball
+
+    arrays = make_cifar_arrays(num_train=64, num_test=20)
+    first, out = write_parquet_folder(tmp_path / "data", arrays), tmp_path / "out"
+    args = ["--image-size", "32", "--mixed-precision", "no", "--num-epochs", "2", "--output-dir", str(out)]
+    run_train(test_env, ["--data-source", str(first), *args, "--max-steps", "3"])
+    moved = first.rename(tmp_path / "moved")
+    other = write_python_tarball(tmp_path / "other", make_cifar_arrays(num_train=64, num_test=20, seed=1))
+    before = tree_digest(out)
+    proc = run_train(test_env, ["--data-source", str(other), *args], check=False)
+    assert proc.returncode == 2
+    assert last_line(proc.stderr) == (
+        f"cifar_dist.train: error: checkpoint {out / 'checkpoints' / 'step-00000003'} was trained on other data "
+        f"(--data-source {first}) than --data-source {other} holds; resume with that data or use another "
+        "--output-dir")
+    assert tree_digest(out) == before
+    proc = run_train(test_env, ["--data-source", str(moved), *args])
+    assert f"(epoch 2, step 3); its data (--data-source {first}) comes from {moved} now" in proc.stdout
+    assert [r["step"] for r in records(out)] == [2, 4]
+    assert yaml.safe_load((out / "config.yaml").read_text())["data"]["data_source"] == str(moved)
+
+
 def test_time_based_checkpoints_land_on_a_health_check(test_env, tmp_path):
     out = tmp_path / "out"
     proc = run_train(test_env, [*TINY, "--num-epochs", "2", "--checkpoint-every-minutes", "0.0001",
