@@ -164,20 +164,8 @@ def resolve_fast_path(cfg: SpeedConfig, device: torch.device, mixed_precision: s
     for_the_cache = ("graph",) if whole_step_graph and cfg.whole_step_graph == "auto" else ()
     compile_ok, compile_why = _compile_support(device)
     compile_step = decide("compile_step", cfg.compile_step, compile_ok, compile_why)
-    if compile_step and cfg.compile_step == "auto" and for_the_cache:
-        compile_step, for_the_cache = False, ("graph", "no compile")
-        notes.append(f"{_COMPILE_OFF_IN_GRAPH} (eager kernels, measured faster end to end: nothing to compile at "
-                     "start-up); inductor's kernels with 'yes'")
-    elif compile_step and cfg.compile_step == "auto" and num_processes > 1:
-        # DDP + SyncBatchNorm inside a graph is reported to skip CUDA graphs ("mutated inputs", PyTorch #139207),
-        # leaving compile time and no gain; until measured on GPUs, several processes run the eager step.
-        compile_step = False
-        notes.append("--compile-step auto: off with several processes (DDP + SyncBatchNorm keep CUDA graphs from "
-                     "recording, PyTorch #139207; not yet measured against eager); on with 'yes'")
-    elif compile_step and cfg.compile_step == "auto" and grad_accum_steps > 1:
-        compile_step = False
-        notes.append("--compile-step auto: off with gradient accumulation (each micro-batch's graph replay would "
-                     "reuse the memory of the gradients being accumulated); on with 'yes', which keeps them apart")
+    if compile_step and cfg.compile_step == "auto":
+        compile_step, for_the_cache = _auto_compile_exceptions(for_the_cache, num_processes, grad_accum_steps, notes)
     channels_last = decide("channels_last", cfg.channels_last, True, "")
     # The graph records fused Adam's step ('no' with the graph is refused in SpeedConfig).
     fused_adam = decide("fused_adam", cfg.fused_adam, True, "") or whole_step_graph
@@ -195,6 +183,27 @@ def resolve_fast_path(cfg: SpeedConfig, device: torch.device, mixed_precision: s
                     grad_accum_steps, eval_cache=eval_cache, cudnn_benchmark=cudnn_benchmark,
                     whole_step_graph=whole_step_graph, device_type=device.type, train_cache=train_cache,
                     for_the_cache=for_the_cache)
+
+
+def _auto_compile_exceptions(for_the_cache: tuple[str, ...], num_processes: int, grad_accum_steps: int,
+                             notes: list[str]) -> tuple[bool, tuple[str, ...]]:
+    """Where --compile-step auto, on with CUDA, leaves the step uncompiled after all, with a note: under the
+    whole-step graph, with several processes, with gradient accumulation. Returns (compile, for_the_cache)."""
+    if for_the_cache:
+        notes.append(f"{_COMPILE_OFF_IN_GRAPH} (eager kernels, measured faster end to end: nothing to compile at "
+                     "start-up); inductor's kernels with 'yes'")
+        return False, ("graph", "no compile")
+    if num_processes > 1:
+        # DDP + SyncBatchNorm inside a graph is reported to skip CUDA graphs ("mutated inputs", PyTorch #139207),
+        # leaving compile time and no gain; until measured on GPUs, several processes run the eager step.
+        notes.append("--compile-step auto: off with several processes (DDP + SyncBatchNorm keep CUDA graphs from "
+                     "recording, PyTorch #139207; not yet measured against eager); on with 'yes'")
+        return False, for_the_cache
+    if grad_accum_steps > 1:
+        notes.append("--compile-step auto: off with gradient accumulation (each micro-batch's graph replay would "
+                     "reuse the memory of the gradients being accumulated); on with 'yes', which keeps them apart")
+        return False, for_the_cache
+    return True, for_the_cache
 
 
 def _decide_whole_step_graph(cfg: SpeedConfig, cuda: bool, train_cache: bool, mixed_precision: str,
