@@ -61,79 +61,91 @@ COMMAND_ENV = "CIFAR_DIST_GPU_CHECK_COMMAND"  # how the check was started, for t
 
 def train(argv: list[str]) -> int:
     """Run cifar_dist.train's main with ``argv``, timing checkpoints and the first steps; write the facts file."""
-    import torch
-
     import cifar_dist.trainer as trainer
-    from cifar_dist import speed
     from cifar_dist.train import main
 
-    launched = float(os.environ.get(LAUNCHED_ENV, time.time()))
-    facts: dict = {"checkpoint_s": [], "missing": []}
-    state = {"steps": 0, "fast": None, "checkpoint": None}
-    cuda = torch.cuda.is_available()
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    def wrap(name, make):
+    probe = TrainerProbe(float(os.environ.get(LAUNCHED_ENV, time.time())))
+    for name, wrap in (("save_checkpoint", probe.timed_save), ("record_step", probe.kept_fast)):
         if hasattr(trainer, name):
-            setattr(trainer, name, make(getattr(trainer, name)))
+            setattr(trainer, name, wrap(getattr(trainer, name)))
         else:  # the trainer changed shape: the figure is reported missing, the run still runs
-            facts["missing"].append(f"cifar_dist.trainer.{name}")
-
-    def timed_save(save):  # the pause training sees: with --async-checkpoints the write itself goes on after it
-        def inner(*args, **kwargs):
-            sync()
-            start = time.perf_counter()
-            state["checkpoint"] = save(*args, **kwargs)
-            facts["checkpoint_s"].append(round(time.perf_counter() - start, 3))
-            return state["checkpoint"]
-        return inner
-
-    def timed_step(step):
-        def inner(*args, **kwargs):
-            if state["steps"] == 0:
-                facts["launch_to_first_step_s"] = round(time.time() - launched, 2)
-            out = step(*args, **kwargs)
-            state["steps"] += 1
-            if state["steps"] == FIRST_STEPS:
-                sync()
-                facts[f"launch_to_step_{FIRST_STEPS}_s"] = round(time.time() - launched, 2)
-            return out
-        return inner
-
-    def kept_fast(record_step):  # the trainer's last word on its step, whichever step it is
-        def inner(*args, **kwargs):
-            parts = record_step(*args, **kwargs)
-            state["fast"] = parts.fast  # the fast path as it turned out: what was compiled, and how
-            return dataclasses.replace(parts, run_step=timed_step(parts.run_step))
-        return inner
-
-    wrap("save_checkpoint", timed_save)
-    wrap("record_step", kept_fast)
+            probe.facts["missing"].append(f"cifar_dist.trainer.{name}")
     code = 0
     try:
         main(argv)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     finally:
-        facts["micro_batches"] = state["steps"]
-        if state["checkpoint"] is not None and state["checkpoint"].is_dir():  # complete once the run has ended
-            facts["checkpoint_mb"] = round(sum(f.stat().st_size for f in state["checkpoint"].rglob("*")
+        facts = json.dumps(probe.final_facts(code), indent=1)
+        if os.environ.get(FACTS_ENV):
+            Path(os.environ[FACTS_ENV]).write_text(facts)
+        else:
+            print(facts)
+    return code
+
+
+class TrainerProbe:
+    """Wrappers around the trainer's functions that time its checkpoints and first steps, and what it measured
+    at the end: the peak memory and what the step turned out to be."""
+
+    def __init__(self, launched: float):
+        import torch
+
+        self.launched, self.cuda = launched, torch.cuda.is_available()
+        self.facts: dict = {"checkpoint_s": [], "missing": []}
+        self.steps, self.fast, self.checkpoint = 0, None, None
+
+    def sync(self):
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+
+    def timed_save(self, save):  # the pause training sees: with --async-checkpoints the write goes on after it
+        def inner(*args, **kwargs):
+            self.sync()
+            start = time.perf_counter()
+            self.checkpoint = save(*args, **kwargs)
+            self.facts["checkpoint_s"].append(round(time.perf_counter() - start, 3))
+            return self.checkpoint
+        return inner
+
+    def timed_step(self, step):
+        def inner(*args, **kwargs):
+            if self.steps == 0:
+                self.facts["launch_to_first_step_s"] = round(time.time() - self.launched, 2)
+            out = step(*args, **kwargs)
+            self.steps += 1
+            if self.steps == FIRST_STEPS:
+                self.sync()
+                self.facts[f"launch_to_step_{FIRST_STEPS}_s"] = round(time.time() - self.launched, 2)
+            return out
+        return inner
+
+    def kept_fast(self, record_step):  # the trainer's last word on its step, whichever step it is
+        def inner(*args, **kwargs):
+            parts = record_step(*args, **kwargs)
+            self.fast = parts.fast  # the fast path as it turned out: what was compiled, and how
+            return dataclasses.replace(parts, run_step=self.timed_step(parts.run_step))
+        return inner
+
+    def final_facts(self, exit_code: int) -> dict:
+        import torch
+
+        from cifar_dist import speed
+
+        facts = {**self.facts, "micro_batches": self.steps}
+        if self.checkpoint is not None and self.checkpoint.is_dir():  # complete once the run has ended
+            facts["checkpoint_mb"] = round(sum(f.stat().st_size for f in self.checkpoint.rglob("*")
                                                if f.is_file()) / 1e6, 1)
-        if cuda:
+        if self.cuda:
             facts["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
             facts["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
         facts["peak_host_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-        if state["fast"] is not None:
-            facts["step"] = {**state["fast"].facts(), **speed.compile_summary(state["fast"])}
-        facts["exit_code"] = code
-        if os.environ.get(FACTS_ENV):
-            Path(os.environ[FACTS_ENV]).write_text(json.dumps(facts, indent=1))
-        else:
-            print(json.dumps(facts))
-    return code
+        if self.fast is not None:
+            facts["step"] = {**self.fast.facts(), **speed.compile_summary(self.fast)}
+        facts["exit_code"] = exit_code
+        return facts
 
 
 # -- the orchestration
