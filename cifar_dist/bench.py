@@ -571,7 +571,7 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cifar_dist.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32, help="training batch (the recipe's global batch)")
@@ -606,7 +606,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--e2e-args", nargs=argparse.REMAINDER, default=[],
                         help="further flags for the end-to-end trainer runs (give last)")
     parser.add_argument("--json", help="also write the report to this file")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One line for a bad value, before any timing."""
     for name in ("image_size", "batch_size", "eval_batch_size", "steps", "e2e_epochs", "e2e_train_samples",
                  "e2e_eval_samples"):
         if getattr(args, name) <= 0:
@@ -619,6 +623,12 @@ def main(argv: list[str] | None = None) -> None:
     for flag, path in (("--json", args.json), ("--profile-trace", args.profile_trace)):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             parser.error(f"{flag} {path}: no such folder {os.path.dirname(os.path.abspath(path))}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     try:
         report = run(args)
     except UserError as exc:
