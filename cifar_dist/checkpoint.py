@@ -115,8 +115,8 @@ def check_compatible(path: Path, cfg: Config) -> None:
 
 def check_same_data(path: Path, data_source: str, data_fingerprint: str) -> None:
     """Refuse a checkpoint trained on other data than ``data_source`` loaded (data.fingerprint). The same data
-    from another path or format passes: a moved folder does not strand a run. Checkpoints from before
-    fingerprints were recorded kept their source's name instead (check_compatible)."""
+    from another path or format passes: a moved folder does not strand a run. A checkpoint from before
+    fingerprints were recorded is held to its source's name instead (check_compatible)."""
     state = read_state(path)
     if state.get("data_fingerprint", data_fingerprint) != data_fingerprint:
         was = flat_settings(state["config"])["data_source"]
