@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
@@ -389,10 +390,21 @@ def run_steps(check: Check, args, scratch: Path) -> None:
     if "gpu_tests" not in args.skip:
         junit = scratch / "junit.xml"
         check.run("gpu_tests", [py, "-m", "pytest", *args.tests, "-m", "gpu", "-q", "-rA", "-p", "no:cacheprovider",
-                                f"--junitxml={junit}"], parse_tests(junit))
+                                *xdist_args(args.test_workers, args.tests), f"--junitxml={junit}"],
+                  parse_tests(junit))
     bench("bench", args.bench_args, "results")
     bench("profile", args.profile_args, "profile")
     bench("graphed", args.graphed_args, "results")
+
+
+def xdist_args(requested: int | None, files: list[str]) -> list[str]:
+    """pytest's ``-n`` for the GPU tests: by default a pytest-xdist worker per test file, where pytest-xdist is
+    installed (tests/conftest.py keeps each file's tests in one worker, and with them their module fixtures). The
+    files' tests mostly wait on their own launches, compiles and small steps, which leave the card and its host's
+    cores far from busy; the out-of-memory test holds itself to a part of the card (tests/test_gpu_memory.py)."""
+    if requested is None:
+        requested = len(files) if importlib.util.find_spec("xdist") else 0
+    return ["-n", str(requested)] if requested > 0 else []
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -407,8 +419,11 @@ def _parser() -> argparse.ArgumentParser:
                         "string; the CPU smoke test gives it --cache-frozen-features, as auto does on a GPU)")
     parser.add_argument("--budget-s", type=float, default=480, help="overall time limit of the steps "
                         "(those without --end-to-end took 396 s on an H100)")
-    parser.add_argument("--tests", nargs="+", default=["tests/test_gpu.py", "tests/test_gpu_resume.py"],
+    parser.add_argument("--tests", nargs="+",
+                        default=["tests/test_gpu.py", "tests/test_gpu_resume.py", "tests/test_gpu_memory.py"],
                         help="the test files pytest runs (their gpu-marked tests)")
+    parser.add_argument("--test-workers", type=int, help="pytest-xdist workers for them (0: one process); default "
+                        "one per file where pytest-xdist is installed, else 0")
     parser.add_argument("--bench-args", default="--steps 20 --warmup 5 --workers 8",
                         help="flags of python -m cifar_dist.bench (one string)")
     # The benchmark times at least one variant; eval compiles nothing. Profiled: the step default flags run where

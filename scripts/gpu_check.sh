@@ -5,7 +5,9 @@
 #     workload, launch to final report, with default flags and from images (compiling from an empty
 #     compile cache), ahead of the rest so that a short budget cuts the other steps, not the targets' figures;
 #   - the GPU tests (tests/test_gpu.py: compiled vs eager, the whole-step graph vs eager, accumulation, no host
-#     syncs, feature caches, BatchNorm counters, resume under other speed options, a real out-of-memory);
+#     syncs, feature caches, BatchNorm counters, resume under other speed options; test_gpu_resume.py: a
+#     deterministic resume bit for bit; test_gpu_memory.py: a real out-of-memory), the three files side by side
+#     in a pytest-xdist worker each (--test-workers);
 #   - the trainer with default flags (where it fits, the feature cache and the whole step as one CUDA graph) and
 #     from images (--no-cache-frozen-features: the compiled step) on synthetic data of CIFAR-100's size
 #     (50,000 + 10,000 images) at 224 px, 500 steps each: images/s, time to the first steps (compile),
@@ -25,12 +27,12 @@
 #     --end-to-end --e2e-runs default images graphed_cached"
 #
 # Run it from anywhere inside the checkout: it runs the package from the checkout (PYTHONPATH), not an install.
-# It needs torch with CUDA, torchvision and accelerate (preinstalled on the lent GPU machines; their torch, 2.11,
-# is older than pyproject.toml's pin, which is why nothing is pip-installed), `datasets`, which is not there
-# and has no network to come from, and safetensors 0.8 (an older one holds the GIL through each background
+# It needs torch with CUDA, torchvision and accelerate (preinstalled on the GPU machines measured here; their
+# torch, 2.11, is older than pyproject.toml's pin, which is why nothing is pip-installed), `datasets`, which is
+# not there and has no network to come from, and safetensors 0.8 (an older one holds the GIL through each background
 # checkpoint's write of the weights). Bring them as wheels in .whl/ at the repository root, made where pip works:
 #
-#     scripts/gpu_wheels.sh       # datasets and what it pins, safetensors; CPython 3.12 (.gitignore'd)
+#     scripts/gpu_wheels.sh       # datasets and what it pins, safetensors, pytest-xdist; CPython 3.12 (.gitignore'd)
 #
 # and carry .whl with the checkout (57 MB, 55 of them pyarrow; --without-pyarrow where the machine's is 24+).
 # This script installs them with `pip --no-index --no-deps` into a private folder ahead of the system's

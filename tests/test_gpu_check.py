@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from cifar_dist.gpu_check import Check, render
+from cifar_dist.gpu_check import Check, render, xdist_args
 
 TINY_CHECK = ["--image-size", "32", "--train-images", "256", "--eval-images", "64", "--max-steps", "4",
               "--checkpoint-every-steps", "2", "--budget-s", "900", "--default-args=--cache-frozen-features",
@@ -39,6 +39,11 @@ def test_the_whole_check_on_the_cpu_reports_every_step_and_fails_for_want_of_a_g
     assert [r["variant"] for r in graphed] == ["graphed"] and graphed[0]["images_per_s"] > 0
     assert steps["gpu_tests"]["error"].startswith("could not read its results: AssertionError: no GPU test ran (")
     assert steps["gpu_tests"]["skipped"] > 0 and steps["gpu_tests"]["passed"] == steps["gpu_tests"]["errors"] == 0
+    # Every GPU test file collected, side by side: a pytest-xdist worker per file (installed with the tests).
+    assert " -n 3 " in steps["gpu_tests"]["command"]
+    assert {t["test"] for t in steps["gpu_tests"]["tests"]} >= {
+        "test_a_deterministic_gpu_run_resumes_bit_for_bit", "test_compiled_step_matches_eager_at_224px",
+        "test_running_out_of_gpu_memory_stops_with_one_line_and_leaves_nothing"}
     assert report["torch"] and report["datasets"] and report["card"] and report["cuda"] is None
     # The checkpoint figures depend on it: before 0.8 safetensors held the GIL through the weights' write.
     assert report["safetensors"] and f", safetensors {report['safetensors']}, " in (out / "gpu_check.md").read_text()
@@ -107,6 +112,12 @@ def test_steps_past_the_time_budget_are_not_run_and_say_so(tmp_path):
     assert slow["error"] == "timed out after 7 s" and slow["output_tail"] == ["started"]
     later = check.run("bench", [sys.executable, "-c", "pass"])
     assert later["error"] == "not run: the overall time budget was spent"
+
+
+def test_the_gpu_tests_run_a_worker_per_file_unless_told_otherwise():
+    files = ["tests/test_gpu.py", "tests/test_gpu_resume.py", "tests/test_gpu_memory.py"]
+    assert xdist_args(None, files) == ["-n", "3"]  # pytest-xdist comes with the tests' extras
+    assert xdist_args(0, files) == [] and xdist_args(2, files) == ["-n", "2"]
 
 
 SIZES = {"image_size": 224, "train_images": 50_000, "eval_images": 10_000, "max_steps": 500,
