@@ -93,6 +93,21 @@ def choose_location(choice: str, nbytes: int, device: torch.device, device_free:
     return "host"
 
 
+def device_memory_free(device: torch.device) -> int:
+    """Bytes this process can still take on CUDA ``device``: what the card has free, and no more than the share
+    ``torch.cuda.set_per_process_memory_fraction`` leaves it, past which PyTorch's allocator fails as on a full
+    card."""
+    free = torch.cuda.mem_get_info(device)[0]
+    try:
+        fraction = torch.cuda.get_per_process_memory_fraction(device)
+    except RuntimeError:  # an allocator that keeps no such share (CUDAPluggableAllocator)
+        return free
+    if fraction < 1:  # the allocator counts what it holds, used or cached, against fraction x the card's total
+        allowed = int(fraction * torch.cuda.get_device_properties(device).total_memory)
+        free = min(free, allowed - torch.cuda.memory_reserved(device))
+    return free
+
+
 def host_memory_available() -> int:
     """Bytes of host memory this process may use for a cache: MemAvailable shared by the node's processes."""
     available = None
@@ -166,8 +181,8 @@ def _build(model, splits, accelerator, batch_size: int, location_choice: str, wh
         probe = model.trunk(splits.train.images[:1].to(device))
     per_image = probe[0].numel() * probe.element_size()
     nbytes = per_image * sum(len(getattr(splits, name)) for name in which)
-    free = torch.tensor([torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0,
-                         host_memory_available()], dtype=torch.int64, device=device)
+    free = torch.tensor([device_memory_free(device) if device.type == "cuda" else 0, host_memory_available()],
+                        dtype=torch.int64, device=device)
     if accelerator.num_processes > 1:  # every process decides on the tightest figures: all go on, or all stop
         free = accelerator.gather(free[None]).min(0).values
     device_free, host_free = free.tolist()
