@@ -420,7 +420,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget-s", type=float, default=480, help="overall time limit of the steps "
                         "(those without --end-to-end took 396 s on an H100)")
     parser.add_argument("--tests", nargs="+",
-                        default=["tests/test_gpu.py", "tests/test_gpu_resume.py", "tests/test_gpu_memory.py"],
+                        default=["tests/test_gpu.py", "tests/test_gpu_resume.py", "tests/test_gpu_memory.py",
+                                 "tests/test_gpu_evaluate.py"],
                         help="the test files pytest runs (their gpu-marked tests)")
     parser.add_argument("--test-workers", type=int, help="pytest-xdist workers for them (0: one process); default "
                         "one per file where pytest-xdist is installed, else 0")

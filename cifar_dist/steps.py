@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from cifar_dist.speed import cudnn_autotuning
+
 
 def train_step(model, step_model, inputs, labels, optimizer, accelerator, input_name: str = "images") -> torch.Tensor:
     """Forward, backward and (on the last micro-batch of an accumulation) the optimizer step.
@@ -70,6 +72,11 @@ def evaluate(model, loader, accelerator, class_names: list[str],
     gather_for_metrics drops the samples repeated to pad uneven shards, so every test image counts once. The loop
     never waits for the device (per-class counts are index_add_ed into fixed-size tensors; bincount would read
     the largest label back); the one wait is the final read.
+
+    cuDNN picks its convolution algorithms here by its heuristics, not by timing them (--cudnn-benchmark): the
+    timed choice can differ from one process to the next, and with it the rounding, while the heuristics choose
+    the same for the same shapes, so that cifar_dist.evaluate reproduces the trainer's figures exactly on a GPU
+    as on the CPU.
     """
     model.eval()
     num_classes = len(class_names)
@@ -77,14 +84,15 @@ def evaluate(model, loader, accelerator, class_names: list[str],
     class_hits = torch.zeros(2, num_classes, device=accelerator.device, dtype=torch.float64)
     progress = tqdm(loader, desc="eval", unit="batch", leave=False, file=sys.stdout,
                     disable=no_progress_bar(accelerator))
-    for inputs, labels in progress:
-        logits = model(**{input_name: inputs})
-        losses = F.cross_entropy(logits, labels, reduction="none")
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        losses, top1, top5, labels = accelerator.gather_for_metrics(
-            (losses, top5[:, 0] == labels, (top5 == labels[:, None]).any(1), labels))
-        sums += torch.stack([losses.sum(), top1.sum(), top5.sum(), losses.new_full((), losses.numel())]).double()
-        class_hits.index_add_(1, labels, torch.stack([top1.double(), torch.ones_like(top1, dtype=torch.float64)]))
+    with cudnn_autotuning(False):
+        for inputs, labels in progress:
+            logits = model(**{input_name: inputs})
+            losses = F.cross_entropy(logits, labels, reduction="none")
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            losses, top1, top5, labels = accelerator.gather_for_metrics(
+                (losses, top5[:, 0] == labels, (top5 == labels[:, None]).any(1), labels))
+            sums += torch.stack([losses.sum(), top1.sum(), top5.sum(), losses.new_full((), losses.numel())]).double()
+            class_hits.index_add_(1, labels, torch.stack([top1.double(), torch.ones_like(top1, dtype=torch.float64)]))
     loss_sum, top1, top5, count = sums.tolist()
     per_class = [(name, hits / max(total, 1)) for name, hits, total in zip(class_names, *class_hits.tolist())]
     return ({"val_loss": loss_sum / count, "val_acc": top1 / count, "val_top5": top5 / count,

@@ -583,6 +583,22 @@ def test_the_backend_switch_follows_the_fast_path_both_ways(monkeypatch):
         assert torch.backends.cudnn.benchmark is wanted
 
 
+def test_evaluation_leaves_the_algorithms_to_cudnns_heuristics_and_restores_the_runs_setting(monkeypatch):
+    # A timed choice can differ between the trainer's process and cifar_dist.evaluate's, and so the rounding.
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # the run's --cudnn-benchmark; restored afterwards
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, images):
+            seen.append(torch.backends.cudnn.benchmark)
+            return torch.zeros(len(images), 3)
+
+    batches = [(torch.zeros(2, 1), torch.tensor([0, 1])), (torch.zeros(1, 1), torch.tensor([2]))]
+    metrics, _ = evaluate(Probe(), batches, Accelerator(cpu=True), ["a", "b", "c"])
+    assert seen == [False, False] and torch.backends.cudnn.benchmark is True
+    assert metrics["val_num_samples"] == 3
+
+
 @pytest.mark.parametrize("choice, precision, processes, expected", [
     ("auto", "bf16", 2, True), ("auto", "no", 2, False), ("auto", "bf16", 1, False), ("bf16", "no", 4, True),
     ("fp32", "bf16", 2, False),
