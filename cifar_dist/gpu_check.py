@@ -421,7 +421,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(those without --end-to-end took 396 s on an H100)")
     parser.add_argument("--tests", nargs="+",
                         default=["tests/test_gpu.py", "tests/test_gpu_resume.py", "tests/test_gpu_memory.py",
-                                 "tests/test_gpu_evaluate.py"],
+                                 "tests/test_gpu_after_training.py", "tests/test_gpu_fp16.py"],
                         help="the test files pytest runs (their gpu-marked tests)")
     parser.add_argument("--test-workers", type=int, help="pytest-xdist workers for them (0: one process); default "
                         "one per file where pytest-xdist is installed, else 0")

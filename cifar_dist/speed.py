@@ -229,9 +229,10 @@ def _decide_whole_step_graph(cfg: SpeedConfig, cuda: bool, train_cache: bool, mi
 
 
 def _decide_cudnn_benchmark(choice: str, cuda: bool, deterministic: bool, notes: list[str]) -> bool:
-    # Every training batch has one shape and evaluation two, so the timing costs a few calls per shape, once; the
-    # choice it makes can differ from process to process and launch to launch, hence never under --deterministic
-    # ('yes' with it is refused in Config). Nothing to say on a CPU under 'auto': cuDNN is CUDA's.
+    # Every training batch has one shape, so the timing costs a few calls, once (evaluation leaves the choice to
+    # cuDNN's heuristics: steps.evaluate); the choice it makes can differ from process to process and launch to
+    # launch, hence never under --deterministic ('yes' with it is refused in Config). Nothing to say on a CPU under
+    # 'auto': cuDNN is CUDA's.
     if choice == "no" or (choice == "auto" and not cuda):
         return False
     if not cuda:

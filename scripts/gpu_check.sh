@@ -7,8 +7,9 @@
 #   - the GPU tests (tests/test_gpu.py: compiled vs eager, the whole-step graph vs eager, accumulation, no host
 #     syncs, feature caches, BatchNorm counters, resume under other speed options; test_gpu_resume.py: a
 #     deterministic resume bit for bit; test_gpu_memory.py: a real out-of-memory, the feature cache's fallback;
-#     test_gpu_evaluate.py: cifar_dist.evaluate equal to the trainer), the files side by side in a pytest-xdist
-#     worker each (--test-workers);
+#     test_gpu_after_training.py: cifar_dist.evaluate equal to the trainer, predict agreeing with it;
+#     test_gpu_fp16.py: fp16 under the loss scaler), the files side by side in a pytest-xdist worker each
+#     (--test-workers);
 #   - the trainer with default flags (where it fits, the feature cache and the whole step as one CUDA graph) and
 #     from images (--no-cache-frozen-features: the compiled step) on synthetic data of CIFAR-100's size
 #     (50,000 + 10,000 images) at 224 px, 500 steps each: images/s, time to the first steps (compile),

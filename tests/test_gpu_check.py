@@ -40,11 +40,12 @@ def test_the_whole_check_on_the_cpu_reports_every_step_and_fails_for_want_of_a_g
     assert steps["gpu_tests"]["error"].startswith("could not read its results: AssertionError: no GPU test ran (")
     assert steps["gpu_tests"]["skipped"] > 0 and steps["gpu_tests"]["passed"] == steps["gpu_tests"]["errors"] == 0
     # Every GPU test file collected, side by side: a pytest-xdist worker per file (installed with the tests).
-    assert " -n 4 " in steps["gpu_tests"]["command"]
+    assert " -n 5 " in steps["gpu_tests"]["command"]
     assert {t["test"] for t in steps["gpu_tests"]["tests"]} >= {
         "test_a_deterministic_gpu_run_resumes_bit_for_bit", "test_compiled_step_matches_eager_at_224px",
         "test_running_out_of_gpu_memory_stops_with_one_line_and_leaves_nothing",
-        "test_evaluate_reproduces_the_trainers_last_epoch_exactly"}
+        "test_evaluate_reproduces_the_trainers_last_epoch_exactly", "test_predict_names_the_classes_evaluate_names",
+        "test_fp16_trains_under_the_loss_scaler_with_default_flags_and_from_images"}
     assert report["torch"] and report["datasets"] and report["card"] and report["cuda"] is None
     # The checkpoint figures depend on it: before 0.8 safetensors held the GIL through the weights' write.
     assert report["safetensors"] and f", safetensors {report['safetensors']}, " in (out / "gpu_check.md").read_text()
