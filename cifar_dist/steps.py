@@ -75,8 +75,8 @@ def evaluate(model, loader, accelerator, class_names: list[str],
 
     cuDNN picks its convolution algorithms here by its heuristics, not by timing them (--cudnn-benchmark): the
     timed choice can differ from one process to the next, and with it the rounding, while the heuristics choose
-    the same for the same shapes, so that cifar_dist.evaluate reproduces the trainer's figures exactly on a GPU
-    as on the CPU.
+    the same for the same shapes: cifar_dist.evaluate in another process is to reproduce the trainer's figures
+    exactly on a GPU as on the CPU (tests/test_gpu_after_training.py).
     """
     model.eval()
     num_classes = len(class_names)
