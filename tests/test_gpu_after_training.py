@@ -74,7 +74,7 @@ def test_predict_names_the_classes_evaluate_names(runs, test_env, tmp_path):
     data = make_config(data_source="synthetic", synthetic_train_samples=1024, synthetic_eval_samples=300).data
     for index, image in enumerate(build_splits(data, seed=0).test.images.numpy()):
         Image.fromarray(image).save(folder / f"{index:04d}.png")
-    evaluated, predicted = side_by_side(test_env, [
+    _, predicted = side_by_side(test_env, [
         ["cifar_dist.evaluate", str(run), "--output-dir", str(tmp_path / "eval"), "--predictions",
          str(tmp_path / "eval.csv"), "--top-k", "1"],
         ["cifar_dist.predict", str(run), str(folder), "--top-k", "1", "--batch-size", "100", "--device", "cuda"]])

@@ -1,7 +1,7 @@
 """On a CUDA GPU, --mixed-precision fp16 (what the README advises for GPUs without native bf16: V100, T4) trains
 under accelerate's loss scaler: with default flags (the feature cache; the whole-step graph is off under fp16,
-whose loss scaler reads the device every step) and from images (the compiled step). An H100 computes fp16 as
-those cards do, a little faster; only their speed is not measured here. Skipped without CUDA (never in CI);
+whose loss scaler reads the device every step) and from images (the compiled step). On an H100 this runs the
+code path those cards run; their speed is not measured here. Skipped without CUDA (never in CI);
 scripts/gpu_check.sh runs it."""
 
 import math
