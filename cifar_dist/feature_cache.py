@@ -35,6 +35,10 @@ DEVICE_HEADROOM_BYTES = 6 * 2**30
 DEVICE_IF_FITS = "device-if-fits"
 
 
+class DoesNotFit(Exception):
+    """A DEVICE_IF_FITS cache that device memory cannot hold beside training; its message gives the figures."""
+
+
 class FeatureDataset(Dataset):
     """The trunk's output per image (N, C, H, W), wherever it lives, with the labels, as (features, label)."""
 
@@ -69,28 +73,36 @@ def check_cacheable(model) -> None:
 
 
 def choose_location(choice: str, nbytes: int, device: torch.device, device_free: int | None,
-                    host_free: int) -> str | None:
+                    host_free: int) -> str:
     """'device' or 'host' for a cache of ``nbytes``; UserError when the chosen (or any) place is too small, but
-    None for DEVICE_IF_FITS when device memory is."""
-    need = f"the feature cache needs {nbytes / 2**30:.1f} GiB"
+    DoesNotFit for DEVICE_IF_FITS when device memory is (auto's choice, which then goes without the cache)."""
     fits_device = device.type != "cpu" and device_free is not None and nbytes <= device_free - DEVICE_HEADROOM_BYTES
     fits_host = nbytes <= host_free
+    # The figures, for the error or auto's note: what the cache needs against what training leaves it.
+    short = (f"{size(nbytes)}, more than the {size(max(device_free or 0, 0))} free on {device} less "
+             f"{DEVICE_HEADROOM_BYTES / 2**30:.0f} GiB for training")
     if choice == DEVICE_IF_FITS:
-        return "device" if fits_device else None
+        if not fits_device:
+            raise DoesNotFit(short if device.type != "cpu" else f"{size(nbytes)} of device memory, which {device} "
+                             f"does not have")
+        return "device"
     if device.type == "cpu":
         choice = "host"  # one memory
     if choice == "device":
         if not fits_device:
-            raise UserError(f"{need}, more than the {max(device_free or 0, 0) / 2**30:.1f} GiB free on {device} "
-                            f"less {DEVICE_HEADROOM_BYTES / 2**30:.0f} GiB for training; use "
-                            f"--feature-cache-location host")
+            raise UserError(f"the feature cache needs {short}; use --feature-cache-location host")
         return "device"
     if choice == "auto" and fits_device:
         return "device"
     if not fits_host:
-        raise UserError(f"{need}, more than the {host_free / 2**30:.1f} GiB of host memory available to this "
-                        f"process; lower --image-size or use --no-cache-frozen-features")
+        raise UserError(f"the feature cache needs {size(nbytes)}, more than the {size(host_free)} of host memory "
+                        f"available to this process; lower --image-size or use --no-cache-frozen-features")
     return "host"
+
+
+def size(nbytes: int) -> str:
+    """'22.4 GiB', or '1.5 MiB' below a GiB: what a cache needs, readable at the recipe's size and a test's."""
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def device_memory_free(device: torch.device) -> int:
@@ -133,24 +145,25 @@ def cache_for_run(model, splits: CifarSplits, accelerator, batch_size: int, spee
     frozen = bool(getattr(model, "frozen_stages", ()))  # nothing frozen: nothing to cache
     if fast.train_cache and frozen:
         auto = speed.cache_frozen_features == "auto"
-        cached = build_feature_cache(model, splits, accelerator, batch_size,
-                                     DEVICE_IF_FITS if auto else speed.feature_cache_location,
-                                     layout=cache_layout(fast))
-        if cached:
+        try:
+            cached = build_feature_cache(model, splits, accelerator, batch_size,
+                                         DEVICE_IF_FITS if auto else speed.feature_cache_location,
+                                         layout=cache_layout(fast))
             return dataclasses.replace(splits, **cached), dataclasses.replace(fast, features_cached=("train", "test"))
-        fast = fast.without_train_cache(
-            "--cache-frozen-features auto: off, the frozen-stage features do not fit in device memory beside "
-            "training (in host memory with 'yes')")
+        except DoesNotFit as short:
+            fast = fast.without_train_cache(f"--cache-frozen-features auto: off, the frozen-stage features need "
+                                            f"{short} (in host memory with 'yes')")
     elif fast.train_cache:
         fast = fast.without_train_cache()
     if not (fast.eval_cache and frozen):
         return splits, fast
     location = speed.feature_cache_location if speed.cache_eval_features == "yes" else DEVICE_IF_FITS
-    cached = build_feature_cache(model, splits, accelerator, batch_size, location, ("test",), cache_layout(fast))
-    if not cached:
+    try:
+        cached = build_feature_cache(model, splits, accelerator, batch_size, location, ("test",), cache_layout(fast))
+    except DoesNotFit as short:
         return splits, dataclasses.replace(fast, notes=[
-            *fast.notes, "--cache-eval-features auto: off, the test images' frozen-stage features do not fit in "
-            "device memory beside training (in host memory with 'yes')"])
+            *fast.notes, f"--cache-eval-features auto: off, the test images' frozen-stage features need {short} "
+            "(in host memory with 'yes')"])
     return dataclasses.replace(splits, **cached), dataclasses.replace(fast, features_cached=("test",))
 
 
@@ -159,8 +172,8 @@ def build_feature_cache(model, splits, accelerator, batch_size: int, location_ch
                         which: tuple[str, ...] = ("train", "test"), layout=torch.contiguous_format,
                         autotune: bool = False) -> dict[str, FeatureDataset]:
     """{split name: FeatureDataset} holding ``model.trunk``'s output for every image of the splits named in
-    ``which``, kept in the memory format ``layout`` (``cache_layout(fast)``); {} when ``location_choice`` is
-    DEVICE_IF_FITS and device memory is too small.
+    ``which``, kept in the memory format ``layout`` (``cache_layout(fast)``); DoesNotFit when ``location_choice``
+    is DEVICE_IF_FITS and device memory is too small.
 
     cuDNN's autotuning (--cudnn-benchmark) is left off here unless ``autotune`` (and the run's setting) ask for
     it: it times every algorithm of every convolution on the first call of each input shape, and the trunk's
@@ -188,8 +201,6 @@ def _build(model, splits, accelerator, batch_size: int, location_choice: str, wh
     device_free, host_free = free.tolist()
     location = choose_location(location_choice, nbytes, device, device_free if device.type == "cuda" else None,
                                host_free)
-    if location is None:
-        return {}
     start = time.perf_counter()
     store = device if location == "device" else torch.device("cpu")
     cached = {name: FeatureDataset(_features(model, getattr(splits, name).images, accelerator, batch_size, probe,

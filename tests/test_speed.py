@@ -22,6 +22,7 @@ from cifar_dist.config import ModelConfig, SpeedConfig, UserError
 from cifar_dist.feature_cache import (
     DEVICE_HEADROOM_BYTES,
     DEVICE_IF_FITS,
+    DoesNotFit,
     _features,
     build_feature_cache,
     cache_for_run,
@@ -290,13 +291,19 @@ def test_cache_location_on_cpu_is_host_memory():
     assert choose_location("device", GiB, torch.device("cpu"), None, 2 * GiB) == "host"
 
 
-@pytest.mark.parametrize("device, device_free, expected", [
-    ("cuda", 11 * GiB, "device"),
-    ("cuda", 9 * GiB, None),  # fits, but leaves less than the headroom to train: not cached, and no error
-    ("cpu", None, None),
+def test_a_cache_worth_having_only_in_device_memory():
+    assert choose_location(DEVICE_IF_FITS, 4 * GiB, torch.device("cuda"), 11 * GiB, 100 * GiB) == "device"
+
+
+@pytest.mark.parametrize("device, device_free, figures", [
+    # Fits, but leaves less than the headroom to train: not cached, and the figures say why (auto's note).
+    ("cuda:0", 9 * GiB, "4.0 GiB, more than the 9.0 GiB free on cuda:0 less 6 GiB for training"),
+    ("cpu", None, "4.0 GiB of device memory, which cpu does not have"),
 ])
-def test_a_cache_worth_having_only_in_device_memory(device, device_free, expected):
-    assert choose_location(DEVICE_IF_FITS, 4 * GiB, torch.device(device), device_free, 100 * GiB) == expected
+def test_a_cache_worth_having_only_in_device_memory_says_why_it_is_not_built(device, device_free, figures):
+    with pytest.raises(DoesNotFit) as info:
+        choose_location(DEVICE_IF_FITS, 4 * GiB, torch.device(device), device_free, 100 * GiB)
+    assert str(info.value) == figures
 
 
 def test_evaluation_cache_under_auto_is_skipped_with_a_note_where_device_memory_cannot_hold_it():
@@ -307,8 +314,8 @@ def test_evaluation_cache_under_auto_is_skipped_with_a_note_where_device_memory_
     accelerator = Accelerator(cpu=True)
     data, fast = cache_for_run(model, splits, accelerator, 4, SpeedConfig(), wanted)
     assert data is splits and fast.features_cached == ()
-    assert fast.notes[-1] == ("--cache-eval-features auto: off, the test images' frozen-stage features do not fit in "
-                              "device memory beside training (in host memory with 'yes')")
+    assert fast.notes[-1] == ("--cache-eval-features auto: off, the test images' frozen-stage features need 0.1 MiB "
+                              "of device memory, which cpu does not have (in host memory with 'yes')")
     # With 'yes' it goes to host memory; the training images stay images.
     data, fast = cache_for_run(model, splits, accelerator, 4, SpeedConfig(cache_eval_features="yes"), wanted)
     assert fast.features_cached == ("test",) and data.train is splits.train
@@ -337,10 +344,10 @@ def test_the_feature_cache_under_auto_falls_back_to_the_step_from_images_where_i
     assert data is splits and fast.features_cached == ()
     assert dataclasses.replace(fast, notes=[]) == dataclasses.replace(images, notes=[])
     assert fast.notes == [
-        "--cache-frozen-features auto: off, the frozen-stage features do not fit in device memory beside training "
-        "(in host memory with 'yes')",
-        "--cache-eval-features auto: off, the test images' frozen-stage features do not fit in device memory beside "
-        "training (in host memory with 'yes')"]
+        "--cache-frozen-features auto: off, the frozen-stage features need 0.2 MiB of device memory, which cpu does "
+        "not have (in host memory with 'yes')",
+        "--cache-eval-features auto: off, the test images' frozen-stage features need 0.1 MiB of device memory, "
+        "which cpu does not have (in host memory with 'yes')"]
     # Nothing frozen: nothing to cache, nothing to say.
     data, fast = cache_for_run(_model("none"), splits, accelerator, 4, SpeedConfig(), wanted)
     assert data is splits and fast == images
