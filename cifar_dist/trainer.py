@@ -707,7 +707,10 @@ def out_of_memory_stops(doing: str, output_dir: Path, writer: BackgroundWriter |
         finish_writing(writer)  # the checkpoint being written (host memory only) completes before it is named
         found = re.search(r"Tried to allocate ([\d.]+ \w+)\. GPU \d+ has a total capacity of ([\d.]+ \w+) of which "
                           r"([\d.]+ \w+) is free", str(exc))
-        short = f" (another {found[1]} wanted, {found[3]} of {found[2]} free)" if found else ""
+        # Under torch.cuda.set_per_process_memory_fraction the process's share ran out, not the card.
+        allowed = re.search(r"([\d.]+ \w+) allowed;", str(exc))
+        short = (f" (another {found[1]} wanted, {found[3]} of {found[2]} free"
+                 f"{f', this process limited to {allowed[1]}' if allowed else ''})" if found else "")
         latest = find_latest(output_dir / CHECKPOINTS)
         saved = (f"the newest checkpoint, {latest}, is intact: run again with that change to resume from it" if latest
                  else "nothing was saved yet: run again with that change")

@@ -50,6 +50,7 @@ def test_running_out_of_gpu_memory_stops_with_one_line_and_leaves_nothing(tmp_pa
     assert proc.returncode == 4, proc.stderr[-3000:]
     assert last.startswith("cifar_dist.train: out of GPU memory in evaluation (another ") and last.endswith(
         "nothing was saved yet: run again with that change")
+    assert f", this process limited to {CAP_GIB:.2f} GiB); " in last  # the share ran out, not the card
     assert not out.exists()  # a new run that never reached a checkpoint leaves nothing behind
 
 

@@ -130,8 +130,18 @@ CUDA_OUT_OF_MEMORY = ("CUDA out of memory. Tried to allocate 7.66 GiB. GPU 0 has
                       "which 2.31 GiB is free. Including non-PyTorch memory, this process has 76.87 GiB memory in use.")
 
 
+# The same past the share torch.cuda.set_per_process_memory_fraction gives the process (PyTorch's
+# CUDACachingAllocator adds "allowed"): the card may have plenty free.
+CUDA_OUT_OF_MEMORY_CAPPED = ("CUDA out of memory. Tried to allocate 14.90 GiB. GPU 0 has a total capacity of 79.19 GiB "
+                             "of which 60.05 GiB is free. Including non-PyTorch memory, this process has 8.61 GiB "
+                             "memory in use. 8.00 GiB allowed; Of the allocated memory 7.85 GiB is allocated by "
+                             "PyTorch, and 12.00 MiB is reserved by PyTorch but unallocated.")
+
+
 @pytest.mark.parametrize("message, short", [
     (CUDA_OUT_OF_MEMORY, " (another 7.66 GiB wanted, 2.31 GiB of 79.19 GiB free)"),
+    (CUDA_OUT_OF_MEMORY_CAPPED,
+     " (another 14.90 GiB wanted, 60.05 GiB of 79.19 GiB free, this process limited to 8.00 GiB)"),
     ("MPS backend out of memory", ""),  # another allocator's words: the line still says what to change
 ])
 def test_running_out_of_gpu_memory_is_one_line_saying_what_to_change(tmp_path, message, short):
