@@ -32,6 +32,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import resource
 import shlex
 import shutil
@@ -52,6 +53,9 @@ STEP_LIMITS = {"environment": 60, "data": 120, "train_default": 150, "train_imag
                "end_to_end": 570}
 FIRST_STEPS = 20  # "time to the first steps": launch until this many optimizer steps have run
 TAIL_LINES = 25
+PRINTED_LINES = 60  # of what the GPU tests printed, in the report
+# A step out of time is interrupted, then killed this much later: the overall budget's only overrun.
+INTERRUPT_GRACE_S = 15
 FACTS_ENV = "CIFAR_DIST_GPU_CHECK_FACTS"
 LAUNCHED_ENV = "CIFAR_DIST_GPU_CHECK_LAUNCHED"
 COMMAND_ENV = "CIFAR_DIST_GPU_CHECK_COMMAND"  # how the check was started, for the report (scripts/gpu_check.sh)
@@ -155,8 +159,8 @@ class TrainerProbe:
 class Check:
     """Runs the steps, records each, writes the report."""
 
-    def __init__(self, out: Path, scratch: Path, budget_s: float, python: str = sys.executable):
-        self.out, self.scratch, self.python = out, scratch, python
+    def __init__(self, out: Path, scratch: Path, budget_s: float, header: dict, python: str = sys.executable):
+        self.out, self.scratch, self.python, self.header = out, scratch, python, header
         self.deadline = time.monotonic() + budget_s
         self.steps: dict[str, dict] = {}
         self.log = (out / "gpu_check.log").open("w")
@@ -185,32 +189,48 @@ class Check:
                                 start_new_session=True)
         try:
             output, _ = proc.communicate(timeout=limit)
-            record["exit_code"] = proc.returncode
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
             record["error"] = f"timed out after {limit:.0f} s"
+            output = _interrupt(proc)
+        record["exit_code"] = proc.returncode
         record["seconds"] = round(time.monotonic() - start, 1)
         self.log.write(output)
         self.log.flush()
         record["output_tail"] = output.splitlines()[-TAIL_LINES:]
         if "error" not in record and record["exit_code"] != 0:
             record["error"] = f"exit code {record['exit_code']}"
-        if "error" not in record and parse is not None:
+        if parse is not None:  # a step that failed may still have said much (the tests that passed, say)
             try:
                 parse(record, output)
             except Exception as exc:  # noqa: BLE001 - a figure missing or malformed: the step failed its job
-                record["error"] = f"could not read its results: {type(exc).__name__}: {exc}"
+                record.setdefault("error", f"could not read its results: {type(exc).__name__}: {exc}")
         record["ok"] = "error" not in record
+        self.write_report()
         return record
 
-    def finish(self, header: dict) -> int:
-        self.log.close()
+    def write_report(self) -> dict:
+        """gpu_check.json and .md as they stand: rewritten after every step, so that a check cut short (the
+        machine taken back, the shell's own time limit) still leaves the steps it finished."""
         failed = [name for name, record in self.steps.items() if not record["ok"]]
-        report = {**header, "ok": not failed, "failed_steps": failed, "steps": self.steps}
+        report = {**self.header, "ok": not failed, "failed_steps": failed, "steps": self.steps}
         (self.out / "gpu_check.json").write_text(json.dumps(report, indent=1))
         (self.out / "gpu_check.md").write_text(render(report))
-        return 1 if failed else 0
+        return report
+
+    def finish(self) -> int:
+        self.log.close()
+        return 1 if self.write_report()["failed_steps"] else 0
+
+
+def _interrupt(proc: subprocess.Popen) -> str:
+    """Stop a step out of time as Ctrl-C would, so that it can still write what it has (pytest its junit file,
+    the trainer its checkpoint); after INTERRUPT_GRACE_S, kill it and everything it started. Its output."""
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        return proc.communicate(timeout=INTERRUPT_GRACE_S)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return proc.communicate()[0]
 
 
 def parse_environment(record: dict, output: str) -> None:
@@ -313,13 +333,23 @@ def parse_tests(junit: Path):
                 cases.append({"test": case.get("name"), "outcome": outcome, "seconds": float(case.get("time", 0))})
         counts = {f"{k}s" if k == "error" else k: sum(c["outcome"] == k for c in cases)
                   for k in ("passed", "failed", "error", "skipped")}
-        record.update({"tests": cases, **counts,
-                       "printed": [line for line in output.splitlines() if line.strip() and ":" in line and any(
-                           word in line for word in ("difference", "compiled step", "accumulation"))][:40]})
+        record.update({"tests": cases, **counts, "printed": captured_stdout(output)[:PRINTED_LINES]})
         if counts["passed"] == 0:
             reason = cases[0].get("message", "") if cases else "no tests collected"
             raise AssertionError(f"no GPU test ran ({counts['skipped']} skipped: {reason})")
     return parse
+
+
+def captured_stdout(output: str) -> list[str]:
+    """What the tests printed (their measured differences, agreements, one-line errors), from pytest's -rA
+    report: the lines of each "Captured stdout" section, passed and failed tests alike."""
+    lines, inside = [], False
+    for line in output.splitlines():
+        if re.fullmatch(r"[-=_]+ .* [-=_]+", line):  # a section's or a test's title, or the junit file's line
+            inside = " Captured stdout " in line
+        elif inside and line.strip():
+            lines.append(line)
+    return lines
 
 
 def parse_bench(path: Path, needs: str = "results"):
@@ -338,20 +368,19 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="cifar-dist-gpu-check-"))
-    check = Check(out, scratch, args.budget_s)
-    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    header = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": platform.node(), "skipped_steps": args.skip,
+              "command": os.environ.get(COMMAND_ENV) or shlex.join(["python", "-m", "cifar_dist.gpu_check", *argv]),
+              "sizes": {"image_size": args.image_size, "train_images": args.train_images,
+                        "eval_images": args.eval_images, "max_steps": args.max_steps,
+                        "checkpoint_every_steps": args.checkpoint_every_steps, "bench_args": args.bench_args}}
+    check = Check(out, scratch, args.budget_s, header)
     try:
         env = check.run("environment", [check.python, "-c", ENVIRONMENT], parse_environment)
+        header.update({k: env.get(k) for k in ("card", "host_cpu", "host_cores", "cuda", "torch", "torchvision",
+                                               "accelerate", "safetensors", "datasets", "python", "gpu_memory_gib",
+                                               "import_s")})
         run_steps(check, args, scratch)
-        header = {"started": started, "host": platform.node(), "skipped_steps": args.skip,
-                  "command": os.environ.get(COMMAND_ENV) or shlex.join(["python", "-m", "cifar_dist.gpu_check", *argv]),
-                  **{k: env.get(k) for k in ("card", "host_cpu", "host_cores", "cuda", "torch", "torchvision",
-                                             "accelerate", "safetensors", "datasets", "python", "gpu_memory_gib",
-                                             "import_s")},
-                  "sizes": {"image_size": args.image_size, "train_images": args.train_images,
-                            "eval_images": args.eval_images, "max_steps": args.max_steps,
-                            "checkpoint_every_steps": args.checkpoint_every_steps, "bench_args": args.bench_args}}
-        return check.finish(header)
+        return check.finish()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -362,7 +391,8 @@ def run_steps(check: Check, args, scratch: Path) -> None:
     The end-to-end runs come right after the data: they are the figures the targets are judged by, so a budget
     that runs short cuts the steps after them, not them. The default flags' run compiles nothing (the feature
     cache and one graph of eager kernels), so it does not matter that the compile cache is empty then; a run
-    from images (--e2e-runs images) compiles as a first run on the machine does."""
+    from images (--e2e-runs images) compiles as a first run on the machine does. The GPU tests come next, before
+    the trainer runs, whose figures earlier checks have: they are the check's pass or fail."""
     py, data = check.python, scratch / "data"
     if "data" not in args.skip:
         check.run("data", [py, "-c", MAKE_DATA, str(args.train_images), str(args.eval_images), str(data)])
@@ -375,6 +405,11 @@ def run_steps(check: Check, args, scratch: Path) -> None:
 
     if args.end_to_end:
         bench("end_to_end", args.e2e_args, "end_to_end")
+    if "gpu_tests" not in args.skip:
+        junit = scratch / "junit.xml"
+        check.run("gpu_tests", [py, "-m", "pytest", *args.tests, "-m", "gpu", "-v", "-rA", "-p", "no:cacheprovider",
+                                *xdist_args(args.test_workers, args.tests), f"--junitxml={junit}"],
+                  parse_tests(junit))
     # Default flags (on a GPU where it fits, the feature cache and the whole step as one graph), and the step from
     # images (the compiled step, from an empty compile cache unless an end-to-end run from images came first).
     for name, extra in (("train_default", shlex.split(args.default_args)),
@@ -387,11 +422,6 @@ def run_steps(check: Check, args, scratch: Path) -> None:
                  str(args.checkpoint_every_steps), "--tracker", "none", "--output-dir", str(output_dir), *extra]
         check.run(name, [py, "-m", "cifar_dist.gpu_check", "train", "--", *flags],
                   parse_train(facts, output_dir), env={FACTS_ENV: str(facts)})
-    if "gpu_tests" not in args.skip:
-        junit = scratch / "junit.xml"
-        check.run("gpu_tests", [py, "-m", "pytest", *args.tests, "-m", "gpu", "-q", "-rA", "-p", "no:cacheprovider",
-                                *xdist_args(args.test_workers, args.tests), f"--junitxml={junit}"],
-                  parse_tests(junit))
     bench("bench", args.bench_args, "results")
     bench("profile", args.profile_args, "profile")
     bench("graphed", args.graphed_args, "results")

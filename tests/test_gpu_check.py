@@ -3,10 +3,12 @@ size, so only what needs a GPU (the GPU tests themselves, CUDA figures) is left 
 
 import json
 import sys
+import time
 
 import pytest
 
-from cifar_dist.gpu_check import Check, render, xdist_args
+from cifar_dist import gpu_check
+from cifar_dist.gpu_check import Check, parse_tests, render, xdist_args
 
 TINY_CHECK = ["--image-size", "32", "--train-images", "256", "--eval-images", "64", "--max-steps", "4",
               "--checkpoint-every-steps", "2", "--budget-s", "900", "--default-args=--cache-frozen-features",
@@ -32,7 +34,8 @@ def test_the_whole_check_on_the_cpu_reports_every_step_and_fails_for_want_of_a_g
     report = json.loads((out / "gpu_check.json").read_text())
     steps = report["steps"]
     # The end-to-end runs, which the targets are judged by, come before anything a short budget could cut.
-    assert list(steps) == ["environment", "data", "end_to_end", "train_default", "train_images", "gpu_tests", "bench",
+    # Then the GPU tests, the check's pass or fail, before the trainer runs, whose figures earlier checks have.
+    assert list(steps) == ["environment", "data", "end_to_end", "gpu_tests", "train_default", "train_images", "bench",
                            "profile", "graphed"]
     assert report["failed_steps"] == ["gpu_tests"] and not report["ok"]
     graphed = steps["graphed"]["report"]["results"]
@@ -91,29 +94,95 @@ def test_the_whole_check_on_the_cpu_reports_every_step_and_fails_for_want_of_a_g
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]
 
 
+HEADER = {"command": "test", "started": "now", "sizes": {
+    "image_size": 224, "train_images": 50_000, "eval_images": 10_000, "max_steps": 500, "checkpoint_every_steps": 100,
+    "bench_args": ""}}
+
+
 @pytest.mark.slow
-def test_a_failing_step_is_recorded_and_the_next_one_runs(tmp_path):
-    check = Check(tmp_path, tmp_path, budget_s=60)
-    failed = check.run("data", [sys.executable, "-c", "print('half done'); raise SystemExit(3)"])
+def test_a_failing_step_is_recorded_with_what_it_said_and_the_next_one_runs(tmp_path):
+    check = Check(tmp_path, tmp_path, budget_s=60, header=HEADER)
+    failed = check.run("data", [sys.executable, "-c", "print('{\"done\": 1}'); raise SystemExit(3)"],
+                       parse=lambda record, output: record.update(json.loads(output)))
+    # Written after each step: a check cut short leaves what it finished.
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["failed_steps"] == ["data"]
     unreadable = check.run("bench", [sys.executable, "-c", "print('no figures')"],
                            parse=lambda record, output: record.update(figure=json.loads(output)))
     fine = check.run("train_default", [sys.executable, "-c", "print('{\"x\": 1}')"],
                      parse=lambda record, output: record.update(json.loads(output)))
-    assert failed["error"] == "exit code 3" and failed["output_tail"] == ["half done"] and not failed["ok"]
+    # The failure stays the exit code; what the step said before it is read all the same.
+    assert failed["error"] == "exit code 3" and failed["done"] == 1 and not failed["ok"]
+    assert failed["output_tail"] == ['{"done": 1}']
     assert unreadable["error"].startswith("could not read its results: JSONDecodeError")
     assert fine["ok"] and fine["x"] == 1
-    assert check.finish({"command": "test", "started": "now", "sizes": SIZES}) == 1
+    assert check.finish() == 1
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert report["failed_steps"] == ["data", "bench"]
+    assert report["failed_steps"] == ["data", "bench"] and report["command"] == "test"
+    assert (tmp_path / "gpu_check.md").read_text().startswith("# cifar_dist GPU check: FAILED (data, bench)")
+
+
+# A step that, told to stop (SIGINT, as Ctrl-C), still writes what it has, as pytest writes its junit file.
+WRITES_ON_INTERRUPT = """
+import sys, time
+print('started', flush=True)
+try:
+    time.sleep(30)
+except KeyboardInterrupt:
+    open(sys.argv[1], 'w').write('{"partial": 2}')
+    raise SystemExit(2)
+"""
 
 
 @pytest.mark.slow
-def test_steps_past_the_time_budget_are_not_run_and_say_so(tmp_path):
-    check = Check(tmp_path, tmp_path, budget_s=7)
-    slow = check.run("data", [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(30)"])
-    assert slow["error"] == "timed out after 7 s" and slow["output_tail"] == ["started"]
+def test_a_step_out_of_time_is_interrupted_and_what_it_wrote_is_read(tmp_path):
+    check = Check(tmp_path, tmp_path, budget_s=7, header=HEADER)
+    found = tmp_path / "found.json"
+    slow = check.run("data", [sys.executable, "-c", WRITES_ON_INTERRUPT, str(found)],
+                     parse=lambda record, output: record.update(json.loads(found.read_text())))
+    assert slow["error"] == "timed out after 7 s" and slow["partial"] == 2 and slow["exit_code"] == 2
+    assert slow["output_tail"] == ["started"] and slow["seconds"] < 7 + gpu_check.INTERRUPT_GRACE_S
     later = check.run("bench", [sys.executable, "-c", "pass"])
     assert later["error"] == "not run: the overall time budget was spent"
+
+
+@pytest.mark.slow
+def test_a_step_deaf_to_the_interrupt_is_killed_with_what_it_started(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "INTERRUPT_GRACE_S", 2)
+    check = Check(tmp_path, tmp_path, budget_s=6, header=HEADER)
+    # A child that ignores SIGINT too, and would keep the output open were it left running.
+    deaf = ("import signal, subprocess, sys, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+            "subprocess.Popen([sys.executable, '-c', 'import signal, time; signal.signal(signal.SIGINT, "
+            "signal.SIG_IGN); time.sleep(60)']); print('started', flush=True); time.sleep(60)")
+    start = time.monotonic()
+    slow = check.run("data", [sys.executable, "-c", deaf])
+    assert slow["error"] == "timed out after 6 s" and slow["exit_code"] == -9 and slow["output_tail"] == ["started"]
+    assert time.monotonic() - start < 6 + 2 + 5
+
+
+# Two tests, one passing and one failing, each printing a figure: the GPU tests' report reads both, and counts.
+SMALL_SUITE = """
+def test_passes():
+    print("passing: difference 1e-3")
+
+def test_fails():
+    print("failing: agreement 50%")
+    assert False, "agreement too low"
+"""
+
+
+@pytest.mark.slow
+def test_the_gpu_tests_report_reads_each_outcome_and_what_each_test_printed(tmp_path):
+    (tmp_path / "test_small.py").write_text(SMALL_SUITE)
+    junit = tmp_path / "junit.xml"
+    check = Check(tmp_path, tmp_path, budget_s=120, header=HEADER)
+    record = check.run("gpu_tests", [sys.executable, "-m", "pytest", str(tmp_path / "test_small.py"), "-v", "-rA",
+                                     "-p", "no:cacheprovider", "-n", "2", f"--junitxml={junit}"],
+                       parse_tests(junit))
+    assert record["error"] == "exit code 1" and record["passed"] == 1 and record["failed"] == 1
+    assert {t["test"]: t["outcome"] for t in record["tests"]} == {"test_passes": "passed", "test_fails": "failed"}
+    assert sorted(record["printed"]) == ["failing: agreement 50%", "passing: difference 1e-3"]
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "1 passed, 1 failed, 0 errors, 0 skipped in " in md and "| test_fails | failed: " in md
 
 
 def test_the_gpu_tests_run_a_worker_per_file_unless_told_otherwise():
@@ -122,16 +191,12 @@ def test_the_gpu_tests_run_a_worker_per_file_unless_told_otherwise():
     assert xdist_args(0, files) == [] and xdist_args(2, files) == ["-n", "2"]
 
 
-SIZES = {"image_size": 224, "train_images": 50_000, "eval_images": 10_000, "max_steps": 500,
-         "checkpoint_every_steps": 100, "bench_args": ""}
-
-
 def test_the_report_table_of_a_gpu_run():
     # The shape a GPU run's figures take in gpu_check.md (the numbers here are made up for the layout only).
     report = {"ok": True, "failed_steps": [], "command": "scripts/gpu_check.sh", "started": "2026-01-01",
               "card": "NVIDIA H100 80GB HBM3", "gpu_memory_gib": 79.2, "cuda": "13.0", "torch": "2.11.0",
               "torchvision": "0.26.0", "accelerate": "1.15.0", "datasets": "5.2.0", "python": "3.12.3",
-              "sizes": SIZES,
+              "sizes": HEADER["sizes"],
               "steps": {"train_default": {"ok": True, "seconds": 60.0, "train_images_per_s": 12000.0,
                                           "eval_images_per_s": 15000.0, "launch_to_first_step_s": 40.0,
                                           "launch_to_step_20_s": 41.0, "checkpoint_mean_s": 0.5, "checkpoints": 6,
