@@ -65,7 +65,12 @@ def test_evaluate_reproduces_the_trainers_last_epoch_exactly(runs, test_env):
 
 def test_predict_names_the_classes_evaluate_names(runs, test_env, tmp_path):
     """The test images as PNG files (the same pixels: tests/test_predict.py), predicted on the GPU in batches of
-    another size and another memory layout than evaluate's: bf16 rounding may swap a near tie, no more."""
+    another size, in another memory layout and through the whole model, where evaluate reads the cached features:
+    other kernels, so other bf16 rounding. The planted stand-in's trunk (random convolutions) carries rounding
+    differences through to the logits: on the CPU, this run's model in bf16 against fp32 named another top-1
+    class for 19% of these images, and one within the other's top 5 for all of them. So: the same top-1 class
+    for most images, within evaluate's top 5 for nearly all; a wrong preprocessing or class order would agree
+    by chance only (1 in 100, or 5 in 100)."""
     from cifar_dist.config import make_config
     from cifar_dist.data import build_splits
 
@@ -76,14 +81,16 @@ def test_predict_names_the_classes_evaluate_names(runs, test_env, tmp_path):
         Image.fromarray(image).save(folder / f"{index:04d}.png")
     _, predicted = side_by_side(test_env, [
         ["cifar_dist.evaluate", str(run), "--output-dir", str(tmp_path / "eval"), "--predictions",
-         str(tmp_path / "eval.csv"), "--top-k", "1"],
+         str(tmp_path / "eval.csv"), "--top-k", "5"],
         ["cifar_dist.predict", str(run), str(folder), "--top-k", "1", "--batch-size", "100", "--device", "cuda"]])
     assert " on cuda" in predicted.stderr
-    expected = {int(r["index"]): r["class_1"] for r in csv.DictReader((tmp_path / "eval.csv").open())}
+    expected = {int(r["index"]): [r[f"class_{k}"] for k in range(1, 6)]
+                for r in csv.DictReader((tmp_path / "eval.csv").open())}
     ours = {int(Path(r["file"]).stem): r["class_1"] for r in csv.DictReader(io.StringIO(predicted.stdout))}
     assert sorted(ours) == sorted(expected) == list(range(300))
-    assert len(set(expected.values())) >= 20  # a model that names one class for everything would agree trivially
-    agree = sum(ours[i] == expected[i] for i in expected) / len(expected)
-    print(f"predict vs evaluate on the GPU: the same top-1 class for {agree:.1%} of {len(expected)} images")
-    assert agree >= 0.97
-
+    assert len({top[0] for top in expected.values()}) >= 20  # one class named for everything would agree trivially
+    same = sum(ours[i] == expected[i][0] for i in expected) / len(expected)
+    within = sum(ours[i] in expected[i] for i in expected) / len(expected)
+    print(f"predict vs evaluate on the GPU, {len(expected)} images: the same top-1 class for {same:.1%}, "
+          f"predict's within evaluate's top 5 for {within:.1%}")
+    assert same >= 0.7 and within >= 0.98
