@@ -29,6 +29,7 @@ from cifar_dist.config import (
     _coerce,
     _flag,
     make_config,
+    read_yaml_text,
 )
 
 
@@ -111,8 +112,9 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def _load_yaml(path: Path, shown: str):
+    text = read_yaml_text(path, f"--config {shown}")
     try:
-        return yaml.load(path.read_text(), Loader=_StrictLoader)  # a SafeLoader: builds plain data only
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: builds plain data only
     except UserError as exc:
         raise UserError(f"--config {shown}: {exc}") from None
     except yaml.MarkedYAMLError as exc:
@@ -204,6 +206,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
     config_path = args.pop("config", None)
     if config_path is not None:
         path = Path(config_path)
+        if path.is_dir():
+            raise UserError(f"--config {config_path} is a folder; give the YAML file of settings")
         if not path.is_file():
             raise UserError(f"--config {config_path}: no such file")
         values.update(_flatten_yaml(_load_yaml(path, config_path), f"--config {config_path}"))

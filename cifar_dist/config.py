@@ -334,6 +334,17 @@ def make_config(**values) -> Config:
     return Config(**{s: cls(**by_section[s]) for s, cls in _SECTION_TYPES.items()})
 
 
+def read_yaml_text(path: Path, shown: str) -> str:
+    """The text of a YAML file the user named (``shown``: how to name it in an error); UserError if it is not
+    UTF-8, which YAML files are read as on every machine, whatever its locale."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = exc.object.count(b"\n", 0, exc.start) + 1
+        raise UserError(f"{shown}: must be UTF-8 text (byte 0x{exc.object[exc.start]:02x} on line {line} is not); save "
+                        "it as UTF-8") from None
+
+
 def save_config(cfg: Config, path: Path) -> None:
     """The run's settings as YAML that ``--config`` reads back. ``overwrite`` (an action) and ``stop_marker`` (a
     job's file, which a replay elsewhere must not write) belong to one launch, so are never written."""

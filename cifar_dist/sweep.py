@@ -47,6 +47,7 @@ from cifar_dist.config import (
     _coerce,
     make_config,
     meaning_keys,
+    read_yaml_text,
 )
 from cifar_dist.config import save_config as write_config
 from cifar_dist.runs import CONFIG_FILE, SWEEP_POINT_FILE, is_finished, load_config, read_records
@@ -70,10 +71,13 @@ class Point:
 def read_grid(path: str) -> list[Point]:
     """The grid file's points, each checked to be a valid config; UserError naming the key otherwise."""
     file = Path(path)
+    if file.is_dir():
+        raise UserError(f"{path} is a folder; give the grid's YAML file")
     if not file.is_file():
         raise UserError(f"{path}: no such grid file")
+    text = read_yaml_text(file, path)
     try:
-        data = yaml.safe_load(file.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     fixed, axes = {}, {}

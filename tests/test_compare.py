@@ -99,3 +99,15 @@ def test_refusals_and_unreadable_runs(tmp_path, capsys):
     (run / "metrics.jsonl").write_text('{"epoch": 1,\n')  # cut off mid-write by hand
     main([str(tmp_path)])
     assert "| r | unreadable: " in capsys.readouterr().out
+
+
+def test_a_run_whose_config_is_not_utf8_is_an_unreadable_row_and_the_others_are_listed(tmp_path, capsys):
+    for name in ("good", "latin1"):
+        (tmp_path / name).mkdir()
+    save_config(make_config(), tmp_path / "good" / "config.yaml")
+    bad = tmp_path / "latin1" / "config.yaml"
+    bad.write_bytes("# résumé\nnum_epochs: 1\n".encode("latin-1"))
+    main([str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| good | unfinished |" in out
+    assert f"| latin1 | unreadable: --config {bad}: must be UTF-8 text (byte 0xe9 on line 1 is not); " in out

@@ -1,8 +1,10 @@
 import pytest
 import yaml
 
+import conftest
 from cifar_dist.cli import build_parser, parse_config
 from cifar_dist.config import Config, TrainConfig, UserError, make_config, plan_batches, save_config
+from cifar_dist.train import main as train_main
 
 
 def refused_file(tmp_path, text: str) -> str:
@@ -230,6 +232,27 @@ def test_bad_yaml_is_one_clear_error(tmp_path, text, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         parse_config(["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_a_folder_given_as_config_file_is_called_a_folder(tmp_path):
+    with pytest.raises(UserError) as info:
+        parse_config(["--config", str(tmp_path)])
+    assert str(info.value) == f"--config {tmp_path} is a folder; give the YAML file of settings"
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line_naming_it(tmp_path, capsys):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("num_epochs: 1\n# résumé\n".encode("latin-1"))
+    message = f"--config {path}: must be UTF-8 text (byte 0xe9 on line 2 is not); save it as UTF-8"
+    with pytest.raises(UserError) as info:
+        parse_config(["--config", str(path)])
+    assert str(info.value) == message
+    from cifar_dist.runs import load_config  # (imports torch) how evaluate and compare read a run's config.yaml
+
+    with pytest.raises(UserError) as info:
+        load_config(path)
+    assert str(info.value) == message
+    assert conftest.refused(capsys, train_main, ["--config", str(path)]) == f"cifar_dist.train: error: {message}"
 
 
 @pytest.mark.parametrize("argv, message", [
