@@ -389,8 +389,22 @@ class Claim:
                 pass
 
 
+def check_stop_marker(stop_marker: str | None) -> None:
+    """The marker is written only after a stop has saved its checkpoint: a path that cannot take it would then
+    crash the stop (exit 1, not 75, and the job is not requeued), so it is refused now."""
+    if stop_marker is None:
+        return
+    path = Path(stop_marker)
+    if path.is_dir():
+        raise UserError(f"--stop-marker {stop_marker} is a folder; give the path of a file to create")
+    if not path.parent.is_dir():
+        raise UserError(f"--stop-marker {stop_marker}: its folder {path.parent} does not exist or is not a folder; "
+                        "create it or choose another path")
+
+
 def claim_output_dir(cfg: Config) -> Claim:
     """Main process only: lock the output dir, clean up after a start that died, decide where to start."""
+    check_stop_marker(cfg.train.stop_marker)  # only the main process writes the marker
     output_dir, created = writable_dir(cfg.train.output_dir)
     lock, note = acquire_lock(output_dir)
     try:

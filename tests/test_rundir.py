@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cifar_dist import rundir
-from cifar_dist.config import UserError
+from cifar_dist.config import UserError, make_config
 from cifar_dist.rundir import (
     LOCK,
     PREVIOUS,
@@ -234,3 +234,22 @@ def test_a_write_cut_short_leaves_no_temporary_file_once_the_lock_is_held(tmp_pa
     assert clear_leftovers(tmp_path) == []
     assert sorted(tmp_path.iterdir()) == sorted([tmp_path / "wandb_run_id", *kept])
     assert (tmp_path / "wandb_run_id").read_text() == "old"
+
+
+@pytest.mark.parametrize("marker, message", [
+    ("nope/stopped", "--stop-marker {marker}: its folder {tmp_path}/nope does not exist or is not a folder; create "
+                    "it or choose another path"),
+    ("file/stopped", "--stop-marker {marker}: its folder {tmp_path}/file does not exist or is not a folder; create "
+                    "it or choose another path"),
+    ("", "--stop-marker {marker} is a folder; give the path of a file to create"),
+])
+def test_a_stop_marker_that_could_not_be_written_is_refused_before_the_output_dir_is_touched(tmp_path, marker,
+                                                                                              message):
+    # Written only once a stop has saved its checkpoint: there, a failure would end the job with 1, not 75.
+    (tmp_path / "file").write_text("")
+    marker, out = str(tmp_path / marker), tmp_path / "out"
+    with pytest.raises(UserError) as info:
+        rundir.claim_output_dir(make_config(output_dir=str(out), stop_marker=marker))
+    assert str(info.value) == message.format(marker=marker, tmp_path=tmp_path)
+    assert not out.exists()
+    rundir.claim_output_dir(make_config(output_dir=str(out), stop_marker=str(tmp_path / "stopped"))).release()
