@@ -215,6 +215,26 @@ def submit(grid: str, root: Path, count: int, script: Path, sbatch_args: list[st
     return 0
 
 
+def checked_root(raw: str) -> Path:
+    """ROOT, once its nearest existing part is known to be a folder: the points' folders are made below it."""
+    root = Path(raw)
+    existing = next(p for p in (root.absolute(), *root.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        shown = raw if existing == root.absolute() else f"{raw}: {existing}"
+        raise UserError(f"ROOT {shown} is a file; give a folder (each point trains into ROOT/<point>)")
+    return root
+
+
+def checked_launcher(raw: str) -> list[str]:
+    """--launcher as a command line, its program found on PATH; checked before any point's config is written."""
+    launcher = shlex.split(raw)
+    if not launcher or shutil.which(launcher[0]) is None:
+        what = f"{launcher[0]} is not found on PATH" if launcher else "no program given"
+        raise UserError(f"--launcher {raw!r}: {what}; give a program that runs Python, e.g. 'accelerate launch' "
+                        "(default: this Python)")
+    return launcher
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="cifar_dist.sweep", allow_abbrev=False, description=__doc__.splitlines()[0],
                      epilog="Arguments after -- go to sbatch with --submit, e.g. -- --partition=gpu --time=2:00:00")
@@ -251,11 +271,13 @@ def run(argv: list[str]) -> int:
         print(yaml.safe_dump(points[index].config(Path("ROOT")).to_dict(), sort_keys=False), end="")
         return 0
     if args.prepare:
-        root = Path(args.prepare)
+        root = checked_root(args.prepare)
         print(f"{sweep_group(root)}\n{prepare(points[index], root).resolve()}")
         return 0
     if args.run:
-        return run_all(points, Path(args.run), shlex.split(args.launcher))
+        root, launcher = checked_root(args.run), checked_launcher(args.launcher)
+        return run_all(points, root, launcher)
+    checked_root(args.submit)
     script = Path(args.script)
     if not script.is_file():
         raise UserError(f"--script {args.script}: no such file")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import conftest
 from cifar_dist.cli import parse_config
 from cifar_dist.sweep import main, read_grid
 from conftest import REPO, records
@@ -115,6 +116,29 @@ def test_other_refusals(tmp_path, capsys, monkeypatch):
             main(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_a_root_that_is_a_file_or_a_launcher_not_on_path_is_refused_before_anything_is_written(tmp_path, capsys):
+    grid = write(tmp_path / "g.yaml", GRID)
+    inside_file = str(tmp_path / "g.yaml" / "sub")
+    for argv, message in [([grid, "--run", grid], f"ROOT {grid} is a file; give a folder"),
+                          ([grid, "--prepare", grid, "--point", "0"], f"ROOT {grid} is a file"),
+                          ([grid, "--run", inside_file], f"ROOT {inside_file}: {grid} is a file"),
+                          ([grid, "--submit", grid], f"ROOT {grid} is a file"),
+                          ([grid, "--run", str(tmp_path / "root"), "--launcher", "acclerate launch"],
+                           "--launcher 'acclerate launch': acclerate is not found on PATH"),
+                          ([grid, "--run", str(tmp_path / "root"), "--launcher", ""], "--launcher '': no program")]:
+        assert message in conftest.refused(capsys, main, argv)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.yaml"]
+
+
+def test_a_grid_that_is_not_utf8_or_a_folder_is_one_line_naming_it(tmp_path, capsys):
+    grid = tmp_path / "g.yaml"
+    grid.write_bytes("# résumé\nlr: [1e-3]\n".encode("latin-1"))
+    assert conftest.refused(capsys, main, [str(grid), "--list"]) == (
+        f"cifar_dist.sweep: error: {grid}: must be UTF-8 text (byte 0xe9 on line 1 is not); save it as UTF-8")
+    assert f"{tmp_path} is a folder; give the grid's YAML file" in conftest.refused(capsys, main, [str(tmp_path),
+                                                                                                 "--list"])
 
 
 @pytest.mark.slow
