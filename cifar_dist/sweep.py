@@ -120,6 +120,9 @@ def _flatten(data, path: str) -> dict:
             flat[key] = value
         else:
             raise UserError(f"{path}: unknown key {key!r} (see cifar_dist.train --help for the settings)")
+    if flat.pop("overwrite", False) is not False:  # as in --config files; false is the default anyway
+        raise UserError(f"{path}: overwrite is not read from a grid (every rerun of the sweep would delete its points' "
+                        "runs again); remove it; to train a point afresh, move its folder out of ROOT")
     return flat
 
 

@@ -92,6 +92,8 @@ def test_list_show_and_prepare(tmp_path, capsys):
     ("cache_frozen_features: true\nfreeze_until: [none, layer4]\n", "nothing is frozen (--freeze-until none)"),
     ("- lr\n", "expected a mapping of settings"),
     ("lr: [1e-3\n", "not valid YAML"),
+    ("overwrite: true\nlr: [1e-3, 3e-4]\n", "overwrite is not read from a grid"),
+    ("overwrite: [false, true]\n", "overwrite is not read from a grid"),
 ])
 def test_bad_grids_are_refused_by_key_before_anything(tmp_path, capsys, text, message):
     grid = write(tmp_path / "g.yaml", text)
