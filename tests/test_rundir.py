@@ -253,3 +253,17 @@ def test_a_stop_marker_that_could_not_be_written_is_refused_before_the_output_di
     assert str(info.value) == message.format(marker=marker, tmp_path=tmp_path)
     assert not out.exists()
     rundir.claim_output_dir(make_config(output_dir=str(out), stop_marker=str(tmp_path / "stopped"))).release()
+
+
+def test_a_damaged_checkpoint_is_skipped_with_one_line_of_the_packages_own(tmp_path, capfd, recwarn):
+    from cifar_dist.checkpoint import find_latest
+
+    checkpoints = tmp_path / "checkpoints"
+    write_checkpoint(checkpoints / "step-00000002", 2, 2.0)
+    write_checkpoint(checkpoints / "step-00000004", 4, 4.0)
+    (checkpoints / "step-00000004" / "optimizer.bin").write_bytes(b"PK\x03\x04 cut short")
+    assert find_latest(checkpoints) == checkpoints / "step-00000002"
+    err = capfd.readouterr().err
+    assert err.startswith(f"cifar_dist: warning: skipping checkpoint {checkpoints / 'step-00000004'}: damaged file (")
+    assert err.count("\n") == 1 and "warnings.warn" not in err and "find_latest" not in err
+    assert not recwarn.list  # not a Python warning, which printed the calling source line under it
