@@ -15,7 +15,7 @@ from cifar_dist.config import BatchPlan, DataConfig, UserError
 from cifar_dist.sources import IMAGE_SHAPE, load_cifar100
 
 __all__ = ["CifarSplits", "EpochShuffleSampler", "ImageTensorDataset", "build_dataloaders", "build_splits",
-           "fingerprint", "load_cifar100"]
+           "eval_loader", "fingerprint", "load_cifar100"]
 
 FINGERPRINT_IMAGES = 1024  # images a fingerprint reads, evenly spread (3 MB of CIFAR's 150: milliseconds)
 
@@ -175,11 +175,13 @@ def build_dataloaders(
         collate_fn=take_batch,
         pin_memory=pinned(splits.train),
     )
-    test = DataLoader(
-        splits.test, batch_size=eval_batch_size, shuffle=False, drop_last=False, num_workers=0,
-        pin_memory=pinned(splits.test), collate_fn=take_batch,
-    )
-    return train, test
+    return train, eval_loader(splits.test, eval_batch_size)
+
+
+def eval_loader(dataset, eval_batch_size: int) -> DataLoader:
+    """The eval loader alone (cifar_dist.evaluate's, which has no use for a training split's batches)."""
+    return DataLoader(dataset, batch_size=eval_batch_size, shuffle=False, drop_last=False, num_workers=0,
+                      pin_memory=pinned(dataset), collate_fn=take_batch)
 
 
 def pinned(dataset) -> bool:

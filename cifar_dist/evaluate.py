@@ -36,7 +36,7 @@ import torch
 
 from cifar_dist.checkpoint import atomic_write_bytes, atomic_write_text
 from cifar_dist.cli import OneLineParser, exit_now, one_line_errors
-from cifar_dist.config import UserError, plan_batches
+from cifar_dist.config import DataConfig, UserError
 from cifar_dist.runs import TrainedModel, check_image_size, load_model, read_records, resolve_model
 
 SPLITS = ("test", "train")
@@ -229,7 +229,7 @@ class GatherLogits:
 def build_eval_loader(found: TrainedModel, model, splits, split: str, accelerator, eval_batch_size: int, fast):
     """The trainer's eval loader over ``split`` (and its input: images, or cached trunk features, decided as the
     trainer decides it on this device), prepared."""
-    from cifar_dist.data import ImageTensorDataset, build_dataloaders
+    from cifar_dist.data import ImageTensorDataset, eval_loader
     from cifar_dist.feature_cache import cache_for_run
 
     cfg = found.config
@@ -238,9 +238,18 @@ def build_eval_loader(found: TrainedModel, model, splits, split: str, accelerato
     cached, fast = cache_for_run(accelerator.unwrap_model(model), dataclasses.replace(data, train=one), accelerator,
                                  eval_batch_size, cfg.speed, fast)
     data = dataclasses.replace(data, test=cached.test)
-    plan = plan_batches(cfg.train, accelerator.num_processes)
-    _, loader = build_dataloaders(data, plan, eval_batch_size, seed=cfg.train.seed)
-    return accelerator.prepare(loader), "features" if "test" in fast.features_cached else "images", data.test.labels
+    # The eval loader alone: a training split cut below one global batch (--max-eval-samples) is fine here.
+    loader = accelerator.prepare(eval_loader(data.test, eval_batch_size))
+    return loader, "features" if "test" in fast.features_cached else "images", data.test.labels
+
+
+def eval_data_config(data: DataConfig, args) -> DataConfig:
+    """The run's data settings with the command's: --max-eval-samples limits the split evaluated, which for
+    --split train is the training split (the test split is then swapped in for it, already cut)."""
+    data = dataclasses.replace(data, data_source=args.data_source or data.data_source)
+    if args.split == "train":  # default: the run's max_train_samples, the images it trained on
+        return dataclasses.replace(data, max_train_samples=args.max_eval_samples or data.max_train_samples)
+    return dataclasses.replace(data, max_eval_samples=args.max_eval_samples or data.max_eval_samples)
 
 
 def evaluate_model(found: TrainedModel, args):
@@ -260,8 +269,7 @@ def evaluate_model(found: TrainedModel, args):
 
     cfg = found.config
     model = load_model(found)  # before any data: a wrong model is refused first
-    data_cfg = dataclasses.replace(cfg.data, data_source=args.data_source or cfg.data.data_source,
-                                   max_eval_samples=args.max_eval_samples or cfg.data.max_eval_samples)
+    data_cfg = eval_data_config(cfg.data, args)
     eval_batch_size = args.eval_batch_size or cfg.train.eval_batch_size
     cpu = not torch.accelerator.is_available()
     precision = resolve_mixed_precision(args.mixed_precision or cfg.train.mixed_precision)
@@ -356,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-source", help="default: the run's")
     parser.add_argument("--split", choices=SPLITS, default="test", help="default: test")
     parser.add_argument("--max-eval-samples", type=int, help="only the first N images of the split (default: the "
-                        "run's setting)")
+                        "run's setting for that split)")
     parser.add_argument("--eval-batch-size", type=int, help="images per process per forward pass (default: the "
                         "run's, which exact agreement with its metrics needs)")
     parser.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), help="default: the run's")

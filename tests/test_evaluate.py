@@ -296,3 +296,23 @@ def test_refusals(model_files, tmp_path, capsys, fresh_accelerate_state):
     (unfinished / "config.yaml").write_text((run / "config.yaml").read_text())
     assert "has no model.safetensors (it has not finished) and no complete checkpoint" in refused(
         capsys, [str(unfinished)])
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    """A run folder (config.yaml and untrained model.safetensors) on small synthetic data, evaluated in-process."""
+    run = tmp_path_factory.mktemp("synthetic") / "run"
+    run.mkdir()
+    cfg = make_config(data_source="synthetic", image_size=32, weights="none", synthetic_train_samples=64,
+                      synthetic_eval_samples=20)
+    save_config(cfg, run / "config.yaml")
+    save_model(build_model(cfg.model, 32), run / "model.safetensors")
+    return run
+
+
+def test_max_eval_samples_limits_the_split_evaluated(synthetic_run, tmp_path, fresh_accelerate_state):
+    # It used to cut the test split, after which --split train evaluated all 64 training images.
+    main([str(synthetic_run), "--split", "train", "--max-eval-samples", "8", "--output-dir", str(tmp_path),
+          "--no-wandb"])
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert (report["split"], report["num_samples"]) == ("train", 8)
