@@ -75,6 +75,7 @@ def resolve_model(path: str, config_path: str | None = None) -> TrainedModel:
 def _with_config(weights: Path, run_dir: Path, checkpoint: str | None, config_path: str | None,
                  checkpoint_dir: Path | None = None) -> TrainedModel:
     if config_path is not None:
+        _check_no_own_config(weights, run_dir, config_path, checkpoint_dir)
         return TrainedModel(weights, load_config(Path(config_path)), config_path, run_dir, checkpoint)
     if checkpoint_dir is not None:  # the checkpoint's own record of the run's config
         source = str(checkpoint_dir / STATE_FILE)
@@ -86,6 +87,15 @@ def _with_config(weights: Path, run_dir: Path, checkpoint: str | None, config_pa
     if not config.is_file():
         raise UserError(f"{weights}: no {CONFIG_FILE} beside it; pass the run's config with --config")
     return TrainedModel(weights, load_config(config), str(config), run_dir, checkpoint)
+
+
+def _check_no_own_config(weights: Path, run_dir: Path, config_path: str, checkpoint_dir: Path | None) -> None:
+    """--config is for weights without a config: over the run's own it would give another model's image size
+    and data, and evaluate would write those figures over the run's own eval.json."""
+    own = checkpoint_dir / STATE_FILE if checkpoint_dir is not None else run_dir / CONFIG_FILE
+    if own.is_file():
+        raise UserError(f"--config {config_path}: {weights} has its own config ({own}), which is the one it was "
+                        "trained with; drop --config (--data-source selects other data)")
 
 
 def load_config(path: Path) -> Config:

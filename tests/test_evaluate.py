@@ -316,3 +316,14 @@ def test_max_eval_samples_limits_the_split_evaluated(synthetic_run, tmp_path, fr
           "--no-wandb"])
     report = json.loads((tmp_path / "eval.json").read_text())
     assert (report["split"], report["num_samples"]) == ("train", 8)
+
+
+def test_config_over_the_runs_own_is_refused(model_files, tmp_path, capsys):
+    # A 64-px config over a 32-px run's own ran at 64 px on the other config's data, over the run's eval.json.
+    run, _ = model_files
+    other = tmp_path / "other.yaml"
+    save_config(make_config(data_source="synthetic", image_size=64, weights="none"), other)
+    for model in (run, run / "model.safetensors"):
+        line = refused(capsys, [str(model), "--config", str(other)])
+        assert f"has its own config ({run / 'config.yaml'})" in line and "drop --config" in line
+    assert not (run / "eval.json").exists()

@@ -176,3 +176,10 @@ def test_refusals(run_dir, tmp_path, capsys):
 def test_refused_under_a_launcher(run_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert "predict runs as one process" in refused(capsys, [str(run_dir), str(tmp_path)])
+
+
+def test_config_over_the_runs_own_is_refused(run_dir, tmp_path, capsys):
+    other = tmp_path / "other.yaml"
+    save_config(make_config(data_source="synthetic", image_size=64, weights="none"), other)
+    line = refused(capsys, [str(run_dir), str(tmp_path), "--config", str(other)])
+    assert f"--config {other}: {run_dir / 'model.safetensors'} has its own config" in line
