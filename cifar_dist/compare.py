@@ -8,7 +8,8 @@ writes compare.md (to the first folder, or ``--output-dir``), also printed: one 
 validation top-1, with the settings that differ between the runs, final and best val top-1 and top-5, epochs
 done, total time (the epochs' training + eval time as metrics.jsonl records it, without start-up), the median
 of the epochs' training images/s, device and processes. A run that has not reached its planned end is
-"unfinished"; one that continued from a checkpoint says "resumed". compare.png overlays the runs' validation
+"unfinished"; one that continued from a checkpoint says "resumed"; one an --overwrite start has moved into
+.previous-run/ (until the next start puts it back) says so. compare.png overlays the runs' validation
 top-1 and loss per epoch.
 """
 
@@ -22,12 +23,14 @@ from pathlib import Path
 from cifar_dist.checkpoint import CHECKPOINTS, atomic_write_bytes, atomic_write_text, find_latest
 from cifar_dist.cli import OneLineParser, one_line_errors
 from cifar_dist.config import Config, UserError
+from cifar_dist.rundir import PREVIOUS
 from cifar_dist.runs import (
     CONFIG_FILE,
     SWEEP_POINT_FILE,
     is_finished,
     load_config,
     read_records,
+    replaced_run,
     resumed_segments,
     run_facts,
 )
@@ -84,6 +87,8 @@ def read_run(path: Path, name: str) -> RunRow:
 def status(path: Path, cfg: Config, records: list[dict], started: bool) -> str:
     if not started:
         return "not started"
+    if replaced_run(path) is not None:  # the dir's files are that start's; the next start puts the run back
+        return f"replaced by an --overwrite start with no checkpoint yet; the run is in {PREVIOUS}/"
     if is_finished(path, cfg, records):
         text = "finished"
     else:

@@ -22,6 +22,7 @@ from cifar_dist.checkpoint import CHECKPOINTS, STATE_FILE, checkpoint_problem, f
 from cifar_dist.cli import parse_config
 from cifar_dist.config import _OWNER, Config, UserError, _coerce, make_config
 from cifar_dist.model import ResNet50Classifier, build_model
+from cifar_dist.rundir import PREVIOUS, STARTING
 
 CONFIG_FILE = "config.yaml"
 MODEL_FILE = "model.safetensors"
@@ -56,6 +57,7 @@ def resolve_model(path: str, config_path: str | None = None) -> TrainedModel:
         run_dir = p.parent.parent if p.parent.name == CHECKPOINTS else p
         return _with_config(p / MODEL_FILE, run_dir, p.name, config_path, checkpoint_dir=p)
     if p.is_dir():
+        _check_not_replaced(p, path)
         if not (p / CONFIG_FILE).is_file():
             raise UserError(f"{path}: not a cifar_dist run (no {CONFIG_FILE}); expected {_RUN_HELP}")
         if (p / MODEL_FILE).is_file():
@@ -70,6 +72,23 @@ def resolve_model(path: str, config_path: str | None = None) -> TrainedModel:
     if (p.parent / STATE_FILE).is_file():  # the model file inside a checkpoint
         return resolve_model(str(p.parent), config_path)
     return _with_config(p, p.parent, None, config_path)
+
+
+def replaced_run(run_dir: Path) -> Path | None:
+    """Where the run in ``run_dir`` is while an --overwrite start there has not reached its first checkpoint:
+    moved aside intact, until the next start in the dir undoes that start (rundir.undo_start); else None."""
+    aside = run_dir / PREVIOUS
+    return aside if (run_dir / STARTING).exists() and (aside / CONFIG_FILE).is_file() else None
+
+
+def _check_not_replaced(run_dir: Path, path: str) -> None:
+    # What is in the dir now is that start's, and goes; the tools only read, so the user puts the run back.
+    aside = replaced_run(run_dir)
+    if aside is not None:
+        raise UserError(f"{path}: a start with --overwrite has not reached its first checkpoint here; the earlier "
+                        f"run is intact in {aside}/ and, once that start has stopped, the next cifar_dist.train "
+                        f"start with --output-dir {path} puts it back first (`python -m cifar_dist.train "
+                        f"--output-dir {path} --resume never --tracker none` does that and trains nothing)")
 
 
 def _with_config(weights: Path, run_dir: Path, checkpoint: str | None, config_path: str | None,

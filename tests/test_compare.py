@@ -111,3 +111,16 @@ def test_a_run_whose_config_is_not_utf8_is_an_unreadable_row_and_the_others_are_
     out = capsys.readouterr().out
     assert "| good | unfinished |" in out
     assert f"| latin1 | unreadable: --config {bad}: must be UTF-8 text (byte 0xe9 on line 1 is not); " in out
+
+
+def test_a_run_replaced_by_a_stopped_overwrite_start(tmp_path, capsys):
+    from cifar_dist.rundir import FreshStart
+
+    run = tmp_path / "r"
+    run.mkdir()
+    save_config(make_config(), run / "config.yaml")
+    FreshStart(run).begin(overwrite=True)
+    save_config(make_config(), run / "config.yaml")  # the new start's, killed before its first checkpoint
+    main([str(tmp_path)])
+    assert "| r | replaced by an --overwrite start with no checkpoint yet; the run is in .previous-run/ |" in \
+        capsys.readouterr().out

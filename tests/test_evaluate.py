@@ -327,3 +327,25 @@ def test_config_over_the_runs_own_is_refused(model_files, tmp_path, capsys):
         line = refused(capsys, [str(model), "--config", str(other)])
         assert f"has its own config ({run / 'config.yaml'})" in line and "drop --config" in line
     assert not (run / "eval.json").exists()
+
+
+def test_a_run_replaced_by_a_stopped_overwrite_start_says_where_it_is(model_files, tmp_path, capsys):
+    # A start with --overwrite killed before its first checkpoint: the run waits in .previous-run/ for the next
+    # start to put it back. The tools said the run had no model; they say where it is, and change nothing.
+    import shutil
+
+    from cifar_dist.predict import main as predict
+    from cifar_dist.rundir import FreshStart
+
+    run = tmp_path / "run"
+    shutil.copytree(model_files[0], run)
+    FreshStart(run).begin(overwrite=True)
+    shutil.copy(run / ".previous-run" / "config.yaml", run / "config.yaml")  # the new start's first file
+    before = conftest.tree_digest(run)
+    for line in (refused(capsys, [str(run)]), conftest.refused(capsys, predict, [str(run), str(tmp_path)])):
+        assert line.endswith(f"{run}: a start with --overwrite has not reached its first checkpoint here; the "
+                             f"earlier run is intact in {run / '.previous-run'}/ and, once that start has stopped, "
+                             f"the next cifar_dist.train start with --output-dir {run} puts it back first "
+                             f"(`python -m cifar_dist.train --output-dir {run} --resume never --tracker none` does "
+                             "that and trains nothing)")
+    assert conftest.tree_digest(run) == before
