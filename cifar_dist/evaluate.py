@@ -37,7 +37,16 @@ import torch
 from cifar_dist.checkpoint import atomic_write_bytes, atomic_write_text
 from cifar_dist.cli import OneLineParser, exit_now, one_line_errors
 from cifar_dist.config import DataConfig, UserError
-from cifar_dist.runs import TrainedModel, check_image_size, load_model, read_records, resolve_model
+from cifar_dist.runs import (
+    EVAL_FILES,
+    TrainedModel,
+    check_image_size,
+    check_output_dir,
+    check_output_file,
+    load_model,
+    read_records,
+    resolve_model,
+)
 
 SPLITS = ("test", "train")
 ECE_BINS = 15
@@ -404,6 +413,12 @@ def check_args(args, found: TrainedModel) -> Path:
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output-dir {output_dir} is a file; give a folder for eval.json, eval.md and "
                         "confusion.png")
+    check_output_dir(output_dir, found)
+    if args.predictions:
+        check_output_file("--predictions", args.predictions, found)
+        if Path(args.predictions).resolve() in {(output_dir / name).resolve() for name in EVAL_FILES}:
+            raise UserError(f"--predictions {args.predictions} is where this evaluation writes its report; "
+                            "give another file name")
     return output_dir
 
 

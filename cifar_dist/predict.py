@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from cifar_dist.cli import exit_now, one_line_errors
 from cifar_dist.config import ModelConfig, UserError
-from cifar_dist.runs import check_image_size, load_model, resolve_model
+from cifar_dist.runs import check_image_size, check_output_file, load_model, resolve_model
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 CIFAR_SIZE = 32
@@ -275,6 +275,8 @@ def run(args) -> int:
     if args.top_k > found.config.model.num_classes:
         raise UserError(f"--top-k {args.top_k}: the model has only {found.config.model.num_classes} classes")
     paths = find_images(args.paths[1:])
+    if args.output != "-":
+        check_output_file("--output", args.output, found, paths)
     if found.note:
         print(f"cifar_dist.predict: {found.note}", file=sys.stderr)
     names = class_names_for(found, args.data_source)

@@ -22,12 +22,15 @@ from cifar_dist.checkpoint import CHECKPOINTS, STATE_FILE, checkpoint_problem, f
 from cifar_dist.cli import parse_config
 from cifar_dist.config import _OWNER, Config, UserError, _coerce, make_config
 from cifar_dist.model import ResNet50Classifier, build_model
-from cifar_dist.rundir import PREVIOUS, STARTING
+from cifar_dist.rundir import LOCK, PREVIOUS, RUN_ENTRIES, STARTING
 
 CONFIG_FILE = "config.yaml"
 MODEL_FILE = "model.safetensors"
 SWEEP_POINT_FILE = "sweep_point.yaml"  # written by cifar_dist.sweep before a point's run has started
 _RUN_HELP = "a run's output dir, one of its checkpoints/step-N dirs, or a model.safetensors"
+EVAL_FILES = ("eval.json", "eval.md", "confusion.png")  # cifar_dist.evaluate's report, in the run or its eval-*/
+# A run's own entries: what the trainer and the sweep write into its output dir.
+_RUN_OWN = (*RUN_ENTRIES, LOCK, STARTING, PREVIOUS, SWEEP_POINT_FILE)
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,49 @@ def _check_no_own_config(weights: Path, run_dir: Path, config_path: str, checkpo
     if own.is_file():
         raise UserError(f"--config {config_path}: {weights} has its own config ({own}), which is the one it was "
                         "trained with; drop --config (--data-source selects other data)")
+
+
+def run_file(path: Path) -> tuple[Path, tuple[str, ...]] | None:
+    """(run dir, path in it) when ``path`` is a file of a run (any folder with a config.yaml): its config,
+    weights, records, checkpoints, tracker files, markers or evaluation report; None for anything else."""
+    path = path.resolve()
+    for run in path.parents:
+        if (run / CONFIG_FILE).is_file() or (run / SWEEP_POINT_FILE).is_file():
+            parts = path.relative_to(run).parts
+            report = parts[-1] in EVAL_FILES and (len(parts) == 1 or len(parts) == 2 and parts[0].startswith("eval-"))
+            if parts[0] in _RUN_OWN or report:
+                return run, parts
+    return None
+
+
+def check_output_file(flag: str, out: str, found: TrainedModel, inputs: list[Path] = ()) -> None:
+    """Refuse, before any work, an output file that is an input or a run's own file: writing it would destroy
+    them. An earlier call's output (a predictions CSV) may be written again."""
+    target = Path(out).resolve()
+    if target in {p.resolve() for p in inputs}:
+        raise UserError(f"{flag} {out} is one of the input images; give another file name")
+    own = {found.weights.resolve(): "the model's weights", Path(found.config_source).resolve(): "the model's config"}
+    if target in own:
+        raise UserError(f"{flag} {out} is {own[target]}; give another file name")
+    where = run_file(target)
+    if where:
+        run, parts = where
+        label = f"{parts[0]}/" if len(parts) > 1 and parts[0] in _RUN_OWN else "/".join(parts)
+        raise UserError(f"{flag} {out} is among the run's own files ({label} in {run}); give another file name")
+
+
+def check_output_dir(out: Path, found: TrainedModel) -> None:
+    """Refuse an evaluate --output-dir inside a run's own folders, or in another run, whose report it would replace."""
+    where = run_file(out / EVAL_FILES[0])
+    if where is None:
+        return
+    run, parts = where
+    if parts[0] in _RUN_OWN:
+        raise UserError(f"--output-dir {out} is inside the run's {parts[0]} in {run}; give a folder outside it, "
+                        "or leave --output-dir out")
+    if run != found.run_dir.resolve():
+        raise UserError(f"--output-dir {out} would replace the evaluation of another run ({run}); give a folder "
+                        "of its own, or leave --output-dir out")
 
 
 def load_config(path: Path) -> Config:

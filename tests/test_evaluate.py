@@ -349,3 +349,31 @@ def test_a_run_replaced_by_a_stopped_overwrite_start_says_where_it_is(model_file
                              f"(`python -m cifar_dist.train --output-dir {run} --resume never --tracker none` does "
                              "that and trains nothing)")
     assert conftest.tree_digest(run) == before
+
+
+def test_outputs_over_a_runs_own_files_are_refused(model_files, tmp_path, capsys, fresh_accelerate_state):
+    # --predictions run/config.yaml wrote the CSV over the run's config, after which no tool could read the run.
+    import shutil
+
+    run, other = tmp_path / "run", tmp_path / "other"
+    shutil.copytree(model_files[0], run)
+    shutil.copytree(model_files[0], other)
+    (run / "checkpoints").mkdir()
+    (run / "wandb").mkdir()
+    before = conftest.tree_digest(run)
+    assert f"--predictions {run / 'config.yaml'} is the model's config" in refused(
+        capsys, [str(run), "--predictions", str(run / "config.yaml")])
+    for name, label in (("metrics.jsonl", "metrics.jsonl"), ("checkpoints/p.csv", "checkpoints/"),
+                        ("eval.json", "eval.json")):
+        assert f"is among the run's own files ({label} in {run}); give another file name" in refused(
+            capsys, [str(run), "--predictions", str(run / name)])
+    assert f"--predictions {tmp_path / 'eval.md'} is where this evaluation writes its report" in refused(
+        capsys, [str(run), "--output-dir", str(tmp_path), "--predictions", str(tmp_path / "eval.md")])
+    assert f"--output-dir {run / 'wandb'} is inside the run's wandb in {run}" in refused(
+        capsys, [str(run), "--output-dir", str(run / "wandb")])
+    assert f"--output-dir {other} would replace the evaluation of another run ({other})" in refused(
+        capsys, [str(run), "--output-dir", str(other)])
+    assert conftest.tree_digest(run) == before
+    # An earlier call's predictions are written again: this call gets as far as the data.
+    (tmp_path / "p.csv").write_text("index,label\n")
+    assert "--data-source /nonexistent/data" in refused(capsys, [str(run), "--predictions", str(tmp_path / "p.csv")])

@@ -183,3 +183,25 @@ def test_config_over_the_runs_own_is_refused(run_dir, tmp_path, capsys):
     save_config(make_config(data_source="synthetic", image_size=64, weights="none"), other)
     line = refused(capsys, [str(run_dir), str(tmp_path), "--config", str(other)])
     assert f"--config {other}: {run_dir / 'model.safetensors'} has its own config" in line
+
+
+def test_outputs_over_inputs_or_the_runs_files_are_refused(run_dir, image, tmp_path, capsys):
+    # --output imgs/a0.png wrote the CSV over the input image it was predicting.
+    photo = save(Image.fromarray(image), tmp_path / "a0.png")
+    before = photo.read_bytes()
+    assert f"--output {photo} is one of the input images" in refused(
+        capsys, [str(run_dir), str(tmp_path), "--output", str(photo)])
+    assert f"--output {run_dir / 'model.safetensors'} is the model's weights" in refused(
+        capsys, [str(run_dir), str(tmp_path), "--output", str(run_dir / "model.safetensors")])
+    assert f"is among the run's own files (eval.json in {run_dir})" in refused(
+        capsys, [str(run_dir), str(tmp_path), "--output", str(run_dir / "eval.json")])
+    assert photo.read_bytes() == before and not (run_dir / "eval.json").exists()
+    # An earlier call's output is written again.
+    (tmp_path / "out.csv").write_text("old\n")
+    from accelerate.state import AcceleratorState
+
+    try:
+        assert main([str(run_dir), str(photo), "--output", str(tmp_path / "out.csv")]) == 0
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert (tmp_path / "out.csv").read_text().startswith("file,class_1,prob_1")
