@@ -115,7 +115,7 @@ def _check_no_own_config(weights: Path, run_dir: Path, config_path: str, checkpo
     """--config is for weights without a config: over the run's own it would give another model's image size
     and data, and evaluate would write those figures over the run's own eval.json."""
     own = checkpoint_dir / STATE_FILE if checkpoint_dir is not None else run_dir / CONFIG_FILE
-    if own.is_file():
+    if own.is_file() and own.resolve() != Path(config_path).resolve():  # naming its own config changes nothing
         raise UserError(f"--config {config_path}: {weights} has its own config ({own}), which is the one it was "
                         "trained with; drop --config (--data-source selects other data)")
 

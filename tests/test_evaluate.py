@@ -327,6 +327,10 @@ def test_config_over_the_runs_own_is_refused(model_files, tmp_path, capsys):
         line = refused(capsys, [str(model), "--config", str(other)])
         assert f"has its own config ({run / 'config.yaml'})" in line and "drop --config" in line
     assert not (run / "eval.json").exists()
+    # Naming the run's own config changes nothing, so it is taken.
+    from cifar_dist.runs import resolve_model
+
+    assert resolve_model(str(run / "model.safetensors"), str(run / "config.yaml")).config.data.image_size == 32
 
 
 def test_a_run_replaced_by_a_stopped_overwrite_start_says_where_it_is(model_files, tmp_path, capsys):
