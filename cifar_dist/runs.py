@@ -91,7 +91,8 @@ def _check_not_replaced(run_dir: Path, path: str) -> None:
         raise UserError(f"{path}: a start with --overwrite has not reached its first checkpoint here; the earlier "
                         f"run is intact in {aside}/ and, once that start has stopped, the next cifar_dist.train "
                         f"start with --output-dir {path} puts it back first (`python -m cifar_dist.train "
-                        f"--output-dir {path} --resume never --tracker none` does that and trains nothing)")
+                        f"--output-dir {path} --resume never --tracker none` does only that: it then stops, the dir "
+                        "holding a run)")
 
 
 def _with_config(weights: Path, run_dir: Path, checkpoint: str | None, config_path: str | None,

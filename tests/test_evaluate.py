@@ -351,7 +351,7 @@ def test_a_run_replaced_by_a_stopped_overwrite_start_says_where_it_is(model_file
                              f"earlier run is intact in {run / '.previous-run'}/ and, once that start has stopped, "
                              f"the next cifar_dist.train start with --output-dir {run} puts it back first "
                              f"(`python -m cifar_dist.train --output-dir {run} --resume never --tracker none` does "
-                             "that and trains nothing)")
+                             "only that: it then stops, the dir holding a run)")
     assert conftest.tree_digest(run) == before
 
 
