@@ -8,7 +8,8 @@ writes compare.md (to the first folder, or ``--output-dir``), also printed: one 
 validation top-1, with the settings that differ between the runs, final and best val top-1 and top-5, epochs
 done, total time (the epochs' training + eval time as metrics.jsonl records it, without start-up), the median
 of the epochs' training images/s, device and processes. A run that has not reached its planned end is
-"unfinished"; one that continued from a checkpoint says "resumed"; one an --overwrite start has moved into
+"unfinished" ("training now", with its process, while a live run holds its lock); one that continued from a
+checkpoint says "resumed"; one an --overwrite start has moved into
 .previous-run/ (until the next start puts it back) says so. compare.png overlays the runs' validation
 top-1 and loss per epoch.
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 from cifar_dist.checkpoint import CHECKPOINTS, atomic_write_bytes, atomic_write_text, find_latest
 from cifar_dist.cli import OneLineParser, one_line_errors
 from cifar_dist.config import Config, UserError
-from cifar_dist.rundir import PREVIOUS
+from cifar_dist.rundir import PREVIOUS, live_holder
 from cifar_dist.runs import (
     CONFIG_FILE,
     SWEEP_POINT_FILE,
@@ -93,7 +94,9 @@ def status(path: Path, cfg: Config, records: list[dict], started: bool) -> str:
         text = "finished"
     else:
         latest = find_latest(path / CHECKPOINTS)
-        text = "unfinished" + (f", checkpoint at step {int(latest.name[5:])}" if latest else "")
+        holder = live_holder(path)
+        text = ("training now" + (f" (pid {holder.get('pid', '?')} on {holder.get('host', '?')})")
+                if holder else "unfinished") + (f", checkpoint at step {int(latest.name[5:])}" if latest else "")
     resumes = resumed_segments(records)
     return text + (f", resumed{f' {resumes}x' if resumes > 1 else ''}" if resumes else "")
 

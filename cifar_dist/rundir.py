@@ -156,6 +156,19 @@ def stale_reason(path: Path, holder: dict) -> str | None:
     return None
 
 
+def live_holder(output_dir: Path) -> dict | None:
+    """The run holding ``output_dir``'s lock now (host, pid, SLURM job...), or None where there is no lock or
+    it is left over from a run that is gone. For readers (compare), which must not fail on a read-only dir."""
+    path = output_dir / LOCK
+    holder = _read_holder(path)
+    if not holder:
+        return None
+    try:
+        return None if stale_reason(path, holder) else holder
+    except OSError:  # the lock's age needs a file written beside it: where it cannot be, say nothing
+        return None
+
+
 def acquire_lock(output_dir: Path) -> tuple[Lock, str | None]:
     """(the held lock, a note if a stale one was taken over); UserError if another live run holds it."""
     path = output_dir / LOCK

@@ -1,5 +1,6 @@
 """cifar_dist.compare on runs the real trainer made (finished, stopped, resumed), and its table and refusals."""
 
+import os
 import re
 import signal
 import subprocess
@@ -124,3 +125,19 @@ def test_a_run_replaced_by_a_stopped_overwrite_start(tmp_path, capsys):
     main([str(tmp_path)])
     assert "| r | replaced by an --overwrite start with no checkpoint yet; the run is in .previous-run/ |" in \
         capsys.readouterr().out
+
+
+def test_a_run_that_a_live_process_holds_is_training_now(tmp_path, capsys):
+    from cifar_dist.rundir import acquire_lock
+
+    run = tmp_path / "r"
+    run.mkdir()
+    save_config(make_config(), run / "config.yaml")
+    lock, _ = acquire_lock(run)  # this process, alive on this host: as a run training there
+    try:
+        main([str(tmp_path)])
+        assert f"| r | training now (pid {os.getpid()} on " in capsys.readouterr().out
+    finally:
+        lock.release()
+    main([str(tmp_path)])  # ended: its lock gone
+    assert "| r | unfinished |" in capsys.readouterr().out
