@@ -261,6 +261,26 @@ def test_sync_finds_offline_runs_and_skips_synced_ones(two_process_wandb_run, tm
     assert f"FAILED {offline_runs(out)[0]}: " in proc.stdout and "API key" in proc.stdout
 
 
+def test_sync_finds_the_offline_runs_of_output_dirs_under_wandb_dir(tmp_path):
+    # With WANDB_DIR set, W&B's files go under $WANDB_DIR/wandb/ (offline-run-<time>-<id>/run-<id>.wandb), not the
+    # output dir: the output dir's wandb_run_id names its run there; other runs there are not the folders'.
+    wandb_dir, out = tmp_path / "w", tmp_path / "runs" / "r"
+    out.mkdir(parents=True)
+    (out / "wandb_run_id").write_text("abc123\n")
+    for name in ("abc123", "other9"):
+        run = wandb_dir / "wandb" / f"offline-run-20261128_070000-{name}"
+        run.mkdir(parents=True)
+        (run / f"run-{name}.wandb").write_bytes(b"")
+    ours = wandb_dir / "wandb" / "offline-run-20261128_070000-abc123"
+    assert find_offline_runs([tmp_path / "runs"]) == []
+    assert find_offline_runs([tmp_path / "runs"], wandb_dir) == [(ours, False)]
+    env = {**os.environ, "WANDB_DIR": str(wandb_dir)}
+    proc = subprocess.run([sys.executable, "-m", "cifar_dist.sync", "--dry-run", str(tmp_path / "runs")],
+                          capture_output=True, text=True, cwd=REPO, env=env, check=False)
+    assert proc.returncode == 0 and f"1 offline run(s) found, 0 already synced, 1 to sync\nwould sync {ours}\n" \
+        in proc.stdout, proc.stdout + proc.stderr
+
+
 # -- W&B environment failures: a missing login is one line before any work; an unreachable server never costs
 # the run (it goes offline within 30 s, under the same run id).
 
