@@ -84,6 +84,9 @@ def read_grid(path: str) -> list[Point]:
     for key, value in _flatten(data, path).items():
         if key in SET_BY_SWEEP:
             raise UserError(f"{path}: {key} is set by the sweep (ROOT/<point>); remove it from the grid")
+        if key == "stop_marker":  # never written to a point's config: it would be shown, then dropped
+            raise UserError(f"{path}: stop_marker is not read from a grid (a job script passes its own: "
+                            "slurm/job.sh); remove it")
         if isinstance(value, list):
             if not value:
                 raise UserError(f"{path}: {key} is an empty list; give it at least one value")

@@ -94,6 +94,7 @@ def test_list_show_and_prepare(tmp_path, capsys):
     ("lr: [1e-3\n", "not valid YAML"),
     ("overwrite: true\nlr: [1e-3, 3e-4]\n", "overwrite is not read from a grid"),
     ("overwrite: [false, true]\n", "overwrite is not read from a grid"),
+    ("stop_marker: /tmp/stopped\n", "stop_marker is not read from a grid"),
 ])
 def test_bad_grids_are_refused_by_key_before_anything(tmp_path, capsys, text, message):
     grid = write(tmp_path / "g.yaml", text)
