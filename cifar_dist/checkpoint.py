@@ -56,6 +56,11 @@ def checkpoint_problem(path: Path) -> str | None:
     """Why ``path`` is not a usable checkpoint, or None if it is."""
     if not path.is_dir():
         return "no such checkpoint folder"
+    run = path if (path / CHECKPOINTS).is_dir() else path.parent if path.name == CHECKPOINTS else None
+    if run is not None:  # a run's folder (or its checkpoints/) for one of its checkpoints: name the newest
+        newest = find_latest(run / CHECKPOINTS)
+        return (f"a run's folder, not a checkpoint; give one of its checkpoints, e.g. its newest, {newest}" if newest
+                else "a run's folder, not a checkpoint, and it has no complete checkpoint")
     if not (path / COMPLETE).is_file():
         return "incomplete checkpoint (no COMPLETE marker: the save was interrupted)"
     try:
@@ -102,8 +107,10 @@ def read_state(path: Path) -> dict:
     return json.loads((path / STATE_FILE).read_text())
 
 
-def check_compatible(path: Path, cfg: Config) -> None:
-    """Refuse a checkpoint whose run computed something else (image size, freeze point, global batch...)."""
+def check_compatible(path: Path, cfg: Config,
+                     fix: str = "resume with the same value or use another --output-dir") -> None:
+    """Refuse a checkpoint whose run computed something else (image size, freeze point, global batch...);
+    ``fix`` says what to change."""
     state = read_state(path)
     saved, current = flat_settings(state["config"]), cfg.flat()
     for key in meaning_keys():
@@ -112,7 +119,7 @@ def check_compatible(path: Path, cfg: Config) -> None:
         was = saved.get(key, LEGACY_VALUES.get(key))
         if was != current[key]:
             raise UserError(f"checkpoint {path} was made with --{key.replace('_', '-')} {was}, this run has "
-                            f"{current[key]}; resume with the same value or use another --output-dir")
+                            f"{current[key]}; {fix}")
 
 
 def check_same_data(path: Path, data_source: str, data_fingerprint: str) -> None:

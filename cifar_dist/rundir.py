@@ -348,7 +348,8 @@ def resume_from_path(output_dir: Path, cfg: Config) -> tuple[Path, str | None]:
         raise UserError(f"--resume {resume}: {problem}")
     if latest is None:
         check_fresh_start_allowed(output_dir, cfg.train)
-    check_compatible(path, cfg)
+    # The output dir holds nothing of this run yet: what differs is the checkpoint to start from.
+    check_compatible(path, cfg, "start from it with the same value, or from another checkpoint")
     return path, None
 
 

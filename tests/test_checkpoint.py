@@ -208,6 +208,29 @@ def test_named_damaged_checkpoint_is_an_error(test_env, finished, tmp_path):
     assert "no such checkpoint folder" in proc.stderr
 
 
+def test_resume_to_a_run_folder_names_its_newest_checkpoint_and_a_mismatch_points_at_the_checkpoint(finished,
+                                                                                                     tmp_path):
+    # In process: what the trainer decides before loading anything (rundir.resolve_start).
+    from cifar_dist.cli import parse_config
+    from cifar_dist.config import UserError
+    from cifar_dist.rundir import resolve_start
+
+    new, newest = tmp_path / "new", finished / "checkpoints" / "step-00000003"
+    for given in (finished, finished / "checkpoints"):  # the run, or its checkpoints/: not "incomplete"
+        with pytest.raises(UserError) as info:
+            resolve_start(new, parse_config([*TINY, "--output-dir", str(new), "--resume", str(given)]))
+        assert str(info.value) == (f"--resume {given}: a run's folder, not a checkpoint; give one of its checkpoints, "
+                                   f"e.g. its newest, {newest}")
+    # Into an empty output dir, another output dir would not help: the checkpoint is what differs.
+    with pytest.raises(UserError) as info:
+        resolve_start(new, parse_config([*TINY, "--output-dir", str(new), "--resume", str(newest), "--image-size",
+                                         "64"]))
+    assert str(info.value).endswith("this run has 64; start from it with the same value, or from another checkpoint")
+    assert resolve_start(new, parse_config([*TINY, "--output-dir", str(new), "--resume", str(newest)])) == (newest,
+                                                                                                           None)
+    assert not new.exists()
+
+
 def test_resume_never_refuses_a_used_output_dir(test_env, finished):
     before = tree_digest(finished)
     proc = run_train(test_env, [*TINY, "--output-dir", str(finished), "--resume", "never"], check=False)
