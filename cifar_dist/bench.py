@@ -339,7 +339,7 @@ def compute_floor(image_size: int, device, bf16: bool) -> dict:
     return {"trunk_gflop_per_image": round(trunk / 1e9, 3), "train_step_gflop_per_image":
             round((trunk + head_train) / 1e9, 3), "workload_pflop": round(plain / 1e15, 2),
             "workload_eval_cached_pflop": round(eval_cached / 1e15, 2),
-            "workload_cached_pflop": round(cached / 1e15, 2), "matmul_tflop_per_s": round(rate / 1e12, 1),
+            "workload_cached_pflop": round(cached / 1e15, 2), "matmul_tflop_per_s": round(rate / 1e12, 3),
             "floor_s": round(plain / rate, 1), "floor_eval_cached_s": round(eval_cached / rate, 1),
             "floor_cached_s": round(cached / rate, 1)}
 
@@ -573,13 +573,15 @@ def format_table(report: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cifar_dist.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=32, help="training batch (the recipe's global batch)")
-    parser.add_argument("--eval-batch-size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=50, help="timed batches per variant")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed batches first (after the trainer's "
-                        "compile warm-up in the compiled variants)")
-    parser.add_argument("--workers", type=int, default=8, help="DataLoader workers of the straight port")
+    parser.add_argument("--image-size", type=int, default=224, help="default: %(default)s")
+    parser.add_argument("--batch-size", type=int, default=32, help="training batch (default: %(default)s, the "
+                        "recipe's global batch)")
+    parser.add_argument("--eval-batch-size", type=int, default=256, help="default: %(default)s")
+    parser.add_argument("--steps", type=int, default=50, help="timed batches per variant (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed batches first, after the trainer's compile "
+                        "warm-up in the compiled variants (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=8, help="DataLoader workers of the straight port (default: "
+                        "%(default)s)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS,
                         help="default: all that run on this device, except the graphed experiments and ddp (run "
                              "that one under torchrun)")

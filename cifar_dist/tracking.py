@@ -389,14 +389,15 @@ def run_facts(plan: BatchPlan, accelerator, counts: dict, fast: FastPath, optimi
 def describe_run(cfg: Config, plan: BatchPlan, accelerator, counts: dict, num_train: int, num_test: int,
                  fast: FastPath) -> str:
     device = device_name(accelerator)
+    frozen = "nothing frozen" if cfg.model.freeze_until == "none" else f"frozen before {cfg.model.freeze_until}"
     return "\n".join([
         "# cifar_dist run",
         "",
         f"- data: {cfg.data.data_source}, {num_train} train / {num_test} test images, resized to "
         f"{cfg.data.image_size}px on the device",
         f"- model: ResNet50 ({cfg.model.weights}) + {cfg.model.head_hidden_dim}-ReLU-{cfg.model.num_classes} head, "
-        f"frozen before {cfg.model.freeze_until}; parameters {counts['total']:,} total, {counts['trainable']:,} "
-        f"trainable, {counts['frozen']:,} frozen; {counts['bn_running_stats']:,} BN running-stat values",
+        f"{frozen}; parameters {counts['total']:,} total, {counts['trainable']:,} trainable, {counts['frozen']:,} "
+        f"frozen; {counts['bn_running_stats']:,} BN running-stat values",
         f"- batch: global {plan.global_batch_size} = {plan.per_device_batch_size} per device x "
         f"{plan.num_processes} processes x {plan.grad_accum_steps} accumulation steps",
         f"- optimizer: Adam lr {cfg.optim.lr:g}, eps {cfg.optim.adam_eps:g}; {cfg.train.num_epochs} epochs, "

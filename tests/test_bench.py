@@ -47,6 +47,7 @@ def test_bench_reports_every_cpu_variant_the_floor_and_the_end_to_end_runs(tmp_p
     assert 0 < floor["trunk_gflop_per_image"] < floor["train_step_gflop_per_image"]
     assert floor["workload_cached_pflop"] < floor["workload_eval_cached_pflop"] < floor["workload_pflop"]
     assert floor["floor_s"] > floor["floor_eval_cached_s"] > floor["floor_cached_s"] > 0
+    assert floor["matmul_tflop_per_s"] > 0  # a CPU's rate too, so that the floor can be recomputed from it
     assert "compute floor of 10 epochs x (50,000 + 10,000) images" in proc.stdout
 
     # One checkpoint of the recipe's model: ~103 MB of weights + ~137 MB of Adam moments (layer4 + head).
@@ -213,3 +214,12 @@ def test_a_graphed_variant_whose_graph_was_turned_off_is_refused_not_timed(monke
                                         r"off with several processes\)$"):
         bench.bench_trainer_step("graphed", None, None, "no")
 
+
+
+def test_help_gives_the_defaults_a_short_run_needs_to_lower():
+    from cifar_dist.bench import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    for said in ("--image-size IMAGE_SIZE default: 224", "per variant (default: 50)", "(default: 10)",
+                 "straight port (default: 8)"):
+        assert said in text, said

@@ -451,3 +451,19 @@ def test_tensorboard_logs_every_epoch_and_a_replaced_run_takes_its_logs_along(te
     # --overwrite moves the old run's logs aside with the rest of it, and they go once the new run has a checkpoint.
     run_train(env, [*TINY, "--max-steps", "1", "--tracker", "tensorboard", "--output-dir", str(out), "--overwrite"])
     assert [s for s, _ in logged("val/acc")] == [1]
+
+
+@pytest.mark.parametrize("freeze_until, said", [("layer4", "frozen before layer4; "), ("none", "nothing frozen; ")])
+def test_the_run_header_says_what_is_frozen(freeze_until, said):
+    import torch
+    from accelerate import Accelerator
+
+    from cifar_dist.config import SpeedConfig, make_config, plan_batches
+    from cifar_dist.speed import resolve_fast_path
+    from cifar_dist.tracking import describe_run
+
+    cfg = make_config(freeze_until=freeze_until)
+    counts = {"total": 10, "trainable": 4, "frozen": 6, "bn_running_stats": 2}
+    header = describe_run(cfg, plan_batches(cfg.train, 1), Accelerator(cpu=True), counts, 4, 8,
+                          resolve_fast_path(SpeedConfig(), torch.device("cpu"), "no", 1))
+    assert f"-100 head, {said}parameters 10 total, 4 trainable, 6 frozen; 2 BN running-stat values" in header
