@@ -320,10 +320,19 @@ def render_results(header: str, records: list[dict], summary: dict | None = None
             f"on {last['val_num_samples']} test images after {last['step']} optimizer steps.\n")
     if summary:
         text += (f"Best validation accuracy {100 * summary['best_val_acc']:.2f}% (epoch {summary['best_epoch']}); "
-                 f"total time {summary['total_time_s']:.0f} s.\n")
+                 f"total time {summary['total_time_s']:.0f} s{_launches(records)}.\n")
     if run_url:
         text += f"\nW&B run: {run_url}\n"
     return text + "\n![curves](curves.png)\n"
+
+
+def _launches(records: list[dict]) -> str:
+    """Where the run was resumed, what the total time covers: the last launch, from its start (the epochs' own
+    times are in every record, so those of all launches add up; compare's "time" column is that sum)."""
+    if not any(r.get("resumed_from_step") is not None for r in records):
+        return ""
+    epochs_s = sum(r.get("epoch_time_s", 0) for r in records)
+    return f" for this launch (the run was resumed; its epochs took {epochs_s:.0f} s in all launches)"
 
 
 def plot_curves(records: list[dict], title: str = "", seed_reference: bool = True) -> bytes:

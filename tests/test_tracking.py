@@ -182,6 +182,12 @@ def test_the_seed_is_shown_only_beside_the_recipe(tmp_path):
               "val_top5": 0.9, "val_num_samples": 100}
     assert "| 69.1% |" in render_results("# run", [record])
     assert "Seed" not in render_results("# run", [record], seed_reference=False)
+    # The total time is the last launch's: where the run was resumed, the results say so, and what all took.
+    summary = {"best_val_acc": 0.5, "best_epoch": 1, "total_time_s": 37.2}
+    assert "; total time 37 s.\n" in render_results("# run", [record], summary)
+    resumed = [{**record, "epoch_time_s": 30.0}, {**record, "epoch": 2, "epoch_time_s": 20.4, "resumed_from_step": 12}]
+    assert ("; total time 37 s for this launch (the run was resumed; its epochs took 50 s in all launches).\n"
+            in render_results("# run", resumed, summary))
     a, b = plot_curves([record], "a", seed_reference=True), plot_curves([record], "a", seed_reference=False)
     assert a != b
 
