@@ -183,10 +183,11 @@ class Check:
         self.log.flush()
         start = time.monotonic()
         # A session of its own, so that a step out of time goes with everything it started (compile workers,
-        # DataLoader workers), which would otherwise keep its output open.
+        # DataLoader workers), which would otherwise keep its output open. SIGINT at its default: a check started
+        # in the background (`&`, nohup) passes it on ignored, and the step could then not be interrupted.
         proc = subprocess.Popen(cmd, cwd=REPO, env={**self.env, **(env or {}), LAUNCHED_ENV: str(time.time())},
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_default_sigint)
         try:
             output, _ = proc.communicate(timeout=limit)
         except subprocess.TimeoutExpired:
@@ -220,6 +221,10 @@ class Check:
     def finish(self) -> int:
         self.log.close()
         return 1 if self.write_report()["failed_steps"] else 0
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # (in the child, before exec: Python then raises KeyboardInterrupt)
 
 
 def _interrupt(proc: subprocess.Popen) -> str:
