@@ -9,9 +9,8 @@ validation top-1, with the settings that differ between the runs, final and best
 done, total time (the epochs' training + eval time as metrics.jsonl records it, without start-up), the median
 of the epochs' training images/s, device and processes. A run that has not reached its planned end is
 "unfinished" ("training now", with its process, while a live run holds its lock); one that continued from a
-checkpoint says "resumed"; one an --overwrite start has moved into
-.previous-run/ (until the next start puts it back) says so. compare.png overlays the runs' validation
-top-1 and loss per epoch.
+checkpoint says "resumed"; one an --overwrite start has moved into .previous-run/ (until the next start puts it
+back) says so. compare.png overlays the runs' validation top-1 and loss per epoch.
 """
 
 from __future__ import annotations
@@ -93,10 +92,9 @@ def status(path: Path, cfg: Config, records: list[dict], started: bool) -> str:
     if is_finished(path, cfg, records):
         text = "finished"
     else:
-        latest = find_latest(path / CHECKPOINTS)
-        holder = live_holder(path)
-        text = ("training now" + (f" (pid {holder.get('pid', '?')} on {holder.get('host', '?')})")
-                if holder else "unfinished") + (f", checkpoint at step {int(latest.name[5:])}" if latest else "")
+        holder, latest = live_holder(path), find_latest(path / CHECKPOINTS)
+        text = f"training now (pid {holder.get('pid', '?')} on {holder.get('host', '?')})" if holder else "unfinished"
+        text += f", checkpoint at step {int(latest.name[5:])}" if latest else ""
     resumes = resumed_segments(records)
     return text + (f", resumed{f' {resumes}x' if resumes > 1 else ''}" if resumes else "")
 

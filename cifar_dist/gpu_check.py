@@ -381,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     check = Check(out, scratch, args.budget_s, header)
     try:
         env = check.run("environment", [check.python, "-c", ENVIRONMENT], parse_environment)
+        # The check's own header, completed: every report written from here on names the card and versions.
         header.update({k: env.get(k) for k in ("card", "host_cpu", "host_cores", "cuda", "torch", "torchvision",
                                                "accelerate", "safetensors", "datasets", "python", "gpu_memory_gib",
                                                "import_s")})
