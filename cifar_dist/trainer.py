@@ -38,7 +38,7 @@ from cifar_dist.checkpoint import (
 from cifar_dist.cli import TrainingStopped
 from cifar_dist.config import BatchPlan, Config, TrainConfig, UserError, flat_settings, plan_batches, save_config
 from cifar_dist.data import CifarSplits, build_splits, fingerprint, loader_config
-from cifar_dist.model import build_model, count_parameters
+from cifar_dist.model import build_model, count_parameters, weights_sha256
 from cifar_dist.preflight import main_first, preflight
 from cifar_dist.rundir import CHECKPOINTS, Claim, claim_output_dir
 from cifar_dist.speed import (
@@ -240,6 +240,7 @@ class Run:
     startup: StartUp
     writer: BackgroundWriter | None  # --async-checkpoints: writes the checkpoints while training goes on
     data_fingerprint: str  # of the training set (data.fingerprint), recorded in each checkpoint
+    weights_sha256: str | None  # of the --weights file the run started from (model.weights_sha256), likewise
     step: int = 0
     per_class_acc: list = field(default_factory=list)
     checkpoint_s: float = 0.0  # this launch's pauses for checkpoints: every save, and the wait for the last one
@@ -358,7 +359,8 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
     output dir is written to only once all of them have loaded. ``startup`` times each phase."""
     accelerator, fast = make_accelerator(cfg, plan, claim, log_with)
     startup.lap("accelerator")
-    model, splits, data_fingerprint = main_first(accelerator, lambda: model_and_data(cfg, claim, dtype, startup))
+    model, splits, data_fingerprint, weights_hash = main_first(
+        accelerator, lambda: model_and_data(cfg, claim, dtype, startup))
     startup.lap("data")
     steps_per_epoch = len(splits.train) // plan.global_batch_size  # the sampler cuts to whole global batches
     leave_if_finished(cfg.train, claim, steps_per_epoch)  # before the costly parts
@@ -384,7 +386,7 @@ def setup(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None, dtyp
     return Run(cfg, plan, accelerator, claim, parts.fast, parts.model, parts.run_step, parts.optimizer, splits,
                parts.train_loader, parts.eval_loader, parts.input_name, parts.eval_input_name, run_log,
                SaveSchedule(cfg.train.checkpoint_every_steps, cfg.train.checkpoint_every_minutes), position,
-               steps_per_epoch, total_steps, startup, writer, data_fingerprint, step=position["step"])
+               steps_per_epoch, total_steps, startup, writer, data_fingerprint, weights_hash, step=position["step"])
 
 
 def make_accelerator(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str | None
@@ -410,22 +412,26 @@ def make_accelerator(cfg: Config, plan: BatchPlan, claim: Claim, log_with: str |
 
 
 def model_and_data(cfg: Config, claim: Claim, dtype: torch.dtype, startup: StartUp
-                   ) -> tuple[torch.nn.Module, CifarSplits, str]:
-    """The model, then the data and its fingerprint: a wrong --weights file fails in seconds, not after the
-    dataset's download; a resume from a checkpoint trained on other data fails before anything is built.
+                   ) -> tuple[torch.nn.Module, CifarSplits, str, str | None]:
+    """The model, then the data, and the fingerprints of both: a wrong --weights file fails in seconds, not after
+    the dataset's download; a resume from a checkpoint trained on other data fails before anything is built.
 
     Under main_first: rank 0 fetches the weights and decodes the dataset into datasets' cache, the others then
     reuse both. A resumed run takes every weight from its checkpoint (load_state sets them again, but the
-    feature cache is built before that), so it needs neither the --weights file nor the network."""
+    feature cache is built before that), so it needs neither the --weights file nor the network: the file's
+    hash is the checkpoint's, which the start compared with a file named otherwise (check_compatible)."""
     saved = checkpoint_weights(claim.resume_from) if claim.resume_from is not None else None
     model = build_model(cfg.model, cfg.data.image_size, saved).to(dtype)
+    # A fresh start hashes its file once it has loaded (a bad one has had its one line); a resume reads none.
+    weights_hash = (read_state(claim.resume_from).get("weights_sha256") if claim.resume_from is not None
+                     else weights_sha256(cfg.model.weights))
     startup.lap("model")
     splits = build_splits(cfg.data, seed=cfg.train.seed)
     check_head_size(cfg.model.num_classes, splits)
     data_fingerprint = fingerprint(splits.train)
     if claim.resume_from is not None:
         check_same_data(claim.resume_from, cfg.data.data_source, data_fingerprint)
-    return model, splits, data_fingerprint
+    return model, splits, data_fingerprint, weights_hash
 
 
 def restore_position(accelerator: Accelerator, optimizer, claim: Claim, startup: StartUp) -> dict:
@@ -455,16 +461,27 @@ def announce(cfg: Config, plan: BatchPlan, accelerator: Accelerator, claim: Clai
     header = describe_run(cfg, plan, accelerator, counts, len(splits.train), len(splits.test), parts.fast)
     accelerator.print(header)
     if claim.resume_from is not None:
-        was = flat_settings(read_state(claim.resume_from)["config"])["data_source"]
-        moved = (f"; its data (--data-source {was}) comes from {cfg.data.data_source} now: the same images and "
-                 "labels" if was != cfg.data.data_source else "")  # check_same_data compared them
         accelerator.print(f"resuming from {claim.resume_from} (epoch {position['epoch']}, step {position['step']})"
-                          + moved)
+                          + moved_inputs(claim.resume_from, cfg))
     run_log = RunLog(accelerator, claim.output_dir, header, position["records"], plot_title(cfg, claim.output_dir),
                      compares_to_seed(cfg))
     run_log.start(cfg.tracking, {**cfg.to_dict(),
                                  "run": run_facts(plan, accelerator, counts, parts.fast, parts.optimizer)})
     return run_log
+
+
+def moved_inputs(checkpoint: Path, cfg: Config) -> str:
+    """The resume line's note on each input this run names otherwise than ``checkpoint`` did: the start compared
+    it by content and found it the same (check_same_data, check_compatible), so say where it came from before."""
+    was = flat_settings(read_state(checkpoint)["config"])
+    notes = []
+    if was["data_source"] != cfg.data.data_source:
+        notes.append(f"its data (--data-source {was['data_source']}) comes from {cfg.data.data_source} now: the same "
+                     "images and labels")
+    if was["weights"] != cfg.model.weights:
+        notes.append(f"its weights (--weights {was['weights']}) come from {cfg.model.weights} now: the same file "
+                     "content")
+    return "".join(f"; {note}" for note in notes)
 
 
 def train_one_epoch(r: Run, epoch: int, stop: StopSignals) -> None:
@@ -616,7 +633,7 @@ def save(r: Run, epoch: int, steps_in_epoch: int, totals: Totals | None) -> Path
     state = {"epoch": epoch, "steps_in_epoch": steps_in_epoch, "step": r.step, "train_sums": train_sums,
              "records": r.run_log.records, "config": r.cfg.to_dict(),
              "num_processes": r.accelerator.num_processes, "started_from": r.claim.started_from,
-             "data_fingerprint": r.data_fingerprint}
+             "data_fingerprint": r.data_fingerprint, "weights_sha256": r.weights_sha256}
     # The first complete checkpoint makes a new run permanent (Claim.commit), whenever the writer completes it.
     start = time.perf_counter()
     path = save_checkpoint(r.accelerator, r.output_dir, state, r.cfg.train.keep_checkpoints, r.writer,

@@ -1,4 +1,7 @@
+import shutil
+
 import pytest
+import torch
 import yaml
 
 import conftest
@@ -334,6 +337,87 @@ def test_a_checkpoint_from_before_bn_momentum_existed_resumes_only_with_what_it_
     with pytest.raises(UserError, match="was made with --bn-momentum 0.1, this run has 0.01"):
         check_compatible(tmp_path, parse_config([]))
     check_compatible(tmp_path, parse_config(["--bn-momentum", "0.1"]))
+
+
+def weights_checkpoint(folder, weights: str, sha256: str | None):
+    """A checkpoint's state made from ``--weights weights`` whose file hashed to ``sha256`` (None: a checkpoint
+    from before the hash was recorded)."""
+    import json
+
+    from cifar_dist.checkpoint import STATE_FILE
+
+    folder.mkdir()
+    state = {"config": parse_config(["--weights", weights]).to_dict()}
+    if sha256 is not None:
+        state["weights_sha256"] = sha256
+    (folder / STATE_FILE).write_text(json.dumps(state))
+    return folder
+
+
+@pytest.fixture()
+def weights_file(tmp_path, monkeypatch):
+    """A small state dict as a file, named relative to the working directory."""
+    from safetensors.torch import save_file
+
+    monkeypatch.chdir(tmp_path)
+    save_file({"conv1.weight": torch.arange(12.0)}, "w.safetensors")
+    return "w.safetensors"
+
+
+def test_a_weights_file_named_by_another_path_resumes_by_its_content_and_other_content_is_refused(
+        tmp_path, weights_file):
+    from cifar_dist.checkpoint import check_compatible
+    from cifar_dist.model import weights_sha256
+
+    ckpt = weights_checkpoint(tmp_path / "ckpt", weights_file, weights_sha256(weights_file))
+    (tmp_path / "shared").mkdir()
+    copy = shutil.copy(weights_file, tmp_path / "shared" / "resnet.safetensors")
+    for same in (tmp_path / weights_file, copy, "./shared/../w.safetensors"):
+        check_compatible(ckpt, parse_config(["--weights", str(same)]))
+    other = tmp_path / "other.safetensors"
+    other.write_bytes((tmp_path / weights_file).read_bytes()[:-1] + b"!")  # one byte differs
+    with pytest.raises(UserError) as info:
+        check_compatible(ckpt, parse_config(["--weights", str(other)]))
+    assert str(info.value) == (
+        f"checkpoint {ckpt} was made with --weights w.safetensors; this run's --weights {other} holds other weights "
+        "(not the same file content); resume with the same value or use another --output-dir")
+    for gone, why in ((tmp_path / "gone.pt", "No such file or directory"), (tmp_path / "shared", "Is a directory")):
+        with pytest.raises(UserError) as info:
+            check_compatible(ckpt, parse_config(["--weights", str(gone)]))
+        assert str(info.value) == (
+            f"checkpoint {ckpt} was made with --weights w.safetensors; this run's --weights {gone} cannot be read to "
+            f"compare with it ({why}); resume with the same value or use another --output-dir")
+    # A torchvision name is no file to compare: its name differs, as before.
+    with pytest.raises(UserError, match="was made with --weights w.safetensors, this run has IMAGENET1K_V1; "):
+        check_compatible(ckpt, parse_config([]))
+
+
+def test_a_weights_file_named_as_before_is_not_read_on_resume(tmp_path, weights_file):
+    """A resume takes every weight from its checkpoint: the file it started from may be gone."""
+    from cifar_dist.checkpoint import check_compatible
+    from cifar_dist.model import weights_sha256
+
+    ckpt = weights_checkpoint(tmp_path / "ckpt", weights_file, weights_sha256(weights_file))
+    (tmp_path / weights_file).unlink()
+    check_compatible(ckpt, parse_config(["--weights", weights_file]))
+
+
+def test_a_checkpoint_from_before_weights_hashes_is_held_to_the_files_name(tmp_path, weights_file):
+    from cifar_dist.checkpoint import check_compatible
+
+    ckpt = weights_checkpoint(tmp_path / "ckpt", weights_file, None)
+    with pytest.raises(UserError, match=f"was made with --weights w.safetensors, this run has {tmp_path}/w.safet"):
+        check_compatible(ckpt, parse_config(["--weights", str(tmp_path / weights_file)]))
+    check_compatible(ckpt, parse_config(["--weights", weights_file]))
+
+
+def test_weights_are_hashed_only_when_they_are_a_file(tmp_path, weights_file):
+    import hashlib
+
+    from cifar_dist.model import weights_sha256
+
+    assert weights_sha256(weights_file) == hashlib.sha256((tmp_path / weights_file).read_bytes()).hexdigest()
+    assert weights_sha256("IMAGENET1K_V1") is None and weights_sha256("none") is None
 
 
 def test_the_settings_a_resume_must_keep_are_marked_on_the_fields():

@@ -2,6 +2,8 @@
 full filesystem. Every case checks the exit code, the one line the user sees, and that the files of the run
 that was there before are byte for byte what they were."""
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -11,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import conftest
@@ -234,6 +237,37 @@ def test_data_moved_elsewhere_resumes_and_other_data_is_refused(test_env, tmp_pa
     assert f"(epoch 2, step 3); its data (--data-source {first}) comes from {moved} now" in proc.stdout
     assert [r["step"] for r in records(out)] == [2, 4]
     assert yaml.safe_load((out / "config.yaml").read_text())["data"]["data_source"] == str(moved)
+
+
+def test_a_weights_file_named_by_another_path_resumes_and_other_weights_are_refused(test_env, tmp_path):
+    """--weights is compared by content: the same file named by its absolute path after a relative one does not
+    strand the run, a file of other weights is refused before anything is written."""
+    weights = tmp_path / "resnet50.pth"
+    shutil.copy(Path(test_env["TORCH_HOME"]) / "hub" / "checkpoints" / conftest.V1_FILE, weights)
+    relative = os.path.relpath(weights, conftest.REPO)  # run_train's working directory
+    out = tmp_path / "out"
+    args = [*RUN, "--output-dir", str(out)]
+    run_train(test_env, [*args, "--weights", relative, "--max-steps", "3"])
+    other = tmp_path / "other.pth"
+    state = torch.load(weights, weights_only=True)
+    state["conv1.weight"][0, 0, 0, 0] += 1.0
+    torch.save(state, other)
+    before = tree_digest(out)
+    proc = run_train(test_env, [*args, "--weights", str(other)], check=False)
+    assert proc.returncode == 2
+    assert last_line(proc.stderr) == (
+        f"cifar_dist.train: error: checkpoint {out / 'checkpoints' / 'step-00000003'} was made with --weights "
+        f"{relative}; this run's --weights {other} holds other weights (not the same file content); resume with the "
+        "same value or use another --output-dir")
+    assert tree_digest(out) == before
+    proc = run_train(test_env, [*args, "--weights", str(weights)])
+    assert (f"(epoch 1, step 3); its weights (--weights {relative}) come from {weights} now: the same file content"
+            in proc.stdout)
+    assert [r["step"] for r in records(out)] == [8]
+    assert yaml.safe_load((out / "config.yaml").read_text())["model"]["weights"] == str(weights)
+    # The resumed run's checkpoints carry the hash of the file the run started from, which it did not read again.
+    state = json.loads((out / "checkpoints" / "step-00000008" / "trainer_state.json").read_text())
+    assert state["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
 def test_time_based_checkpoints_land_on_a_health_check(test_env, tmp_path):
