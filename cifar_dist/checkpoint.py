@@ -265,8 +265,8 @@ def _complete(tmp: Path, final: Path, large: dict, state: str, keep: int, on_com
 def _save_failed(exc: Exception, tmp: Path, root: Path, final: Path) -> Exception:
     """The temporary folder removed; the error to raise: an OSError naming the checkpoint where the OS refused
     a write, else ``exc`` itself."""
+    code = _errno_of(exc, root)  # first: removing the half-written files frees the space that ran out
     shutil.rmtree(tmp, ignore_errors=True)
-    code = _errno_of(exc, root)
     return exc if code is None else OSError(code, os.strerror(code), str(final))
 
 
@@ -314,13 +314,14 @@ class BackgroundWriter:
 
 def _errno_of(exc: Exception, root: Path) -> int | None:
     """The OS error behind a failed save: safetensors reports it as "(os error N)" in its message, and torch.save
-    as a failed write with no number, which on a full disk is ENOSPC."""
+    with no number ("file write failed", or "unexpected pos" when its zip writer finds a file shorter than what it
+    wrote), which on a full disk is ENOSPC."""
     if isinstance(exc, OSError):
         return exc.errno
     found = re.search(r"\(os error (\d+)\)", str(exc))
     if found:
         return int(found.group(1))
-    if "write" in str(exc) and shutil.disk_usage(root).free < 2**20:
+    if shutil.disk_usage(root).free < 2**20:
         return errno.ENOSPC
     return None
 

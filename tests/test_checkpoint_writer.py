@@ -7,6 +7,9 @@ In-process, on the trainer's own parts (trainer_parts.build), on the CPU.
 
 import errno
 import json
+import os
+import shutil
+import subprocess
 import threading
 
 import pytest
@@ -176,6 +179,30 @@ def test_a_failed_background_write_is_raised_naming_the_checkpoint(parts, tmp_pa
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [kept.name]  # the temporary folder is gone
     assert checkpoint_problem(kept) is None and not completed
     writer.wait()  # raised once, then the writer is ready again
+
+
+@pytest.fixture()
+def disk_of_150mb(tmp_path):
+    """A real 150 MB filesystem: room for a checkpoint's weights (103 MB), not also for Adam's state (137 MB)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=150m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_disk_that_fills_up_in_torch_save_is_no_space_naming_the_checkpoint(parts, disk_of_150mb):
+    # torch.save's zip writer says only "unexpected pos ..." when the disk fills under it; the half-written
+    # folder's removal frees the space again, so the disk is measured before that.
+    with pytest.raises(OSError) as raised:
+        save_checkpoint(parts.accelerator, disk_of_150mb, state(1), keep=2)
+    assert raised.value.errno == errno.ENOSPC
+    assert raised.value.filename == str(disk_of_150mb / "checkpoints" / "step-00000001")
+    assert list((disk_of_150mb / "checkpoints").iterdir()) == []  # the half-written folder is gone
 
 
 def test_a_run_ending_for_another_reason_lets_the_write_complete_and_says_if_it_failed(capsys):
