@@ -27,6 +27,7 @@ from cifar_dist.rundir import PREVIOUS, live_holder
 from cifar_dist.runs import (
     CONFIG_FILE,
     SWEEP_POINT_FILE,
+    check_writable,
     is_finished,
     load_config,
     read_records,
@@ -187,6 +188,10 @@ def main(argv: list[str] | None = None) -> None:
         output_dir = Path(args.output_dir or args.dirs[0])
         if args.output_dir and not output_dir.is_dir():
             raise UserError(f"--output-dir {args.output_dir}: no such folder")
+        if args.output_dir:
+            check_writable(output_dir, f"--output-dir {args.output_dir}", "give a folder you can write to")
+        else:  # the runs' folder, which may be on a read-only share
+            check_writable(output_dir, "compare.md and compare.png", "give --output-dir a folder you can write to")
         rows = compare(args.dirs)
     text = table(rows)
     atomic_write_text(output_dir / "compare.md", f"# {len(rows)} runs below {', '.join(args.dirs)}\n\n{text}\n\n"

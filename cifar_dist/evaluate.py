@@ -43,6 +43,7 @@ from cifar_dist.runs import (
     check_image_size,
     check_output_dir,
     check_output_file,
+    check_writable,
     load_model,
     read_records,
     resolve_model,
@@ -414,8 +415,15 @@ def check_args(args, found: TrainedModel) -> Path:
         raise UserError(f"--output-dir {output_dir} is a file; give a folder for eval.json, eval.md and "
                         "confusion.png")
     check_output_dir(output_dir, found)
+    if args.output_dir:
+        check_writable(output_dir, f"--output-dir {args.output_dir}", "give a folder you can write to")
+    else:  # the run's own folder, which may be on a read-only share
+        check_writable(output_dir, "eval.json, eval.md and confusion.png",
+                       "give --output-dir a folder you can write to")
     if args.predictions:
         check_output_file("--predictions", args.predictions, found)
+        check_writable(Path(args.predictions).parent, f"--predictions {args.predictions}",
+                       "give a file in a folder you can write to")
         if Path(args.predictions).resolve() in {(output_dir / name).resolve() for name in EVAL_FILES}:
             raise UserError(f"--predictions {args.predictions} is where this evaluation writes its report; "
                             "give another file name")

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from cifar_dist.cli import exit_now, one_line_errors
 from cifar_dist.config import ModelConfig, UserError
-from cifar_dist.runs import check_image_size, check_output_file, load_model, resolve_model
+from cifar_dist.runs import check_image_size, check_output_file, check_writable, load_model, resolve_model
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 CIFAR_SIZE = 32
@@ -277,6 +277,7 @@ def run(args) -> int:
     paths = find_images(args.paths[1:])
     if args.output != "-":
         check_output_file("--output", args.output, found, paths)
+        check_writable(Path(args.output).parent, f"--output {args.output}", "give a file in a folder you can write to")
     if found.note:
         print(f"cifar_dist.predict: {found.note}", file=sys.stderr)
     names = class_names_for(found, args.data_source)

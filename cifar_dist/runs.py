@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,6 +163,18 @@ def check_output_dir(out: Path, found: TrainedModel) -> None:
     if run != found.run_dir.resolve():
         raise UserError(f"--output-dir {out} would replace the evaluation of another run ({run}); give a folder "
                         "of its own, or leave --output-dir out")
+
+
+def check_writable(folder: Path, what: str, advice: str) -> None:
+    """Refuse, before any work, an output folder this process cannot write into (a run on a read-only share or in
+    another user's folder); ``what`` names the output, ``advice`` how to choose another. Tried by writing a file there
+    (in the nearest existing folder above, for one still to be made): permission bits say nothing of a
+    read-only filesystem, nor to root."""
+    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    try:
+        tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test.").close()
+    except OSError as exc:
+        raise UserError(f"{what}: cannot write into {existing} ({exc.strerror}); {advice}") from None
 
 
 def load_config(path: Path) -> Config:

@@ -141,3 +141,17 @@ def test_a_run_that_a_live_process_holds_is_training_now(tmp_path, capsys):
         lock.release()
     main([str(tmp_path)])  # ended: its lock gone
     assert "| r | unfinished |" in capsys.readouterr().out
+
+
+def test_runs_in_a_folder_that_cannot_be_written_are_compared_into_another(tmp_path, capsys):
+    shared, mine = tmp_path / "shared", tmp_path / "mine"
+    (shared / "r").mkdir(parents=True)
+    mine.mkdir()
+    save_config(make_config(), shared / "r" / "config.yaml")
+    with conftest.read_only(shared):
+        line = refused(capsys, [str(shared)])
+        assert line.startswith(f"cifar_dist.compare: error: compare.md and compare.png: cannot write into {shared} (")
+        assert line.endswith("); give --output-dir a folder you can write to")
+        main([str(shared), "--output-dir", str(mine)])
+    assert "| r | unfinished |" in capsys.readouterr().out
+    assert sorted(p.name for p in mine.iterdir()) == ["compare.md", "compare.png"]

@@ -381,3 +381,24 @@ def test_outputs_over_a_runs_own_files_are_refused(model_files, tmp_path, capsys
     # An earlier call's predictions are written again: this call gets as far as the data.
     (tmp_path / "p.csv").write_text("index,label\n")
     assert "--data-source /nonexistent/data" in refused(capsys, [str(run), "--predictions", str(tmp_path / "p.csv")])
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_the_pass(model_files, tmp_path, capsys,
+                                                                             fresh_accelerate_state):
+    # A run on a read-only share was evaluated in full, then the report's write failed with a traceback.
+    import shutil
+
+    shared = tmp_path / "shared"
+    run = shared / "run"
+    shutil.copytree(model_files[0], run)
+    with conftest.read_only(shared):
+        line = refused(capsys, [str(run)])
+        assert line.startswith(f"cifar_dist.evaluate: error: eval.json, eval.md and confusion.png: cannot write into "
+                               f"{run} (") and line.endswith("); give --output-dir a folder you can write to")
+        assert f"--output-dir {shared / 'eval' / 'new'}: cannot write into {shared} (" in refused(
+            capsys, [str(run), "--output-dir", str(shared / "eval" / "new")])
+        assert f"--predictions {shared / 'p.csv'}: cannot write into {shared} (" in refused(
+            capsys, [str(run), "--output-dir", str(tmp_path), "--predictions", str(shared / "p.csv")])
+        # Given a folder it can write to, the read-only run is evaluated (here: up to its data).
+        assert "--data-source /nonexistent/data" in refused(capsys, [str(run), "--output-dir", str(tmp_path / "e")])
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "model.safetensors"]

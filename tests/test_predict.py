@@ -205,3 +205,14 @@ def test_outputs_over_inputs_or_the_runs_files_are_refused(run_dir, image, tmp_p
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
     assert (tmp_path / "out.csv").read_text().startswith("file,class_1,prob_1")
+
+
+def test_an_output_in_a_folder_that_cannot_be_written_is_refused_before_any_image_is_read(run_dir, image,
+                                                                                          tmp_path, capsys):
+    photo = save(Image.fromarray(image), tmp_path / "a0.png")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    with conftest.read_only(shared):
+        line = refused(capsys, [str(run_dir), str(photo), "--output", str(shared / "out.csv")])
+    assert line.startswith(f"cifar_dist.predict: error: --output {shared / 'out.csv'}: cannot write into {shared} (")
+    assert line.endswith("); give a file in a folder you can write to")
