@@ -55,6 +55,7 @@ from cifar_dist.runs import CONFIG_FILE, SWEEP_POINT_FILE, is_finished, load_con
 REPO = Path(__file__).resolve().parents[1]
 SET_BY_SWEEP = ("output_dir",)  # each point's output dir is ROOT/<point>
 EXIT_STOPPED = 75  # the trainer's graceful stop: the sweep stops too, to be continued by the same command
+EXIT_INTERRUPTED = 130  # Ctrl-C, as the trainer and shells report it
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,8 @@ def finished(point: Point, root: Path) -> bool:
 
 
 def run_all(points: list[Point], root: Path, launcher: list[str]) -> int:
-    """Train the points one after another; 0 if all finished, 75 if one was stopped by a signal, else 1."""
+    """Train the points one after another; 0 if all finished, 75 if one was stopped by a signal (130 by Ctrl-C),
+    else 1."""
     env = {**os.environ, "WANDB_RUN_GROUP": sweep_group(root)}
     failed = []
     for point in points:
@@ -187,11 +189,11 @@ def run_all(points: list[Point], root: Path, launcher: list[str]) -> int:
             print(f"sweep: point {point.index} {point.name}: finished already, skipped", flush=True)
             continue
         print(f"sweep: point {point.index} of {len(points)}: {point.name}", flush=True)
-        code = subprocess.run([*launcher, "-m", "cifar_dist.train", "--config", str(prepare(point, root))],
-                              env=env, check=False).returncode
-        if code in (EXIT_STOPPED, -2, -15):  # stopped (signal): stop the sweep too; rerun to continue
+        code, interrupted = train_point([*launcher, "-m", "cifar_dist.train", "--config", str(prepare(point, root))],
+                                        env)
+        if interrupted or code in (EXIT_STOPPED, EXIT_INTERRUPTED, -2, -15):  # stopped: the sweep too; rerun
             print(f"sweep: stopped at point {point.index}; run the same command to continue", file=sys.stderr)
-            return EXIT_STOPPED
+            return EXIT_INTERRUPTED if interrupted else EXIT_STOPPED
         if code:
             failed.append(point.name)
             print(f"sweep: point {point.index} {point.name} failed with exit code {code}", file=sys.stderr)
@@ -199,6 +201,19 @@ def run_all(points: list[Point], root: Path, launcher: list[str]) -> int:
           + (f"; failed: {', '.join(failed)}" if failed else "")
           + f"; compare with: python -m cifar_dist.compare {root}")
     return 1 if failed else 0
+
+
+def train_point(cmd: list[str], env: dict) -> tuple[int, bool]:
+    """(the trainer's exit code, whether Ctrl-C reached this process meanwhile). A terminal's Ctrl-C reaches the
+    trainer too (one process group), which then saves a checkpoint and stops, or stops at once on a second one:
+    this process waits for it through both. (subprocess.run, interrupted, would kill it before its checkpoint.)"""
+    proc = subprocess.Popen(cmd, env=env)
+    interrupted = False
+    while True:
+        try:
+            return proc.wait(), interrupted
+        except KeyboardInterrupt:
+            interrupted = True
 
 
 def sbatch_command(grid: str, root: Path, count: int, script: Path, sbatch_args: list[str]) -> list[str]:

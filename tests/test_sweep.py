@@ -2,8 +2,10 @@
 a 2-point sweep trained here, then in compare (the job array on SLURM: test_slurm_sweep.py)."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -166,3 +168,25 @@ def test_run_trains_every_point_then_skips_them(test_env, tmp_path):
     proc = sweep(test_env, write(tmp_path / "g.yaml", GRID.replace("num_epochs: 1", "num_epochs: 2")), "--run", root)
     assert proc.returncode == 0 and "finished already" not in proc.stdout, proc.stderr[-3000:]
     assert all([r["epoch"] for r in records(root / name)] == [1, 2] for name in rows)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_sweep_after_the_trainer_has_saved_its_checkpoint(test_env, tmp_path):
+    """A terminal's Ctrl-C reaches the sweep and its trainer (one process group): the trainer saves and stops,
+    and the sweep waits for that (it used to kill the trainer 0.25 s later, before any checkpoint)."""
+    grid = write(tmp_path / "g.yaml", GRID.replace("synthetic_train_samples: 256", "synthetic_train_samples: 1280"))
+    root, log = tmp_path / "sweep", tmp_path / "log"
+    proc = subprocess.Popen([sys.executable, "-m", "cifar_dist.sweep", grid, "--run", str(root)], env=test_env,
+                            cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    while "start-up: " not in log.read_text():  # the first point's trainer has begun its 40 steps
+        assert proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=300) == 130
+    out = log.read_text()
+    assert "Traceback" not in out and "cifar_dist.train: stopped by SIGINT at step " in out, out[-3000:]
+    assert out.rstrip().endswith("sweep: stopped at point 0; run the same command to continue")
+    point = root / "lr=0.0003"
+    assert [(c / "COMPLETE").exists() for c in (point / "checkpoints").iterdir()] == [True]
+    assert not (root / "lr=0.001").exists()  # the sweep stopped there
