@@ -155,6 +155,11 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _with_default(help: str, default) -> str:
+    """A setting's help with its default, unless the help says what its default is (``default: $WANDB_PROJECT``)."""
+    return help if "default:" in help else f"{help} (default: {default})"
+
+
 def build_parser(prog: str = "cifar_dist.train") -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog=prog,
@@ -170,7 +175,7 @@ def build_parser(prog: str = "cifar_dist.train") -> argparse.ArgumentParser:
             default = f.default
             if typ is bool:
                 group.add_argument(f"--{_flag(f.name)}", dest=f.name, action=argparse.BooleanOptionalAction,
-                                   help=f"{f.metadata['help']} (default: {default})")
+                                   help=_with_default(f.metadata["help"], default))
                 continue
             if _choices(cls, f.name) == ("auto", "yes", "no"):  # also the forms of a boolean flag (some were)
                 name = _flag(f.name)
@@ -186,7 +191,7 @@ def build_parser(prog: str = "cifar_dist.train") -> argparse.ArgumentParser:
                 type=_nullable(typ) if nullable else typ,
                 choices=_choices(cls, f.name),
                 metavar=None if _choices(cls, f.name) else typ.__name__.upper(),
-                help=f"{f.metadata['help']} (default: {default})",
+                help=_with_default(f.metadata["help"], default),
             )
     return parser
 

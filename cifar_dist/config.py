@@ -125,8 +125,8 @@ class TrainConfig(_Section):
     global_batch_size: int = _field(32, "images per optimizer step, summed over all processes", meaning=True)
     per_device_batch_size: int | None = _field(
         None,
-        "images per process per forward pass; default global batch / processes. Smaller values use "
-        "gradient accumulation to keep the global batch",
+        "images per process per forward pass; smaller values than global batch / processes use gradient "
+        "accumulation to keep the global batch (default: global batch / processes)",
     )
     eval_batch_size: int = _field(256, "images per process per evaluation forward pass")
     max_steps: int | None = _field(None, "stop after this many optimizer steps in total (debugging)")

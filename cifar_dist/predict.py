@@ -238,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
     parser.add_argument("--workers", type=int, help="decoding processes (default: 0 on the CPU, which the model "
                         "uses, else min(8, CPUs))")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the model runs: auto (the GPU when there is one, else the CPU), cpu, cuda "
+                        "(default: auto)")
     parser.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"),
                         help="on a GPU (default: the run's setting)")
     parser.add_argument("--image-size", type=int, help="must be the run's image size, which is the default")

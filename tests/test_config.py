@@ -295,6 +295,11 @@ def test_help_documents_every_setting():
                  "--lr", "--weights", "--freeze-until", "--seed", "--output-dir", "--max-train-samples",
                  "--max-eval-samples", "--max-steps", "--tracker", "--config", "--mixed-precision"):
         assert flag in text
+    # Each default said once: a help that gives its own is not followed by the field's value ("(default: None)").
+    words = " ".join(text.split())
+    assert "W&B project (default: $WANDB_PROJECT, else cifar_dist) --wandb-entity" in words
+    assert "(default: global batch / processes) --eval-batch-size" in words
+    assert "Adam learning rate (Keras default) (default: 0.001)" in words
 
 
 def test_make_config_rejects_unknown_names():
