@@ -24,6 +24,7 @@ from cifar_dist.speed import FastPath, adam_implementation, cudnn_autotuning, de
 
 # The seed notebook's reported table (Keras, one GPU): epoch -> (train acc, val acc, train loss, val loss).
 SEED_RESULTS = {1: (0.498, 0.691, 1.92, 1.02), 5: (0.942, 0.728, 0.17, 1.40), 10: (0.980, 0.749, 0.06, 1.52)}
+CIFAR100_SIZES = (50_000, 10_000)  # training and test images: the data the notebook's figures are for
 RUN_ID_FILE = "wandb_run_id"
 TENSORBOARD_DIR = "tensorboard"  # --tracker tensorboard logs into <output-dir>/tensorboard/<project>/
 _PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}
@@ -290,11 +291,12 @@ class RunLog:
                                                                                   self.seed_reference))
 
 
-def compares_to_seed(cfg: Config) -> bool:
-    """Whether the notebook's figures are a fair reference: all of real CIFAR-100, from ImageNet weights."""
+def compares_to_seed(cfg: Config, num_train: int, num_test: int) -> bool:
+    """Whether the notebook's figures are a fair reference: all of real CIFAR-100, from ImageNet weights. The
+    split sizes tell a local folder of a part of it (or of other images) from the whole."""
     return (cfg.data.data_source != "synthetic" and cfg.model.weights.startswith("IMAGENET1K")
             and cfg.model.num_classes == 100 and cfg.data.max_train_samples is None
-            and cfg.data.max_eval_samples is None)
+            and cfg.data.max_eval_samples is None and (num_train, num_test) == CIFAR100_SIZES)
 
 
 def plot_title(cfg: Config, output_dir: Path) -> str:

@@ -464,7 +464,7 @@ def announce(cfg: Config, plan: BatchPlan, accelerator: Accelerator, claim: Clai
         accelerator.print(f"resuming from {claim.resume_from} (epoch {position['epoch']}, step {position['step']})"
                           + moved_inputs(claim.resume_from, cfg))
     run_log = RunLog(accelerator, claim.output_dir, header, position["records"], plot_title(cfg, claim.output_dir),
-                     compares_to_seed(cfg))
+                     compares_to_seed(cfg, len(splits.train), len(splits.test)))
     run_log.start(cfg.tracking, {**cfg.to_dict(),
                                  "run": run_facts(plan, accelerator, counts, parts.fast, parts.optimizer)})
     return run_log

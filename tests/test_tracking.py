@@ -172,11 +172,15 @@ def test_the_seed_is_shown_only_beside_the_recipe(tmp_path):
     from cifar_dist.cli import parse_config
     from cifar_dist.tracking import compares_to_seed, plot_title, render_results
 
-    assert compares_to_seed(parse_config([]))
+    whole = (50_000, 10_000)
+    assert compares_to_seed(parse_config([]), *whole)
     synthetic = parse_config(["--data-source", "synthetic", "--run-name", "smoke"])
-    assert not compares_to_seed(synthetic) and not compares_to_seed(parse_config(["--weights", "none"]))
+    assert not compares_to_seed(synthetic, *whole) and not compares_to_seed(parse_config(["--weights", "none"]), *whole)
     for subset in ("--max-train-samples", "--max-eval-samples"):  # a part of the data: not the notebook's figures
-        assert not compares_to_seed(parse_config([subset, "5000"]))
+        assert not compares_to_seed(parse_config([subset, "5000"]), *whole)
+    # Nor a local folder holding a part of it (or other images): its sizes tell.
+    local = parse_config(["--data-source", "/data/cifar-part"])
+    assert compares_to_seed(local, *whole) and not compares_to_seed(local, 128, 64)
     assert plot_title(synthetic, tmp_path).startswith("smoke: synthetic, weights IMAGENET1K_V1, 224 px")
     record = {"epoch": 1, "step": 8, "train_loss": 2.0, "val_loss": 1.5, "train_acc": 0.4, "val_acc": 0.5,
               "val_top5": 0.9, "val_num_samples": 100}
