@@ -115,9 +115,14 @@ def check_compatible(path: Path, cfg: Config,
     content (check_same_weights)."""
     state = read_state(path)
     saved, current = flat_settings(state["config"]), cfg.flat()
+    # Generated data cannot have moved, and its settings are no one else's: from or to synthetic, the source
+    # itself is the difference to name.
+    synthetic = "synthetic" in (saved.get("data_source"), current["data_source"])
     for key in meaning_keys():
-        if key == "data_source" and "data_fingerprint" in state:
+        if key == "data_source" and "data_fingerprint" in state and not synthetic:
             continue  # compared by content once the data has loaded (check_same_data): the data may have moved
+        if key.startswith("synthetic_") and not synthetic:
+            continue
         was = saved.get(key, LEGACY_VALUES.get(key))
         if was == current[key]:
             continue  # (a --weights file named as before is not read: a resume does not load it, build_model)

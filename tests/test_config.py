@@ -425,6 +425,31 @@ def test_weights_are_hashed_only_when_they_are_a_file(tmp_path, weights_file):
     assert weights_sha256("IMAGENET1K_V1") is None and weights_sha256("none") is None
 
 
+def test_a_resume_from_or_to_generated_data_names_the_data_source_and_elsewhere_ignores_its_settings(tmp_path):
+    """A run on synthetic data resumed on a folder was refused as made with another --synthetic-train-samples."""
+    import json
+
+    from cifar_dist.checkpoint import STATE_FILE, check_compatible
+
+    def made_with(*flags):
+        (tmp_path / STATE_FILE).write_text(json.dumps({"config": parse_config(list(flags)).to_dict(),
+                                                       "data_fingerprint": "abc"}))
+
+    made_with("--data-source", "synthetic", "--synthetic-train-samples", "128")
+    folder = ["--data-source", "/data/cifar"]
+    for flags in (folder, [*folder, "--synthetic-train-samples", "128"]):
+        with pytest.raises(UserError, match="was made with --data-source synthetic, this run has /data/cifar; "):
+            check_compatible(tmp_path, parse_config(flags))
+    with pytest.raises(UserError, match="was made with --synthetic-train-samples 128, this run has 5000"):
+        check_compatible(tmp_path, parse_config(["--data-source", "synthetic"]))
+    made_with("--data-source", "/data/cifar")
+    with pytest.raises(UserError, match="was made with --data-source /data/cifar, this run has synthetic"):
+        check_compatible(tmp_path, parse_config(["--data-source", "synthetic"]))
+    # A setting of generated data does not change what a run on a folder computes; the folder's content is
+    # compared once loaded (check_same_data).
+    check_compatible(tmp_path, parse_config(["--data-source", "/moved/cifar", "--synthetic-train-samples", "64"]))
+
+
 def test_the_settings_a_resume_must_keep_are_marked_on_the_fields():
     from cifar_dist.config import meaning_keys
 
