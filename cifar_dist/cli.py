@@ -111,17 +111,19 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _load_yaml(path: Path, shown: str):
-    text = read_yaml_text(path, f"--config {shown}")
+def load_yaml_file(path: Path, shown: str):
+    """The data of a YAML file of settings (a --config file, a sweep grid), read strictly; ``shown`` names the
+    file in the one-line error for a file that is not UTF-8, not YAML, or gives a key twice."""
+    text = read_yaml_text(path, shown)
     try:
         return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: builds plain data only
     except UserError as exc:
-        raise UserError(f"--config {shown}: {exc}") from None
+        raise UserError(f"{shown}: {exc}") from None
     except yaml.MarkedYAMLError as exc:
         where = f" on line {exc.problem_mark.line + 1}" if exc.problem_mark else ""
-        raise UserError(f"--config {shown}: not valid YAML ({exc.problem or exc.context}{where})") from None
+        raise UserError(f"{shown}: not valid YAML ({exc.problem or exc.context}{where})") from None
     except yaml.YAMLError as exc:
-        raise UserError(f"--config {shown}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{shown}: not valid YAML ({str(exc).splitlines()[0]})") from None
 
 
 @contextlib.contextmanager
@@ -215,6 +217,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
             raise UserError(f"--config {config_path} is a folder; give the YAML file of settings")
         if not path.is_file():
             raise UserError(f"--config {config_path}: no such file")
-        values.update(_flatten_yaml(_load_yaml(path, config_path), f"--config {config_path}"))
+        shown = f"--config {config_path}"
+        values.update(_flatten_yaml(load_yaml_file(path, shown), shown))
     values.update(args)
     return make_config(**values)

@@ -16,10 +16,11 @@ and are named after their values, e.g. ``lr=0.0003,freeze_until=layer3``:
     lr: [3.0e-4, 1.0e-3]          # "3e-4" (YAML reads it as a string) is accepted too
     freeze_until: [layer3, layer4]
 
-Every point is a complete, validated config before anything trains or is submitted: an unknown key or a bad
-value stops with one line naming it. Each point trains into ROOT/<point> with ``run_name`` the point's name and
-one W&B group for the sweep (``WANDB_RUN_GROUP``, default: ROOT's folder name). A point keeps the trainer's
-resume: run the same command (or let SLURM requeue the task) and it continues; finished points are skipped.
+Every point is a complete, validated config before anything trains or is submitted: an unknown key, a key
+given twice (as in a ``--config`` file) or a bad value stops with one line naming it. Each point trains into
+ROOT/<point> with ``run_name`` the point's name and one W&B group for the sweep (``WANDB_RUN_GROUP``, default:
+ROOT's folder name). A point keeps the trainer's resume: run the same command (or let SLURM requeue the task)
+and it continues; finished points are skipped.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import yaml
 
-from cifar_dist.cli import OneLineParser, one_line_errors
+from cifar_dist.cli import OneLineParser, load_yaml_file, one_line_errors
 from cifar_dist.config import (
     _OWNER,
     _SECTION_TYPES,
@@ -47,7 +48,6 @@ from cifar_dist.config import (
     _coerce,
     make_config,
     meaning_keys,
-    read_yaml_text,
 )
 from cifar_dist.config import save_config as write_config
 from cifar_dist.runs import CONFIG_FILE, SWEEP_POINT_FILE, is_finished, load_config, read_records
@@ -76,13 +76,8 @@ def read_grid(path: str) -> list[Point]:
         raise UserError(f"{path} is a folder; give the grid's YAML file")
     if not file.is_file():
         raise UserError(f"{path}: no such grid file")
-    text = read_yaml_text(file, path)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     fixed, axes = {}, {}
-    for key, value in _flatten(data, path).items():
+    for key, value in _flatten(load_yaml_file(file, path), path).items():  # as strictly as a --config file
         if key in SET_BY_SWEEP:
             raise UserError(f"{path}: {key} is set by the sweep (ROOT/<point>); remove it from the grid")
         if key == "stop_marker":  # never written to a point's config: it would be shown, then dropped
