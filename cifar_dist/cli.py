@@ -67,9 +67,9 @@ def _flatten_yaml(data, path: str) -> dict:
             for sub_key, sub_value in value.items():
                 if _OWNER.get(sub_key) != key:
                     raise _unknown_key(sub_key, path, section=key)
-                flat[sub_key] = sub_value
+                set_once(flat, sub_key, sub_value, path)
         elif key in _OWNER:
-            flat[key] = value
+            set_once(flat, key, value, path)
         else:
             raise _unknown_key(key, path)
     if "overwrite" in flat:
@@ -78,6 +78,14 @@ def _flatten_yaml(data, path: str) -> dict:
         print(f"cifar_dist: warning: {path}: ignoring 'stop_marker' (a job script passes its own on the command "
               "line)", file=sys.stderr)
     return {name: _coerce(name, value, path) for name, value in flat.items()}
+
+
+def set_once(flat: dict, key: str, value, path: str) -> None:
+    """``flat[key] = value`` for a setting read from a file, which may give it flat or under its section but not
+    both: that is a key given twice, of which the last would silently win."""
+    if key in flat:
+        raise UserError(f"{path}: {key} is given twice, flat and under {_OWNER[key]}; keep one")
+    flat[key] = value
 
 
 def _drop_overwrite(value, path: str) -> None:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import yaml
 
-from cifar_dist.cli import OneLineParser, load_yaml_file, one_line_errors
+from cifar_dist.cli import OneLineParser, load_yaml_file, one_line_errors, set_once
 from cifar_dist.config import (
     _OWNER,
     _SECTION_TYPES,
@@ -114,9 +114,9 @@ def _flatten(data, path: str) -> dict:
             for sub_key, sub_value in value.items():
                 if _OWNER.get(sub_key) != key:
                     raise UserError(f"{path}: unknown key {key}.{sub_key} (see cifar_dist.train --help)")
-                flat[sub_key] = sub_value
+                set_once(flat, sub_key, sub_value, path)
         elif key in _OWNER:
-            flat[key] = value
+            set_once(flat, key, value, path)
         else:
             raise UserError(f"{path}: unknown key {key!r} (see cifar_dist.train --help for the settings)")
     if flat.pop("overwrite", False) is not False:  # as in --config files; false is the default anyway

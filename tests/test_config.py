@@ -190,6 +190,9 @@ def test_every_float_setting_is_checked_for_finite_values():
     ("lr: 0.1\nnum_epochs: 2\nlr: 0.2\n", "duplicate key 'lr' on line 3 (first on line 1); keep one"),
     ("train:\n  seed: 1\n  seed: 2\n", "duplicate key 'seed' on line 3 (first on line 2); keep one"),
     ("train: {}\ntrain: {}\n", "duplicate key 'train' on line 2 (first on line 1); keep one"),
+    # The same setting flat and under its section, either way round: the second silently won.
+    ("lr: 0.1\noptim: {lr: 0.2}\n", "lr is given twice, flat and under optim; keep one"),
+    ("train: {seed: 1}\nseed: 2\n", "seed is given twice, flat and under train; keep one"),
 ])
 def test_duplicate_yaml_keys_are_refused_with_their_line(tmp_path, text, message):
     assert refused_file(tmp_path, text) == message

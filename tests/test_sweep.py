@@ -97,6 +97,7 @@ def test_list_show_and_prepare(tmp_path, capsys):
     # As in a --config file: the last of the two lists silently made the grid.
     ("optim:\n  lr: [1e-3, 3e-4]\n  lr: [1e-2]\n", "g.yaml: duplicate key 'lr' on line 3 (first on line 2); keep one"),
     ("num_epochs: [1, 2]\nnum_epochs: 3\n", "g.yaml: duplicate key 'num_epochs' on line 2 (first on line 1); keep one"),
+    ("lr: [1e-3]\noptim: {lr: [3e-4]}\n", "g.yaml: lr is given twice, flat and under optim; keep one"),
     ("overwrite: true\nlr: [1e-3, 3e-4]\n", "overwrite is not read from a grid"),
     ("overwrite: [false, true]\n", "overwrite is not read from a grid"),
     ("stop_marker: /tmp/stopped\n", "stop_marker is not read from a grid"),
