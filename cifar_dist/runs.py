@@ -98,8 +98,7 @@ def _check_not_replaced(run_dir: Path, path: str) -> None:
 
 def _with_config(weights: Path, run_dir: Path, checkpoint: str | None, config_path: str | None,
                  checkpoint_dir: Path | None = None) -> TrainedModel:
-    if config_path is not None:
-        _check_no_own_config(weights, run_dir, config_path, checkpoint_dir)
+    if config_path is not None and not _names_own_config(weights, run_dir, config_path, checkpoint_dir):
         return TrainedModel(weights, load_config(Path(config_path)), config_path, run_dir, checkpoint)
     if checkpoint_dir is not None:  # the checkpoint's own record of the run's config
         source = str(checkpoint_dir / STATE_FILE)
@@ -113,13 +112,18 @@ def _with_config(weights: Path, run_dir: Path, checkpoint: str | None, config_pa
     return TrainedModel(weights, load_config(config), str(config), run_dir, checkpoint)
 
 
-def _check_no_own_config(weights: Path, run_dir: Path, config_path: str, checkpoint_dir: Path | None) -> None:
-    """--config is for weights without a config: over the run's own it would give another model's image size
-    and data, and evaluate would write those figures over the run's own eval.json."""
+def _names_own_config(weights: Path, run_dir: Path, config_path: str, checkpoint_dir: Path | None) -> bool:
+    """Whether --config names the weights' own config (a run's config.yaml, a checkpoint's state file), which
+    changes nothing and is read as it is without --config; False for weights without a config. --config is for
+    those alone: over a run's own it would give another model's image size and data, and evaluate would write
+    those figures over the run's own eval.json, so any other file is refused."""
     own = checkpoint_dir / STATE_FILE if checkpoint_dir is not None else run_dir / CONFIG_FILE
-    if own.is_file() and own.resolve() != Path(config_path).resolve():  # naming its own config changes nothing
+    if not own.is_file():
+        return False
+    if own.resolve() != Path(config_path).resolve():
         raise UserError(f"--config {config_path}: {weights} has its own config ({own}), which is the one it was "
                         "trained with; drop --config (--data-source selects other data)")
+    return True
 
 
 def run_file(path: Path) -> tuple[Path, tuple[str, ...]] | None:

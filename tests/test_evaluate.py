@@ -333,6 +333,30 @@ def test_config_over_the_runs_own_is_refused(model_files, tmp_path, capsys):
     assert resolve_model(str(run / "model.safetensors"), str(run / "config.yaml")).config.data.image_size == 32
 
 
+@pytest.mark.slow  # reuses run_1proc's training
+def test_config_over_a_checkpoints_own_is_refused_and_its_own_is_taken(run_1proc, tmp_path, capsys,
+                                                                      fresh_accelerate_state):
+    # A checkpoint's config is the one in its state file; any other file (the run's config.yaml among them: it
+    # describes the run's last launch) would evaluate another model. Naming the state file itself was read as a
+    # config file and failed on its other keys.
+    checkpoint = run_1proc / "checkpoints" / "step-00000008"
+    own = checkpoint / "trainer_state.json"
+    other = tmp_path / "other.yaml"
+    save_config(make_config(data_source="synthetic", image_size=64, weights="none"), other)
+    before = conftest.tree_digest(run_1proc)
+    for config in (other, run_1proc / "config.yaml"):
+        assert refused(capsys, [str(checkpoint), "--config", str(config)]) == (
+            f"cifar_dist.evaluate: error: --config {config}: {checkpoint / 'model.safetensors'} has its own config "
+            f"({own}), which is the one it was trained with; drop --config (--data-source selects other data)")
+    # Its own settings are taken, named or not: the trainer's own figures for the epoch the checkpoint ends.
+    for name, extra in (("plain", []), ("named", ["--config", str(own)])):
+        main([str(checkpoint), *extra, "--output-dir", str(tmp_path / name), "--no-wandb"])
+        report = json.loads((tmp_path / name / "eval.json").read_text())
+        assert report["model"] == f"step-00000008 of {run_1proc}" and report["num_samples"] == 100
+        assert report["trainer_last_epoch"]["epoch"] == 1 and report["trainer_last_epoch"]["same"], report
+    assert conftest.tree_digest(run_1proc) == before
+
+
 def test_a_run_replaced_by_a_stopped_overwrite_start_says_where_it_is(model_files, tmp_path, capsys):
     # A start with --overwrite killed before its first checkpoint: the run waits in .previous-run/ for the next
     # start to put it back. The tools said the run had no model; they say where it is, and change nothing.
