@@ -6,11 +6,12 @@
 Finds every run below the given folders (a folder with a config.yaml, or a sweep point not started yet), and
 writes compare.md (to the first folder, or ``--output-dir``), also printed: one row per run, sorted by best
 validation top-1, with the settings that differ between the runs, final and best val top-1 and top-5, epochs
-done, total time (the epochs' training + eval time as metrics.jsonl records it, without start-up), the median
-of the epochs' training images/s, device and processes. A run that has not reached its planned end is
-"unfinished" ("training now", with its process, while a live run holds its lock); one that continued from a
-checkpoint says "resumed"; one an --overwrite start has moved into .previous-run/ (until the next start puts it
-back) says so. compare.png overlays the runs' validation top-1 and loss per epoch.
+done (the last marked partial where --max-steps ended it early), total time (the epochs' training + eval time as
+metrics.jsonl records it, without start-up), the median of the epochs' training images/s, device and processes.
+A run that has not reached its planned end is "unfinished" ("training now", with its process, while a live run
+holds its lock); one that continued from a checkpoint says "resumed"; one an --overwrite start has moved into
+.previous-run/ (until the next start puts it back) says so. compare.png overlays the runs' validation top-1 and
+loss per epoch.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from cifar_dist.runs import (
     resumed_segments,
     run_facts,
 )
+from cifar_dist.tracking import partial_note
 
 # Settings that say where a run writes or how it reports, not what it computes: never a "difference".
 NOT_SETTINGS = {"output_dir", "resume", "overwrite", "stop_marker", "run_name", "log_every_steps",
@@ -128,7 +130,7 @@ def table(rows: list[RunRow]) -> str:
         cells = [row.name, *(_value(row.settings.get(k, "")) for k in keys), row.status]
         if row.records:
             last, best = row.records[-1], row.best
-            epochs = f"{last['epoch']}/{row.settings['num_epochs']}"
+            epochs = f"{last['epoch']}/{row.settings['num_epochs']}{partial_note(last)}"
             cells += [_pct(last["val_acc"]), f"{_pct(best['val_acc'])} ({best['epoch']})", _pct(last["val_top5"]),
                       _pct(max(r["val_top5"] for r in row.records)), epochs,
                       _duration(sum(r.get("epoch_time_s", 0) for r in row.records)),

@@ -255,7 +255,8 @@ class RunLog:
         self._write()
         names = {"train_loss": "epoch/train_loss", "train_acc": "epoch/train_acc", "epoch_time_s": "epoch/time_s",
                  "train_time_s": "epoch/train_time_s", "eval_time_s": "epoch/eval_time_s",
-                 "train_images_per_s": "epoch/train_images_per_s", "checkpoint_time_s": "epoch/checkpoint_time_s"}
+                 "train_images_per_s": "epoch/train_images_per_s", "checkpoint_time_s": "epoch/checkpoint_time_s",
+                 "partial": "epoch/partial", "steps_in_epoch": "epoch/steps_in_epoch"}
         # A launch's start-up split (a dict, in its first epoch's record) reaches the tracker in the summary.
         self.accelerator.log({names.get(k, k.replace("_", "/", 1)): v for k, v in record.items()
                               if not isinstance(v, dict)}, step=step)
@@ -313,8 +314,8 @@ def render_results(header: str, records: list[dict], summary: dict | None = None
             + ("--------------|" if seed_reference else "")]
     for r in records:
         seed = SEED_RESULTS.get(r["epoch"])
-        row = (f"| {r['epoch']} | {100 * r['train_acc']:.1f}% | {100 * r['val_acc']:.1f}% | {r['train_loss']:.2f} "
-               f"| {r['val_loss']:.2f} |")
+        row = (f"| {r['epoch']}{partial_note(r)} | {100 * r['train_acc']:.1f}% | {100 * r['val_acc']:.1f}% "
+               f"| {r['train_loss']:.2f} | {r['val_loss']:.2f} |")
         rows.append(row + (f" {f'{100 * seed[1]:.1f}%' if seed else ''} |" if seed_reference else ""))
     last = records[-1]
     text = (f"{header}\n\n" + "\n".join(rows) + "\n\n"
@@ -326,6 +327,12 @@ def render_results(header: str, records: list[dict], summary: dict | None = None
     if run_url:
         text += f"\nW&B run: {run_url}\n"
     return text + "\n![curves](curves.png)\n"
+
+
+def partial_note(record: dict) -> str:
+    """" (partial, 5 steps)" for an epoch that --max-steps ended early, whose training loss and accuracy cover
+    those steps only; "" for a whole one (and for records older than the mark)."""
+    return f" (partial, {record['steps_in_epoch']} steps)" if record.get("partial") else ""
 
 
 def _launches(records: list[dict]) -> str:

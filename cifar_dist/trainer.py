@@ -55,6 +55,7 @@ from cifar_dist.tracking import (
     RunLog,
     compares_to_seed,
     describe_run,
+    partial_note,
     plot_title,
     run_facts,
     sample_predictions,
@@ -522,6 +523,8 @@ def train_one_epoch(r: Run, epoch: int, stop: StopSignals) -> None:
     record = end_of_epoch_record(r, epoch, totals, train_time, (done - first_done) * plan.global_batch_size)
     record["epoch_time_s"] = round(time.perf_counter() - epoch_start, 3)
     record["checkpoint_time_s"] = round(saving_s, 3)  # the mid-epoch saves; the end-of-epoch one follows
+    if done < r.steps_per_epoch:  # --max-steps ended the run here: the training figures cover these steps only
+        record.update(partial=True, steps_in_epoch=done)  # (a run that completes the epoch replaces the record)
     log_epoch(r, record, (train_time + saving_s) / max(done - first_done, 1))
     path = save(r, epoch + 1, 0, None) if done == r.steps_per_epoch else save(r, epoch, done, totals)
     if stopping:
@@ -557,8 +560,8 @@ def log_epoch(r: Run, record: dict, seconds_per_step: float) -> None:
         record["startup_s"] = r.startup.figures()
     r.run_log.log_epoch(record, step=r.step)
     r.accelerator.print(
-        f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} acc {100 * record['train_acc']:.2f}% | "
-        f"val loss {record['val_loss']:.4f} acc {100 * record['val_acc']:.2f}% top5 "
+        f"epoch {record['epoch']}{partial_note(record)}: train loss {record['train_loss']:.4f} acc "
+        f"{100 * record['train_acc']:.2f}% | val loss {record['val_loss']:.4f} acc {100 * record['val_acc']:.2f}% top5 "
         f"{100 * record['val_top5']:.2f}% | {record['train_images_per_s']:.0f} img/s"
         + eta(r, seconds_per_step, record["eval_time_s"]))
 

@@ -86,6 +86,18 @@ def test_table_sorts_by_best_and_shows_only_differences():
     assert "| b | 0.0003 | unfinished | 30.00% | 50.00% (1) | 40.00% | 60.00% | 2/10 | 4.0 s | 150 |" in lines[2]
 
 
+def test_a_last_epoch_cut_short_by_max_steps_says_so():
+    # Its training figures cover 5 of the epoch's steps: "2/10" alone read as two whole epochs. The records of
+    # older runs, without the mark, are read as whole epochs.
+    base = {k: v for s in make_config().to_dict().values() for k, v in s.items()}
+    runs = [RunRow(Path("a"), "a", base, [record(1, 0.2), record(2, 0.4, partial=True, steps_in_epoch=5)],
+                   "unfinished"),
+            RunRow(Path("b"), "b", base, [record(1, 0.5)], "unfinished")]
+    lines = table(runs).splitlines()
+    assert "| 40.00% | 40.00% (2) | 50.00% | 50.00% | 2/10 (partial, 5 steps) | 4.0 s | 150 |" in lines[3]
+    assert "| 1/10 | 2.0 s | 100 |" in lines[2]
+
+
 def refused(capsys, argv) -> str:
     return conftest.refused(capsys, main, argv)
 

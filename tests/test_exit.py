@@ -67,7 +67,7 @@ def test_the_console_script_trains_and_exits_this_way(test_env, tmp_path):
     proc = subprocess.run([str(script), *TINY, "--num-epochs", "1", "--max-steps", "2", "--output-dir", str(out)],
                           env=test_env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "epoch 1: train loss" in proc.stdout  # printed, and flushed before the exit
+    assert "epoch 1 (partial, 2 steps): train loss" in proc.stdout  # printed, and flushed before the exit
     assert (out / "model.safetensors").is_file() and (out / "results.md").is_file()
 
 

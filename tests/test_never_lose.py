@@ -185,10 +185,18 @@ def test_resume_on_another_layout_trains_exactly_the_remaining_images(test_env, 
     common, procs_before, after, procs_after = LAYOUTS[layout]
     out = tmp_path / "out"
     args = [*LAYOUT_RUN, *common, "--output-dir", str(out)]
-    run_train(test_env, [*args, "--max-steps", "5"], num_processes=procs_before, script=FLOAT64)
+    cut = run_train(test_env, [*args, "--max-steps", "5"], num_processes=procs_before, script=FLOAT64)
+    # Epoch 1's record covers its first 5 steps of 8, and says so wherever it is shown.
+    (first,) = records(out)
+    assert (first["epoch"], first["step"], first["partial"], first["steps_in_epoch"]) == (1, 5, True, 5)
+    assert "\nepoch 1 (partial, 5 steps): train loss " in cut.stdout
+    assert "\n| 1 (partial, 5 steps) | " in (out / "results.md").read_text()
     resumed = run_train(test_env, [*args, *after], num_processes=procs_after, script=FLOAT64)
     assert "(epoch 1, step 5)" in resumed.stdout
     assert [(r["epoch"], r["step"]) for r in records(out)] == [(1, 8), (2, 16)]
+    # The run that completed epoch 1 replaced its record with a whole one.
+    assert [r.get("partial") for r in records(out)] == [None, None]
+    assert "(partial" not in (out / "results.md").read_text()
     reference = uninterrupted / ("fc" if common else "layer4")
     prefixes = ("fc.",) if common else ("layer4.", "fc.")
     assert conftest.update_difference(reference, out, initial_weights, prefixes) < 1e-9

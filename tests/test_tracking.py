@@ -64,6 +64,7 @@ def test_one_offline_run_holds_the_epoch_metrics_and_config(two_process_wandb_ru
     rows = history(run_log(runs[0]))
     logged = [(row["epoch"], row["val/acc"], row["val/top5"]) for row in rows if "val/acc" in row]
     assert logged == [(r["epoch"], r["val_acc"], r["val_top5"]) for r in records(out)]
+    assert "epoch/partial" not in {k for row in rows for k in row}  # whole epochs
     steps = [row["train/loss"] for row in rows if "train/loss" in row]
     assert len(steps) == 16 // 2  # --log-every-steps 2 over 16 steps
     cfg = config(run_log(runs[0]))
@@ -194,6 +195,21 @@ def test_the_seed_is_shown_only_beside_the_recipe(tmp_path):
             in render_results("# run", resumed, summary))
     a, b = plot_curves([record], "a", seed_reference=True), plot_curves([record], "a", seed_reference=False)
     assert a != b
+
+
+def test_results_mark_an_epoch_cut_short_by_max_steps():
+    # Its training loss and accuracy cover the steps trained; the row read as a whole epoch's. An older run's
+    # records, without the mark, are whole epochs.
+    from cifar_dist.tracking import render_results
+
+    old = {"epoch": 1, "step": 8, "train_loss": 2.0, "val_loss": 1.5, "train_acc": 0.4, "val_acc": 0.5,
+           "val_top5": 0.9, "val_num_samples": 100}
+    partial = {**old, "epoch": 2, "step": 13, "partial": True, "steps_in_epoch": 5}
+    rows = render_results("# run", [old, partial], seed_reference=False).splitlines()
+    assert "| 1 | 40.0% | 50.0% | 2.00 | 1.50 |" in rows
+    assert "| 2 (partial, 5 steps) | 40.0% | 50.0% | 2.00 | 1.50 |" in rows
+    whole = {k: v for k, v in partial.items() if k not in ("partial", "steps_in_epoch")}
+    assert "| 2 | 40.0% | 50.0% | 2.00 | 1.50 |" in render_results("# run", [old, whole], seed_reference=False)
 
 
 def test_sample_predictions_are_one_pass_without_cudnn_autotuning(monkeypatch):
@@ -461,6 +477,8 @@ def test_tensorboard_logs_every_epoch_and_a_replaced_run_takes_its_logs_along(te
     # --overwrite moves the old run's logs aside with the rest of it, and they go once the new run has a checkpoint.
     run_train(env, [*TINY, "--max-steps", "1", "--tracker", "tensorboard", "--output-dir", str(out), "--overwrite"])
     assert [s for s, _ in logged("val/acc")] == [1]
+    # That epoch ended after 1 of its 8 steps: marked, as in metrics.jsonl.
+    assert logged("epoch/partial") == logged("epoch/steps_in_epoch") == [(1, 1)]
 
 
 @pytest.mark.parametrize("freeze_until, said", [("layer4", "frozen before layer4; "), ("none", "nothing frozen; ")])

@@ -30,8 +30,9 @@ def test_run_writes_every_output(one_process_run):
     assert cfg.train.max_steps == 10 and cfg.data.data_source == "synthetic"
 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    # 256 images / 32 = 8 steps per epoch; --max-steps 10 ends in epoch 2.
-    assert [(r["epoch"], r["step"]) for r in records] == [(1, 8), (2, 10)]
+    # 256 images / 32 = 8 steps per epoch; --max-steps 10 ends in epoch 2, after 2 of its steps.
+    assert [(r["epoch"], r["step"], r.get("partial"), r.get("steps_in_epoch")) for r in records] == [
+        (1, 8, None, None), (2, 10, True, 2)]
     for r in records:
         assert {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "epoch_time_s",
                 "train_images_per_s"} <= set(r)
@@ -64,7 +65,8 @@ def test_run_writes_every_output(one_process_run):
 
     results = (out / "results.md").read_text()
     assert "| Epoch | Training Accuracy | Validation Accuracy | Training Loss | Validation Loss |" in results
-    assert f"| 2 | {100 * records[1]['train_acc']:.1f}% | {100 * records[1]['val_acc']:.1f}% |" in results
+    assert (f"| 2 (partial, 2 steps) | {100 * records[1]['train_acc']:.1f}% | {100 * records[1]['val_acc']:.1f}% |"
+            in results)
 
     # Parameter counts are announced at start (the seed's Keras count differs by its conv biases).
     assert "25,708,708 total, 17,165,412 trainable, 8,543,296 frozen" in proc.stdout
