@@ -362,6 +362,12 @@ class BatchPlan:
     num_processes: int
     grad_accum_steps: int
 
+    def layout(self) -> dict:
+        """The launch's split of the batch, as its tracker config and the record of each epoch it ends give it: a
+        run resumed under another number of processes or per-device batch changes it from there on."""
+        return {"num_processes": self.num_processes, "per_device_batch_size": self.per_device_batch_size,
+                "grad_accum_steps": self.grad_accum_steps}
+
 
 def plan_batches(cfg: TrainConfig, num_processes: int) -> BatchPlan:
     """Derive the per-process batch and accumulation that keep ``cfg.global_batch_size`` fixed."""

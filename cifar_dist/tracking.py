@@ -256,7 +256,8 @@ class RunLog:
         names = {"train_loss": "epoch/train_loss", "train_acc": "epoch/train_acc", "epoch_time_s": "epoch/time_s",
                  "train_time_s": "epoch/train_time_s", "eval_time_s": "epoch/eval_time_s",
                  "train_images_per_s": "epoch/train_images_per_s", "checkpoint_time_s": "epoch/checkpoint_time_s",
-                 "partial": "epoch/partial", "steps_in_epoch": "epoch/steps_in_epoch"}
+                 **{k: f"epoch/{k}" for k in ("partial", "steps_in_epoch", "num_processes", "per_device_batch_size",
+                                              "grad_accum_steps")}}
         # A launch's start-up split (a dict, in its first epoch's record) reaches the tracker in the summary.
         self.accelerator.log({names.get(k, k.replace("_", "/", 1)): v for k, v in record.items()
                               if not isinstance(v, dict)}, step=step)
@@ -397,8 +398,7 @@ def sample_predictions(model, splits, accelerator, num_images: int = 16) -> list
 def run_facts(plan: BatchPlan, accelerator, counts: dict, fast: FastPath, optimizer) -> dict:
     """What the tracker's config records beside the settings: topology, precision, the step as it runs (what
     was compiled, graph breaks, CUDA-graph skips, Adam's implementation), hardware, provenance."""
-    return {"num_processes": plan.num_processes, "per_device_batch_size": plan.per_device_batch_size,
-            "grad_accum_steps": plan.grad_accum_steps, "mixed_precision": accelerator.mixed_precision,
+    return {**plan.layout(), "mixed_precision": accelerator.mixed_precision,
             **fast.facts(), "adam_implementation": adam_implementation(optimizer),
             "device": device_name(accelerator), "torch": torch.__version__, "git_commit": git_commit(),
             **{f"params_{k}": v for k, v in counts.items()}}

@@ -623,7 +623,7 @@ def end_of_epoch_record(r: Run, epoch: int, totals: Totals, train_time: float, i
     return {"epoch": epoch, "step": r.step, "train_loss": sums["loss_sum"] / sums["count"],
             "train_acc": sums["correct"] / sums["count"], **metrics, "train_time_s": round(train_time, 3),
             "eval_time_s": round(time.perf_counter() - eval_start, 3),
-            "train_images_per_s": round(images_trained / train_time, 1)}
+            "train_images_per_s": round(images_trained / train_time, 1), **r.plan.layout()}
 
 
 def save(r: Run, epoch: int, steps_in_epoch: int, totals: Totals | None) -> Path:

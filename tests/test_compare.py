@@ -88,9 +88,10 @@ def test_table_sorts_by_best_and_shows_only_differences():
 
 def test_a_last_epoch_cut_short_by_max_steps_says_so():
     # Its training figures cover 5 of the epoch's steps: "2/10" alone read as two whole epochs. The records of
-    # older runs, without the mark, are read as whole epochs.
+    # older runs, without the mark or the batch layout, are read as whole epochs.
     base = {k: v for s in make_config().to_dict().values() for k, v in s.items()}
-    runs = [RunRow(Path("a"), "a", base, [record(1, 0.2), record(2, 0.4, partial=True, steps_in_epoch=5)],
+    layout = {"num_processes": 2, "per_device_batch_size": 16, "grad_accum_steps": 1}
+    runs = [RunRow(Path("a"), "a", base, [record(1, 0.2), record(2, 0.4, partial=True, steps_in_epoch=5, **layout)],
                    "unfinished"),
             RunRow(Path("b"), "b", base, [record(1, 0.5)], "unfinished")]
     lines = table(runs).splitlines()

@@ -169,6 +169,10 @@ LAYOUTS = {
 }
 
 
+def batch_layout(record: dict) -> tuple[int, int, int]:
+    return record["num_processes"], record["per_device_batch_size"], record["grad_accum_steps"]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(test_env, tmp_path_factory):
     root = tmp_path_factory.mktemp("layouts")
@@ -186,16 +190,19 @@ def test_resume_on_another_layout_trains_exactly_the_remaining_images(test_env, 
     out = tmp_path / "out"
     args = [*LAYOUT_RUN, *common, "--output-dir", str(out)]
     cut = run_train(test_env, [*args, "--max-steps", "5"], num_processes=procs_before, script=FLOAT64)
-    # Epoch 1's record covers its first 5 steps of 8, and says so wherever it is shown.
+    # Epoch 1's record covers its first 5 steps of 8, and says so wherever it is shown, with the launch's layout.
     (first,) = records(out)
     assert (first["epoch"], first["step"], first["partial"], first["steps_in_epoch"]) == (1, 5, True, 5)
+    assert batch_layout(first) == (procs_before, 32 // procs_before, 1)
     assert "\nepoch 1 (partial, 5 steps): train loss " in cut.stdout
     assert "\n| 1 (partial, 5 steps) | " in (out / "results.md").read_text()
     resumed = run_train(test_env, [*args, *after], num_processes=procs_after, script=FLOAT64)
     assert "(epoch 1, step 5)" in resumed.stdout
     assert [(r["epoch"], r["step"]) for r in records(out)] == [(1, 8), (2, 16)]
-    # The run that completed epoch 1 replaced its record with a whole one.
-    assert [r.get("partial") for r in records(out)] == [None, None]
+    # The run that completed epoch 1 replaced its record with a whole one; both epochs were trained in its layout.
+    per_device = int(after[-1]) if after else 32 // procs_after
+    assert [(r.get("partial"), batch_layout(r)) for r in records(out)] == [
+        (None, (procs_after, per_device, 32 // procs_after // per_device))] * 2
     assert "(partial" not in (out / "results.md").read_text()
     reference = uninterrupted / ("fc" if common else "layer4")
     prefixes = ("fc.",) if common else ("layer4.", "fc.")

@@ -64,7 +64,9 @@ def test_one_offline_run_holds_the_epoch_metrics_and_config(two_process_wandb_ru
     rows = history(run_log(runs[0]))
     logged = [(row["epoch"], row["val/acc"], row["val/top5"]) for row in rows if "val/acc" in row]
     assert logged == [(r["epoch"], r["val_acc"], r["val_top5"]) for r in records(out)]
-    assert "epoch/partial" not in {k for row in rows for k in row}  # whole epochs
+    layouts = [(row["epoch/num_processes"], row["epoch/per_device_batch_size"], row["epoch/grad_accum_steps"])
+               for row in rows if "val/acc" in row]
+    assert layouts == [(2, 16, 1)] * 2 and "epoch/partial" not in {k for row in rows for k in row}
     steps = [row["train/loss"] for row in rows if "train/loss" in row]
     assert len(steps) == 16 // 2  # --log-every-steps 2 over 16 steps
     cfg = config(run_log(runs[0]))
@@ -199,12 +201,13 @@ def test_the_seed_is_shown_only_beside_the_recipe(tmp_path):
 
 def test_results_mark_an_epoch_cut_short_by_max_steps():
     # Its training loss and accuracy cover the steps trained; the row read as a whole epoch's. An older run's
-    # records, without the mark, are whole epochs.
+    # records, without the mark or the batch layout, are whole epochs.
     from cifar_dist.tracking import render_results
 
     old = {"epoch": 1, "step": 8, "train_loss": 2.0, "val_loss": 1.5, "train_acc": 0.4, "val_acc": 0.5,
            "val_top5": 0.9, "val_num_samples": 100}
-    partial = {**old, "epoch": 2, "step": 13, "partial": True, "steps_in_epoch": 5}
+    partial = {**old, "epoch": 2, "step": 13, "partial": True, "steps_in_epoch": 5, "num_processes": 1,
+               "per_device_batch_size": 32, "grad_accum_steps": 1}
     rows = render_results("# run", [old, partial], seed_reference=False).splitlines()
     assert "| 1 | 40.0% | 50.0% | 2.00 | 1.50 |" in rows
     assert "| 2 (partial, 5 steps) | 40.0% | 50.0% | 2.00 | 1.50 |" in rows
@@ -472,6 +475,8 @@ def test_tensorboard_logs_every_epoch_and_a_replaced_run_takes_its_logs_along(te
     run_train(env, [*TINY, "--num-epochs", "2", "--tracker", "tensorboard", "--output-dir", str(out)])
     assert [v for _, v in logged("val/acc")] == pytest.approx([r["val_acc"] for r in records(out)])
     assert [s for s, _ in logged("val/acc")] == [r["step"] for r in records(out)] == [8, 16]
+    assert logged("epoch/num_processes") == logged("epoch/grad_accum_steps") == [(8, 1), (16, 1)]  # the layout
+    assert logged("epoch/per_device_batch_size") == [(8, 32), (16, 32)]
     hparams = yaml.safe_load(next((out / "tensorboard").rglob("hparams.yml")).read_text())
     assert hparams["optim/lr"] == 1e-3 and hparams["data/max_train_samples"] == "None"
     # --overwrite moves the old run's logs aside with the rest of it, and they go once the new run has a checkpoint.
