@@ -50,6 +50,9 @@ def test_env(tmp_path_factory) -> dict[str, str]:
         "WANDB_MODE": "disabled",
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
+        # The checkout under test, not wherever the venv's editable install points (another checkout, or a
+        # worktree's main): the trainer, run_float64.py and the console scripts are imported in subprocesses.
+        "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
         "TQDM_DISABLE": "1",
         # torchrun kills workers this long after forwarding a stop signal; its 30 s default is short for two
         # processes saving on a busy 2-core machine (slurm/job.sh sets the same)

@@ -137,7 +137,7 @@ def test_without_wandb_installed(test_env, tmp_path):
     shadow = tmp_path / "shadow"
     shadow.mkdir()
     (shadow / "wandb.py").write_text("raise ImportError('no wandb here')\n")
-    env = {**test_env, "PYTHONPATH": str(shadow)}
+    env = {**test_env, "PYTHONPATH": f"{shadow}{os.pathsep}{test_env['PYTHONPATH']}"}
     proc = run_train(env, [*TINY, "--tracker", "wandb", "--output-dir", str(tmp_path / "a")], check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
