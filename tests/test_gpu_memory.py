@@ -19,7 +19,8 @@ import torch
 
 from conftest import REPO
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [pytest.mark.gpu, pytest.mark.slow,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 CAP_GIB = 8
 # The trainer's command (cifar_dist.train.cli, reading its flags from sys.argv) under the cap.
