@@ -173,7 +173,7 @@ def stopped_in_process(out, max_steps: int):
 
 def test_running_out_of_gpu_memory_in_evaluation_stops_the_run_and_keeps_its_checkpoint(monkeypatch, tmp_path,
                                                                                          capsys):
-    # The trainer's own path from evaluate to the exit code; a real out-of-memory is tests/test_gpu.py's.
+    # The trainer's own path from evaluate to the exit code; a real out-of-memory is tests/test_gpu_memory.py's.
     from cifar_dist.checkpoint import checkpoint_problem
 
     def out_of_memory(*args, **kwargs):
