@@ -33,7 +33,7 @@ from cifar_dist.cli import TrainingStopped, exit_now, one_line_errors, parse_con
 EXIT_USER_ERROR = 2  # bad input or a busy output dir; nothing was changed
 EXIT_DIVERGED = 3  # the loss became NaN or inf
 EXIT_OUT_OF_MEMORY = 4  # the GPU ran out of memory; nothing was saved since the newest checkpoint
-EXIT_NO_SPACE = 74  # EX_IOERR: the disk filled up; the newest complete checkpoint is intact
+EXIT_NO_SPACE = 74  # EX_IOERR: the disk filled up; the newest complete checkpoint, if any, is intact
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped by a signal with a checkpoint saved; run the same command to resume
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report it
 
@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None) -> None:
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
+            # Before the output dir was claimed (the trainer names what a full disk left once it was).
             print(f"cifar_dist.train: no space left on the device writing {exc.filename or 'the run'}; free some "
-                  "and run the same command to resume from the newest complete checkpoint", file=sys.stderr)
+                  "and run the same command", file=sys.stderr)
             raise SystemExit(EXIT_NO_SPACE) from None
 
 

@@ -9,6 +9,7 @@ checkpoint and resume exactly; SIGTERM/SIGUSR1 or a first Ctrl-C stop at a step 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import signal
@@ -61,7 +62,14 @@ from cifar_dist.tracking import (
     sample_predictions,
     tracker_backend,
 )
-from cifar_dist.train import EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_OUT_OF_MEMORY, EXIT_STOPPED, EXIT_USER_ERROR
+from cifar_dist.train import (
+    EXIT_DIVERGED,
+    EXIT_INTERRUPTED,
+    EXIT_NO_SPACE,
+    EXIT_OUT_OF_MEMORY,
+    EXIT_STOPPED,
+    EXIT_USER_ERROR,
+)
 from cifar_dist.trainer_parts import Assembled, assemble, record_step
 
 # What to change when the GPU runs out of memory, by what was running then. None of these settings changes what
@@ -285,9 +293,13 @@ def run(cfg: Config, dtype: torch.dtype = torch.float32, imports_s: float = 0.0)
     except AlreadyFinished as done:
         state.print(done)
         return done.records
-    except BaseException:
+    except BaseException as exc:
         finish_writing(writer)  # a checkpoint still being written completes first, and with it maybe the start
+        # Looked for before the undo below, which puts back the checkpoints of a run --overwrite replaced.
+        latest = find_latest(claim.output_dir / CHECKPOINTS) if no_space(exc) else None
         claim.abandon()  # a new run that never reached its first checkpoint leaves the dir as it found it
+        if no_space(exc):
+            raise TrainingStopped(no_space_line(exc, latest, claim), EXIT_NO_SPACE) from None
         raise
     finally:
         stop.restore()
@@ -736,6 +748,20 @@ def out_of_memory_stops(doing: str, output_dir: Path, writer: BackgroundWriter |
                  else "nothing was saved yet: run again with that change")
         raise TrainingStopped(f"out of GPU memory {doing}{short}; {LESS_MEMORY[doing]}; {saved}",
                               EXIT_OUT_OF_MEMORY) from None
+
+
+def no_space(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_space_line(exc: OSError, latest: Path | None, claim: Claim) -> str:
+    """What a full disk left: the newest complete checkpoint to resume from, or, for a run that had none yet,
+    nothing (a new run's start is undone, and its folder goes where the start made it)."""
+    where = f"no space left on the device writing {exc.filename or 'the run'}"
+    if latest is not None:
+        return f"{where}; free some and run the same command to resume from the newest complete checkpoint, {latest}"
+    undone = ", so its start was undone" if claim.start is not None and claim.start.rolled_back else ""
+    return f"{where}; the run had no checkpoint yet{undone}: free some and run the same command to start again"
 
 
 def finish_writing(writer: BackgroundWriter | None) -> None:

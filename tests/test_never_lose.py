@@ -325,6 +325,7 @@ def test_a_full_disk_stops_with_one_line_and_keeps_every_checkpoint(test_env, sm
     assert line.startswith(f"cifar_dist.train: no space left on the device writing {out / 'checkpoints'}/step-")
     kept = sorted((out / "checkpoints").iterdir())
     assert [p.name for p in kept] == ["step-00000001", "step-00000002"]  # complete, and nothing half-written
+    assert line.endswith(f"run the same command to resume from the newest complete checkpoint, {kept[-1]}")
     from cifar_dist.checkpoint import checkpoint_problem
 
     assert [checkpoint_problem(p) for p in kept] == [None, None]
@@ -333,6 +334,38 @@ def test_a_full_disk_stops_with_one_line_and_keeps_every_checkpoint(test_env, sm
     resumed = run_train(test_env, args)
     assert "resuming from" in resumed.stdout and f"{kept[-1]}" in resumed.stdout
     assert [r["step"] for r in records(out)] == [8]
+
+
+def test_a_full_disk_at_the_first_checkpoint_says_nothing_was_saved_and_undoes_the_start(test_env, old_run,
+                                                                                        tmp_path):
+    """A 100 MB filesystem holds no checkpoint at all (the weights alone are 103 MB): the line promises none, the
+    new run's folder is gone, and a run --overwrite was replacing is back as it was."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100m", "tmpfs", str(disk)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        args = [*RUN, "--freeze-until", "fc", "--checkpoint-every-steps", "1"]
+        nothing_yet = ("the run had no checkpoint yet, so its start was undone: free some and run the same command "
+                       "to start again")
+        proc = run_train(test_env, [*args, "--output-dir", str(disk / "new")], check=False)
+        assert proc.returncode == 74, proc.stderr[-3000:]
+        assert last_line(proc.stderr).endswith(nothing_yet)
+        assert not (disk / "new").exists()
+        # A run without checkpoints (its small files only fit), replaced with --overwrite: put back unchanged.
+        before = disk / "before"
+        before.mkdir()
+        for name in ("config.yaml", "metrics.jsonl", "results.md"):
+            shutil.copy(old_run / name, before / name)
+        digest = tree_digest(before)
+        proc = run_train(test_env, [*args, "--output-dir", str(before), "--overwrite"], check=False)
+        assert proc.returncode == 74, proc.stderr[-3000:]
+        assert last_line(proc.stderr).endswith(nothing_yet)
+        assert tree_digest(before) == digest and sorted(p.name for p in before.iterdir()) == sorted(digest)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_a_stop_asked_for_by_the_last_step_finishes_the_run_instead(test_env, tmp_path):
