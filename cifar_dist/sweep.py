@@ -21,6 +21,8 @@ given twice (as in a ``--config`` file) or a bad value stops with one line namin
 ROOT/<point> with ``run_name`` the point's name and one W&B group for the sweep (``WANDB_RUN_GROUP``, default:
 ROOT's folder name). A point keeps the trainer's resume: run the same command (or let SLURM requeue the task)
 and it continues; finished points are skipped.
+With --run, Ctrl-C or a SIGTERM (to the sweep or to the point's trainer) stops the point with a checkpoint and
+then the sweep.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,12 +54,17 @@ from cifar_dist.config import (
     meaning_keys,
 )
 from cifar_dist.config import save_config as write_config
+from cifar_dist.rundir import live_holder
 from cifar_dist.runs import CONFIG_FILE, SWEEP_POINT_FILE, is_finished, load_config, read_records
 
 REPO = Path(__file__).resolve().parents[1]
 SET_BY_SWEEP = ("output_dir",)  # each point's output dir is ROOT/<point>
 EXIT_STOPPED = 75  # the trainer's graceful stop: the sweep stops too, to be continued by the same command
 EXIT_INTERRUPTED = 130  # Ctrl-C, as the trainer and shells report it
+# What the point's trainer creates once a SIGTERM/SIGUSR1 stop has saved its checkpoint (--stop-marker): a launcher
+# (accelerate launch) reports the trainer's exit code 75 as its own 1, as it would a crash.
+STOP_MARKER = ".stopped"
+FORWARDED = (signal.SIGINT, signal.SIGTERM)
 
 
 @dataclass(frozen=True)
@@ -184,11 +193,16 @@ def run_all(points: list[Point], root: Path, launcher: list[str]) -> int:
             print(f"sweep: point {point.index} {point.name}: finished already, skipped", flush=True)
             continue
         print(f"sweep: point {point.index} of {len(points)}: {point.name}", flush=True)
-        code, interrupted = train_point([*launcher, "-m", "cifar_dist.train", "--config", str(prepare(point, root))],
-                                        env)
-        if interrupted or code in (EXIT_STOPPED, EXIT_INTERRUPTED, -2, -15):  # stopped: the sweep too; rerun
+        config = prepare(point, root)
+        marker = config.parent / STOP_MARKER
+        marker.unlink(missing_ok=True)  # left by a stop whose sweep was killed before it read it
+        code, received = train_point([*launcher, "-m", "cifar_dist.train", "--config", str(config),
+                                      "--stop-marker", str(marker)], env, config.parent)
+        stopped = marker.exists()
+        marker.unlink(missing_ok=True)
+        if received or stopped or code in (EXIT_STOPPED, EXIT_INTERRUPTED, -2, -15):  # the sweep too; rerun
             print(f"sweep: stopped at point {point.index}; run the same command to continue", file=sys.stderr)
-            return EXIT_INTERRUPTED if interrupted else EXIT_STOPPED
+            return EXIT_INTERRUPTED if signal.SIGINT in received else EXIT_STOPPED
         if code:
             failed.append(point.name)
             print(f"sweep: point {point.index} {point.name} failed with exit code {code}", file=sys.stderr)
@@ -198,17 +212,61 @@ def run_all(points: list[Point], root: Path, launcher: list[str]) -> int:
     return 1 if failed else 0
 
 
-def train_point(cmd: list[str], env: dict) -> tuple[int, bool]:
-    """(the trainer's exit code, whether Ctrl-C reached this process meanwhile). A terminal's Ctrl-C reaches the
-    trainer too (one process group), which then saves a checkpoint and stops, or stops at once on a second one:
-    this process waits for it through both. (subprocess.run, interrupted, would kill it before its checkpoint.)"""
-    proc = subprocess.Popen(cmd, env=env)
-    interrupted = False
-    while True:
-        try:
-            return proc.wait(), interrupted
-        except KeyboardInterrupt:
-            interrupted = True
+def train_point(cmd: list[str], env: dict, out: Path) -> tuple[int, list[int]]:
+    """(the point's exit code, the signals of FORWARDED this process got meanwhile), once the point's trainer is
+    done.
+
+    The point runs in a process group of its own, and a SIGINT or SIGTERM this process gets is passed on to that
+    group: a terminal's Ctrl-C (which reaches only this process's group) reaches the trainer once, as it would
+    reach a trainer started at the prompt, and so does a ``kill`` of this process alone. The trainer then saves a
+    checkpoint and stops (or, at a second Ctrl-C, stops at once), and this process waits for it.
+    """
+    proc: subprocess.Popen | None = None
+    received: list[int] = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        if proc is not None:
+            _signal_group(proc.pid, signum)
+
+    # A signal the sweep was started to ignore (a background job of a script) stays ignored, by the trainer too.
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED if signal.getsignal(sig) != signal.SIG_IGN}
+    try:
+        proc = subprocess.Popen(cmd, env=env, preexec_fn=os.setpgrp)
+        for signum in received:  # arrived while it was being started
+            _signal_group(proc.pid, signum)
+        code = proc.wait()
+        wait_for_trainer(out, proc.pid)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return code, received
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:  # every process of the point has ended
+        pass
+
+
+def wait_for_trainer(out: Path, pgid: int) -> None:
+    """Until the trainer of the point's process group ``pgid`` has let go of ``out`` (its lock, released once its
+    checkpoint is saved and its stop marker written). accelerate's launcher for one process exits at once on a
+    signal it got too, before its trainer has saved; a lock another run holds is not waited for."""
+    while (holder := live_holder(out)) is not None and _running_in_group(holder.get("pid"), pgid):
+        time.sleep(0.2)
+
+
+def _running_in_group(pid, pgid: int) -> bool:
+    """Whether process ``pid`` runs (not a zombie no one reaped yet) in process group ``pgid``; where /proc does not
+    tell (not Linux), False."""
+    try:
+        with open(f"/proc/{int(pid)}/stat") as f:
+            state, _, group = f.read().rpartition(")")[2].split()[:3]  # after the name, which may hold spaces
+        return state != "Z" and int(group) == pgid
+    except (OSError, TypeError, ValueError):
+        return False
 
 
 def sbatch_command(grid: str, root: Path, count: int, script: Path, sbatch_args: list[str]) -> list[str]:

@@ -1,6 +1,7 @@
 """cifar_dist.sweep: grids expanded into named, complete configs; bad grids refused by key before anything runs;
 a 2-point sweep trained here, then in compare (the job array on SLURM: test_slurm_sweep.py)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -176,8 +177,9 @@ def test_run_trains_every_point_then_skips_them(test_env, tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_stops_the_sweep_after_the_trainer_has_saved_its_checkpoint(test_env, tmp_path):
-    """A terminal's Ctrl-C reaches the sweep and its trainer (one process group): the trainer saves and stops,
-    and the sweep waits for that (it used to kill the trainer 0.25 s later, before any checkpoint)."""
+    """A terminal's Ctrl-C reaches the sweep's process group, and the sweep passes it on to its trainer's (once:
+    a second would stop the trainer at once): the trainer saves and stops, and the sweep waits for that (it used
+    to kill the trainer 0.25 s later, before any checkpoint)."""
     grid = write(tmp_path / "g.yaml", GRID.replace("synthetic_train_samples: 256", "synthetic_train_samples: 1280"))
     root, log = tmp_path / "sweep", tmp_path / "log"
     proc = subprocess.Popen([sys.executable, "-m", "cifar_dist.sweep", grid, "--run", str(root)], env=test_env,
@@ -194,3 +196,48 @@ def test_ctrl_c_stops_the_sweep_after_the_trainer_has_saved_its_checkpoint(test_
     point = root / "lr=0.0003"
     assert [(c / "COMPLETE").exists() for c in (point / "checkpoints").iterdir()] == [True]
     assert not (root / "lr=0.001").exists()  # the sweep stopped there
+
+
+@pytest.mark.slow
+def test_under_accelerate_launch_a_stop_of_the_trainer_or_a_kill_of_the_sweep_alone_stops_the_sweep(test_env,
+                                                                                                    tmp_path):
+    """accelerate launch reports its trainer's stop (exit 75) as its own exit 1, as it would a crash: the sweep
+    reads the trainer's stop marker instead, and stops rather than going on to the next point. A signal to the
+    sweep alone (``kill``, not its process group) is passed on to the trainer, which saves before both stop."""
+    grid = write(tmp_path / "g.yaml", GRID.replace("synthetic_train_samples: 256", "synthetic_train_samples: 1280"))
+    root = tmp_path / "sweep"
+    point = root / "lr=0.0003"
+    launcher = f"{sys.executable} -m accelerate.commands.launch --num_processes 1"
+
+    def start(log: Path) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-m", "cifar_dist.sweep", grid, "--run", str(root), "--launcher",
+                                 launcher], env=test_env, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        while "start-up: " not in log.read_text():  # the first point's trainer has begun its 40 steps
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.05)
+        return proc
+
+    def checkpoint_steps() -> list[int]:
+        return [int(c.name.removeprefix("step-")) for c in (point / "checkpoints").iterdir()
+                if (c / "COMPLETE").exists()]
+
+    # SIGTERM to the trainer alone, as a scheduler or a user's kill would send it.
+    proc = start(tmp_path / "log1")
+    os.kill(json.loads((point / ".lock").read_text())["pid"], signal.SIGTERM)
+    assert proc.wait(timeout=300) == 75
+    out = (tmp_path / "log1").read_text()
+    assert "cifar_dist.train: stopped by SIGTERM at step " in out and "failed" not in out, out[-3000:]
+    assert out.rstrip().endswith("sweep: stopped at point 0; run the same command to continue")
+    assert not (root / "lr=0.001").exists() and not (point / ".stopped").exists()
+    first = checkpoint_steps()
+    assert len(first) == 1 and 0 < first[0] < 40
+    # The same command continues the point; SIGINT to the sweep's own process only.
+    proc = start(tmp_path / "log2")
+    os.kill(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=300) == 130
+    out = (tmp_path / "log2").read_text()
+    assert f"resuming from {point / 'checkpoints'}" in out and "cifar_dist.train: stopped by SIGINT at step " in out
+    assert out.rstrip().endswith("sweep: stopped at point 0; run the same command to continue"), out[-3000:]
+    assert not (point / ".lock").exists()  # the sweep ended after its trainer, not before
+    assert max(checkpoint_steps()) > first[0] and not (root / "lr=0.001").exists()
