@@ -333,8 +333,12 @@ def trainer_record(found: TrainedModel, metrics: dict) -> dict | None:
             "same": all(record[k] == metrics[k] for k in keys)}
 
 
-def report_to_wandb(found: TrainedModel, report: dict, confusion_png: Path) -> str | None:
-    """Add the figures to the run's W&B summary when it has a run id; returns the line that says what happened."""
+def report_to_wandb(found: TrainedModel, report: dict, confusion_png: Path, output_dir: Path) -> str | None:
+    """Add the figures to the run's W&B summary when it has a run id; returns the line that says what happened.
+
+    W&B's files go beside the run's own (RUN/wandb), or, where the run's folder cannot be written (a run on a
+    read-only share), into ``output_dir``, which the line then names: wandb would otherwise put them in a
+    temporary folder of its own, and the line would name RUN/wandb."""
     from cifar_dist.tracking import RUN_ID_FILE, offline_retry, wandb_init_kwargs, wandb_project
 
     id_file = found.run_dir / RUN_ID_FILE
@@ -344,9 +348,16 @@ def report_to_wandb(found: TrainedModel, report: dict, confusion_png: Path) -> s
         import wandb
     except ImportError:
         return "W&B: not updated, wandb does not import here"
-    kwargs, note = wandb_init_kwargs(found.config.tracking, found.run_dir, id_file.read_text().strip())
+    try:
+        check_writable(found.run_dir / "wandb", "W&B", "")
+        home = found.run_dir
+    except UserError:
+        home = output_dir
+    kwargs, note = wandb_init_kwargs(found.config.tracking, home, id_file.read_text().strip())
     if kwargs["mode"] == "disabled":
         return note
+    if home != found.run_dir and not os.environ.get("WANDB_DIR"):
+        note += f" ({found.run_dir} cannot be written)"
     prefix = "eval" if report["split"] == "test" else f"eval_{report['split']}"
     project = wandb_project(found.config.tracking)
     try:
@@ -460,7 +471,7 @@ def run(args) -> dict | None:
                                 if last else ""))
         print(f"wrote {output_dir / 'eval.json'}, eval.md, confusion.png"
               + (f" and {args.predictions}" if args.predictions else ""))
-        note = report_to_wandb(found, report, output_dir / "confusion.png") if args.wandb else None
+        note = report_to_wandb(found, report, output_dir / "confusion.png", output_dir) if args.wandb else None
         if note:
             print(note)
     accelerator.wait_for_everyone()

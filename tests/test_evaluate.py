@@ -426,3 +426,23 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_the_pass(mode
         # Given a folder it can write to, the read-only run is evaluated (here: up to its data).
         assert "--data-source /nonexistent/data" in refused(capsys, [str(run), "--output-dir", str(tmp_path / "e")])
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "model.safetensors"]
+
+
+@pytest.mark.slow
+def test_a_read_only_run_keeps_its_wandb_figures_in_the_output_dir_and_says_so(synthetic_run, wandb_env, tmp_path):
+    # W&B, refused the run's folder, wrote into a temporary folder of its own, and the line named RUN/wandb.
+    import shutil
+
+    shared = tmp_path / "shared"
+    run = shared / "run"
+    shutil.copytree(synthetic_run, run)
+    (run / "wandb_run_id").write_text("ro1234ab\n")
+    out = tmp_path / "eval"
+    with conftest.read_only(shared):
+        proc = launch(wandb_env, "cifar_dist.evaluate", [str(run), "--output-dir", str(out)])
+    assert proc.stdout.rstrip().splitlines()[-1].endswith(
+        f"run ro1234ab is kept in {out}/wandb; upload it later with: wandb sync {out}/wandb ({run} cannot be written)")
+    segments = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert [run_id(s) for s in segments] == ["ro1234ab"]
+    assert summary(segments[0])["eval/top1"] == json.loads((out / "eval.json").read_text())["top1"]
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "model.safetensors", "wandb_run_id"]
