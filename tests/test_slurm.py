@@ -4,7 +4,9 @@ Each node runs one gloo training process; the job script is the one users submit
 """
 
 import json
+import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -141,3 +143,16 @@ def test_a_job_submitted_away_from_the_repository_says_where_to_submit_from(slur
     assert (state["JobState"], state["ExitCode"], state["Restarts"]) == ("FAILED", "2:0", "0")
     assert log.read_text().strip() == (f"cifar_dist job: no {tmp_path}/slurm/job.sh: submit from the repository "
                                        "root, or set CIFAR_DIST_DIR=<the repository>")
+
+
+@pytest.mark.parametrize("env, shown", [({}, "1 no"), ({"GPUS_PER_NODE": "2", "MIXED_PRECISION": "bf16"}, "2 bf16")])
+def test_train_cpu_sh_defaults_processes_and_precision_and_takes_yours(tmp_path, env, shown):
+    # It set GPUS_PER_NODE=1 and MIXED_PRECISION=no whatever the environment said. The script itself, with a
+    # job.sh in its place that prints what it is handed (no cluster needed).
+    (tmp_path / "slurm").mkdir()
+    (tmp_path / "slurm" / "job.sh").write_text('echo "$GPUS_PER_NODE $MIXED_PRECISION $*"\n')
+    base = {k: v for k, v in os.environ.items() if k not in ("GPUS_PER_NODE", "MIXED_PRECISION")}
+    proc = subprocess.run(["bash", str(SCRIPT), "--num-epochs", "1"],
+                          env={**base, **env, "CIFAR_DIST_DIR": str(tmp_path)}, capture_output=True, text=True,
+                          check=True)
+    assert proc.stdout == f"{shown} --num-epochs 1\n"
