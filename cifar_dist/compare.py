@@ -184,18 +184,20 @@ def compare(dirs: list[str]) -> list[RunRow]:
 def main(argv: list[str] | None = None) -> None:
     parser = OneLineParser(prog="cifar_dist.compare", allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="+", metavar="DIR", help="folders to search for runs")
-    parser.add_argument("--output-dir", help="where compare.md and compare.png go (default: the first DIR)")
+    parser.add_argument("--output-dir", help="where compare.md and compare.png go, made if need be (default: the "
+                        "first DIR)")
     args = parser.parse_args(argv)
     with one_line_errors("cifar_dist.compare"):
         output_dir = Path(args.output_dir or args.dirs[0])
-        if args.output_dir and not output_dir.is_dir():
-            raise UserError(f"--output-dir {args.output_dir}: no such folder")
-        if args.output_dir:
+        if output_dir.exists() and not output_dir.is_dir():
+            raise UserError(f"--output-dir {args.output_dir} is a file; give a folder for compare.md and compare.png")
+        if args.output_dir:  # (one still to be made: tried in the nearest folder above it that exists)
             check_writable(output_dir, f"--output-dir {args.output_dir}", "give a folder you can write to")
         else:  # the runs' folder, which may be on a read-only share
             check_writable(output_dir, "compare.md and compare.png", "give --output-dir a folder you can write to")
         rows = compare(args.dirs)
     text = table(rows)
+    output_dir.mkdir(parents=True, exist_ok=True)  # once there is something to write, as evaluate does
     atomic_write_text(output_dir / "compare.md", f"# {len(rows)} runs below {', '.join(args.dirs)}\n\n{text}\n\n"
                       "![validation curves](compare.png)\n")
     atomic_write_bytes(output_dir / "compare.png", plot(rows))

@@ -109,10 +109,16 @@ def test_refusals_and_unreadable_runs(tmp_path, capsys):
     run = tmp_path / "r"
     run.mkdir()
     save_config(make_config(), run / "config.yaml")
-    assert "--output-dir /nope: no such folder" in refused(capsys, [str(tmp_path), "--output-dir", "/nope"])
+    assert f"--output-dir {run / 'config.yaml'} is a file; give a folder for compare.md and compare.png" in refused(
+        capsys, [str(tmp_path), "--output-dir", str(run / "config.yaml")])
+    # An --output-dir that does not exist yet is made, parents too (evaluate makes its own); not for a refusal.
+    (tmp_path / "empty").mkdir()
+    assert "no runs below" in refused(capsys, [str(tmp_path / "empty"), "--output-dir", str(tmp_path / "a" / "b")])
+    assert not (tmp_path / "a").exists()
     (run / "metrics.jsonl").write_text('{"epoch": 1,\n')  # cut off mid-write by hand
-    main([str(tmp_path)])
+    main([str(tmp_path), "--output-dir", str(tmp_path / "a" / "b")])
     assert "| r | unreadable: " in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == ["compare.md", "compare.png"]
 
 
 def test_a_run_whose_config_is_not_utf8_is_an_unreadable_row_and_the_others_are_listed(tmp_path, capsys):
