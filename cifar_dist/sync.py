@@ -31,7 +31,7 @@ def find_offline_runs(roots: list[Path], wandb_dir: Path | None = None) -> list[
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cifar_dist.sync", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="cifar_dist.sync", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("dirs", nargs="+", type=Path, help="output dirs or any folders above them")
     parser.add_argument("--dry-run", action="store_true", help="list what would be uploaded, upload nothing")
     args = parser.parse_args(argv)

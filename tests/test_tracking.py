@@ -290,6 +290,16 @@ def test_sync_finds_offline_runs_and_skips_synced_ones(two_process_wandb_run, tm
     assert f"FAILED {offline_runs(out)[0]}: " in proc.stdout and "API key" in proc.stdout
 
 
+def test_sync_help_is_plain_text(capsys):
+    from cifar_dist.sync import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # as wrapped to any width
+    assert exit_info.value.code == 0 and "from a login node: python -m cifar_dist.sync DIR [DIR ...]." in out
+    assert "``" not in out
+
+
 def test_sync_finds_the_offline_runs_of_output_dirs_under_wandb_dir(tmp_path):
     # With WANDB_DIR set, W&B's files go under $WANDB_DIR/wandb/ (offline-run-<time>-<id>/run-<id>.wandb), not the
     # output dir: the output dir's wandb_run_id names its run there; other runs there are not the folders'.
