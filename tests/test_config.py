@@ -303,6 +303,8 @@ def test_help_documents_every_setting():
     assert "W&B project (default: $WANDB_PROJECT, else cifar_dist) --wandb-entity" in words
     assert "(default: global batch / processes) --eval-batch-size" in words
     assert "Adam learning rate (Keras default) (default: 0.001)" in words
+    # A setting without a value says what that means ("all of them"), not "None".
+    assert "None" not in text and "first N training images (debugging; default: all of them)" in words
 
 
 def test_make_config_rejects_unknown_names():
