@@ -21,8 +21,8 @@ given twice (as in a ``--config`` file) or a bad value stops with one line namin
 ROOT/<point> with ``run_name`` the point's name and one W&B group for the sweep (``WANDB_RUN_GROUP``, default:
 ROOT's folder name). A point keeps the trainer's resume: run the same command (or let SLURM requeue the task)
 and it continues; finished points are skipped.
-With --run, Ctrl-C or a SIGTERM (to the sweep or to the point's trainer) stops the point with a checkpoint and
-then the sweep.
+With --run, Ctrl-C, a SIGTERM (to the sweep or to the point's trainer) or the sweep's terminal closing stops the
+point with a checkpoint and then the sweep.
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ EXIT_INTERRUPTED = 130  # Ctrl-C, as the trainer and shells report it
 # What the point's trainer creates once a SIGTERM/SIGUSR1 stop has saved its checkpoint (--stop-marker): a launcher
 # (accelerate launch) reports the trainer's exit code 75 as its own 1, as it would a crash.
 STOP_MARKER = ".stopped"
-FORWARDED = (signal.SIGINT, signal.SIGTERM)
+# The signals passed on to the point's trainer, as what. SIGHUP (the sweep's terminal closed) stops it as SIGTERM
+# does: in a process group of its own, the trainer would not get the hangup and would train on without the sweep.
+FORWARDED = {signal.SIGINT: signal.SIGINT, signal.SIGTERM: signal.SIGTERM, signal.SIGHUP: signal.SIGTERM}
 
 
 @dataclass(frozen=True)
@@ -216,10 +218,11 @@ def train_point(cmd: list[str], env: dict, out: Path) -> tuple[int, list[int]]:
     """(the point's exit code, the signals of FORWARDED this process got meanwhile), once the point's trainer is
     done.
 
-    The point runs in a process group of its own, and a SIGINT or SIGTERM this process gets is passed on to that
-    group: a terminal's Ctrl-C (which reaches only this process's group) reaches the trainer once, as it would
-    reach a trainer started at the prompt, and so does a ``kill`` of this process alone. The trainer then saves a
-    checkpoint and stops (or, at a second Ctrl-C, stops at once), and this process waits for it.
+    The point runs in a process group of its own, and a SIGINT, SIGTERM or SIGHUP this process gets is passed on
+    to that group (SIGHUP as SIGTERM): a terminal's Ctrl-C (which reaches only this process's group) reaches the
+    trainer once, as it would reach a trainer started at the prompt, and so does a ``kill`` of this process alone.
+    The trainer then saves a checkpoint and stops (or, at a second Ctrl-C, stops at once), and this process waits
+    for it.
     """
     proc: subprocess.Popen | None = None
     received: list[int] = []
@@ -227,14 +230,14 @@ def train_point(cmd: list[str], env: dict, out: Path) -> tuple[int, list[int]]:
     def forward(signum, frame):
         received.append(signum)
         if proc is not None:
-            _signal_group(proc.pid, signum)
+            _signal_group(proc.pid, FORWARDED[signum])
 
     # A signal the sweep was started to ignore (a background job of a script) stays ignored, by the trainer too.
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED if signal.getsignal(sig) != signal.SIG_IGN}
     try:
         proc = subprocess.Popen(cmd, env=env, preexec_fn=os.setpgrp)
         for signum in received:  # arrived while it was being started
-            _signal_group(proc.pid, signum)
+            _signal_group(proc.pid, FORWARDED[signum])
         code = proc.wait()
         wait_for_trainer(out, proc.pid)
     finally:

@@ -203,7 +203,8 @@ def test_under_accelerate_launch_a_stop_of_the_trainer_or_a_kill_of_the_sweep_al
                                                                                                     tmp_path):
     """accelerate launch reports its trainer's stop (exit 75) as its own exit 1, as it would a crash: the sweep
     reads the trainer's stop marker instead, and stops rather than going on to the next point. A signal to the
-    sweep alone (``kill``, not its process group) is passed on to the trainer, which saves before both stop."""
+    sweep alone (``kill``, not its process group) is passed on to the trainer, which saves before both stop; a
+    hangup too, as SIGTERM."""
     grid = write(tmp_path / "g.yaml", GRID.replace("synthetic_train_samples: 256", "synthetic_train_samples: 1280"))
     root = tmp_path / "sweep"
     point = root / "lr=0.0003"
@@ -240,4 +241,12 @@ def test_under_accelerate_launch_a_stop_of_the_trainer_or_a_kill_of_the_sweep_al
     assert f"resuming from {point / 'checkpoints'}" in out and "cifar_dist.train: stopped by SIGINT at step " in out
     assert out.rstrip().endswith("sweep: stopped at point 0; run the same command to continue"), out[-3000:]
     assert not (point / ".lock").exists()  # the sweep ended after its trainer, not before
-    assert max(checkpoint_steps()) > first[0] and not (root / "lr=0.001").exists()
+    second = max(checkpoint_steps())
+    assert second > first[0] and not (root / "lr=0.001").exists()
+    # A hangup of the sweep (its terminal closed) stops the trainer, in its own process group, as SIGTERM would.
+    proc = start(tmp_path / "log3")
+    os.kill(proc.pid, signal.SIGHUP)
+    assert proc.wait(timeout=300) == 75
+    out = (tmp_path / "log3").read_text()
+    assert "cifar_dist.train: stopped by SIGTERM at step " in out, out[-3000:]
+    assert not (point / ".lock").exists() and max(checkpoint_steps()) > second
