@@ -198,6 +198,13 @@ def test_ctrl_c_stops_the_sweep_after_the_trainer_has_saved_its_checkpoint(test_
     assert not (root / "lr=0.001").exists()  # the sweep stopped there
 
 
+def default_signals() -> None:
+    """SIGINT and SIGHUP at their defaults in a sweep a test starts, as at a terminal: a test run as a background
+    job or under nohup would pass them on ignored, and the sweep leaves a signal it was started to ignore alone."""
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_under_accelerate_launch_a_stop_of_the_trainer_or_a_kill_of_the_sweep_alone_stops_the_sweep(test_env,
                                                                                                     tmp_path):
@@ -213,7 +220,7 @@ def test_under_accelerate_launch_a_stop_of_the_trainer_or_a_kill_of_the_sweep_al
     def start(log: Path) -> subprocess.Popen:
         proc = subprocess.Popen([sys.executable, "-m", "cifar_dist.sweep", grid, "--run", str(root), "--launcher",
                                  launcher], env=test_env, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                                start_new_session=True, preexec_fn=default_signals)
         while "start-up: " not in log.read_text():  # the first point's trainer has begun its 40 steps
             assert proc.poll() is None, log.read_text()[-3000:]
             time.sleep(0.05)
