@@ -196,6 +196,23 @@ def read_only(folder: Path):
         subprocess.run(["umount", str(folder)], check=False)
 
 
+@contextlib.contextmanager
+def tmpfs(folder: Path, size_mb: int):
+    """A real filesystem of ``size_mb`` MB mounted at ``folder`` (made here) while the block runs, to fill up for
+    real; the test is skipped where it cannot be mounted (that needs root)."""
+    folder.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(folder)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
 def tree_digest(root: Path) -> dict:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}

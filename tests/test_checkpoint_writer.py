@@ -7,9 +7,6 @@ In-process, on the trainer's own parts (trainer_parts.build), on the CPU.
 
 import errno
 import json
-import os
-import shutil
-import subprocess
 import threading
 
 import pytest
@@ -20,6 +17,7 @@ from cifar_dist import checkpoint, trainer_parts
 from cifar_dist.checkpoint import COMPLETE, BackgroundWriter, checkpoint_problem, save_checkpoint
 from cifar_dist.config import SpeedConfig
 from cifar_dist.trainer import finish_writing
+from conftest import tmpfs
 
 
 @pytest.fixture()
@@ -184,15 +182,8 @@ def test_a_failed_background_write_is_raised_naming_the_checkpoint(parts, tmp_pa
 @pytest.fixture()
 def disk_of_150mb(tmp_path):
     """A real 150 MB filesystem: room for a checkpoint's weights (103 MB), not also for Adam's state (137 MB)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a small tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=150m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with tmpfs(tmp_path / "disk", 150) as mount:
+        yield mount
 
 
 def test_a_disk_that_fills_up_in_torch_save_is_no_space_naming_the_checkpoint(parts, disk_of_150mb):

@@ -18,7 +18,7 @@ import yaml
 
 import conftest
 from cifar_dist.bench import trainer_times
-from conftest import FLOAT64, TINY, records, run_train, run_trains_at_once, start_train, tree_digest, wait_for
+from conftest import FLOAT64, TINY, records, run_train, run_trains_at_once, start_train, tmpfs, tree_digest, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -303,15 +303,8 @@ def test_deterministic_runs_and_says_so(test_env, tmp_path):
 @pytest.fixture()
 def small_disk(tmp_path):
     """A real 300 MB filesystem: room for two checkpoints of a head-only run (~120 MB each), not three."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a small tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with tmpfs(tmp_path / "disk", 300) as mount:
+        yield mount
 
 
 def test_a_full_disk_stops_with_one_line_and_keeps_every_checkpoint(test_env, small_disk):
@@ -340,13 +333,7 @@ def test_a_full_disk_at_the_first_checkpoint_says_nothing_was_saved_and_undoes_t
                                                                                         tmp_path):
     """A 100 MB filesystem holds no checkpoint at all (the weights alone are 103 MB): the line promises none, the
     new run's folder is gone, and a run --overwrite was replacing is back as it was."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a small tmpfs needs root")
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100m", "tmpfs", str(disk)]).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with tmpfs(tmp_path / "disk", 100) as disk:
         args = [*RUN, "--freeze-until", "fc", "--checkpoint-every-steps", "1"]
         nothing_yet = ("the run had no checkpoint yet, so its start was undone: free some and run the same command "
                        "to start again")
@@ -364,8 +351,6 @@ def test_a_full_disk_at_the_first_checkpoint_says_nothing_was_saved_and_undoes_t
         assert proc.returncode == 74, proc.stderr[-3000:]
         assert last_line(proc.stderr).endswith(nothing_yet)
         assert tree_digest(before) == digest and sorted(p.name for p in before.iterdir()) == sorted(digest)
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_a_stop_asked_for_by_the_last_step_finishes_the_run_instead(test_env, tmp_path):
