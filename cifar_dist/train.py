@@ -59,12 +59,17 @@ def main(argv: list[str] | None = None) -> None:
                   "command to resume from it", file=sys.stderr)
             raise SystemExit(EXIT_INTERRUPTED) from None
         except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if not no_space(exc):
                 raise
             # Before the output dir was claimed (the trainer names what a full disk left once it was).
             print(f"cifar_dist.train: no space left on the device writing {exc.filename or 'the run'}; free some "
                   "and run the same command", file=sys.stderr)
             raise SystemExit(EXIT_NO_SPACE) from None
+
+
+def no_space(exc: BaseException) -> bool:
+    """A full disk or quota: the run stops with EXIT_NO_SPACE and one line on what it left."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def __getattr__(name: str):

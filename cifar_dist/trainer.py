@@ -9,7 +9,6 @@ checkpoint and resume exactly; SIGTERM/SIGUSR1 or a first Ctrl-C stop at a step 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import re
 import signal
@@ -69,6 +68,7 @@ from cifar_dist.train import (
     EXIT_OUT_OF_MEMORY,
     EXIT_STOPPED,
     EXIT_USER_ERROR,
+    no_space,
 )
 from cifar_dist.trainer_parts import Assembled, assemble, record_step
 
@@ -748,10 +748,6 @@ def out_of_memory_stops(doing: str, output_dir: Path, writer: BackgroundWriter |
                  else "nothing was saved yet: run again with that change")
         raise TrainingStopped(f"out of GPU memory {doing}{short}; {LESS_MEMORY[doing]}; {saved}",
                               EXIT_OUT_OF_MEMORY) from None
-
-
-def no_space(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def no_space_line(exc: OSError, latest: Path | None, claim: Claim) -> str:
